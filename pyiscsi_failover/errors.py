@@ -1,0 +1,176 @@
+"""The one exception hierarchy of pyiscsi-failover.
+
+Every error this package raises on purpose derives from :class:`ISCSIError`, so a caller can
+catch one class. Errors split as in h11: *local* ones mean we (or our caller) asked for something
+impossible; *remote* ones mean the peer sent something wrong or refused us. Builtin mixins
+(``ValueError``, ``TimeoutError``...) let callers that do not know us still catch sensibly.
+
+    ISCSIError
+    ├── LocalProtocolError                 we were asked to build or do something invalid
+    │   └── PDUEncodeError (ValueError)     a PDU field cannot be encoded
+    ├── ProtocolError                      the peer broke RFC 7143
+    │   ├── PDUDecodeError (ValueError)     bytes that are not a valid PDU (field, offset, value)
+    │   ├── TextError (ValueError)          malformed key=value data
+    │   └── NegotiationError                an unacceptable answer to a key
+    ├── AuthenticationError                CHAP failed or the target tried to weaken it
+    ├── LoginFailed                        the target answered the login with a non-success status
+    ├── RedirectLoopError                  redirects went round in a circle or too deep
+    ├── NetworkError (OSError)             TCP-level failure
+    │   ├── ConnectRefused
+    │   ├── ConnectTimeout (TimeoutError)
+    │   ├── Unreachable
+    │   └── ConnectionLost                  reset or EOF mid-exchange
+    ├── ISCSITimeout (TimeoutError)         a deadline passed after connecting
+    ├── ConnectionInfoError (ValueError)    bad connection_info / provider_location input
+    └── IscsiadmError                      open-iscsi's iscsiadm reported a failure
+
+No message of any of these ever contains a CHAP secret: they are built from names, fields and
+values that never include :class:`~pyiscsi_failover.credentials.Secret` contents.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectRefused",
+    "ConnectTimeout",
+    "ConnectionInfoError",
+    "ConnectionLost",
+    "ISCSIError",
+    "ISCSITimeout",
+    "IscsiadmError",
+    "LocalProtocolError",
+    "LoginFailed",
+    "NegotiationError",
+    "NetworkError",
+    "PDUDecodeError",
+    "PDUEncodeError",
+    "ProtocolError",
+    "RedirectLoopError",
+    "TextError",
+    "Unreachable",
+]
+
+
+class ISCSIError(Exception):
+    """Root of every error pyiscsi-failover raises on purpose."""
+
+
+class LocalProtocolError(ISCSIError):
+    """We were asked to produce something RFC 7143 does not allow."""
+
+
+class PDUEncodeError(LocalProtocolError, ValueError):
+    """A PDU field is out of range or of the wrong type, so it cannot be encoded."""
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+class ProtocolError(ISCSIError):
+    """The peer sent something that breaks RFC 7143."""
+
+
+class PDUDecodeError(ProtocolError, ValueError):
+    """Bytes that do not decode as a PDU.
+
+    ``field`` names the offending field, ``offset`` its byte offset from the start of the PDU
+    (when known) and ``value`` the value found there.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        offset: int | None = None,
+        value: object = None,
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.offset = offset
+        self.value = value
+
+
+class TextError(ProtocolError, ValueError):
+    """Malformed key=value text: bad UTF-8, missing ``=``, bad key, over-long value, duplicate."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class NegotiationError(ProtocolError):
+    """The peer answered a key with a value we cannot accept."""
+
+    def __init__(self, message: str, *, key: str | None = None, value: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.value = value
+
+
+class AuthenticationError(ISCSIError):
+    """CHAP failed, or the target tried to reflect, weaken or skip it."""
+
+
+class LoginFailed(ISCSIError):
+    """The target ended the login with a non-success Status-Class.
+
+    ``status_class``/``status_detail`` are the raw bytes 36-37 of the Login Response;
+    ``retryable`` says whether trying again (later or elsewhere) can help.
+    """
+
+    def __init__(
+        self, message: str, *, status_class: int, status_detail: int, retryable: bool
+    ) -> None:
+        super().__init__(message)
+        self.status_class = status_class
+        self.status_detail = status_detail
+        self.retryable = retryable
+
+
+class RedirectLoopError(ISCSIError):
+    """Redirects visited an address twice or went deeper than allowed."""
+
+
+class NetworkError(ISCSIError, OSError):
+    """TCP-level failure talking to a portal."""
+
+
+class ConnectRefused(NetworkError):
+    """The portal actively refused the TCP connection (RST)."""
+
+
+class ConnectTimeout(NetworkError, TimeoutError):
+    """The TCP connection was not established before its deadline (blackholed portal)."""
+
+
+class Unreachable(NetworkError):
+    """No route to the portal, or its name does not resolve."""
+
+
+class ConnectionLost(NetworkError):
+    """The peer reset or closed the connection in the middle of an exchange."""
+
+
+class ISCSITimeout(ISCSIError, TimeoutError):
+    """A connected peer did not finish login, discovery or logout before its deadline."""
+
+
+class ConnectionInfoError(ISCSIError, ValueError):
+    """Bad connection_info or provider_location input; names the key and the (masked) value."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class IscsiadmError(ISCSIError):
+    """iscsiadm failed; ``exit_code`` is its status, ``command`` the argv with secrets masked."""
+
+    def __init__(self, message: str, *, exit_code: int | None, command: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.command = command
