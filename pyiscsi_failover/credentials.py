@@ -5,6 +5,7 @@ Pure: never imports trio, socket or subprocess.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, field
 
 __all__ = ["MASK", "ChapCredentials", "Secret"]
@@ -18,12 +19,20 @@ class Secret:
 
     Equality compares contents in constant time so tests can compare credentials, but a Secret
     is deliberately unhashable: it must never become a dict key that a debugger would print.
+    Pickling is refused (a pickle is a secret written to disk); copying returns the same object,
+    which is safe because a Secret is immutable.
     """
 
     __slots__ = ("_value",)
 
-    def __init__(self, value: str | bytes) -> None:
-        self._value = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    def __init__(self, value: str | bytes | bytearray | memoryview) -> None:
+        if isinstance(value, str):
+            self._value = value.encode("utf-8", errors="surrogateescape")
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            self._value = bytes(value)
+        else:
+            # bytes(5) would silently make five NUL bytes; say what was wrong, not the value.
+            raise TypeError(f"a Secret is made from str or bytes, not {type(value).__name__}")
 
     def reveal(self) -> bytes:
         return self._value
@@ -45,13 +54,17 @@ class Secret:
         return MASK
 
     def __eq__(self, other: object) -> bool:
-        import hmac
-
         if not isinstance(other, Secret):
             return NotImplemented
         return hmac.compare_digest(self._value, other._value)
 
     __hash__ = None  # type: ignore[assignment]
+
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Secret:
+        return self
 
     def __reduce__(self) -> str:
         raise TypeError("Secret objects are not picklable")
@@ -59,10 +72,23 @@ class Secret:
 
 @dataclass(frozen=True, slots=True)
 class ChapCredentials:
-    """A CHAP name and secret: ours (checked by the target) or the target's (mutual CHAP)."""
+    """A CHAP name and secret: ours (checked by the target) or the target's (mutual CHAP).
+
+    A plain ``str``/``bytes`` secret is wrapped in :class:`Secret` on construction, so a caller
+    that forgets the wrapper still never gets the secret printed.
+    """
 
     username: str
     secret: Secret = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.username, str):
+            raise TypeError(f"a CHAP username is a str, not {type(self.username).__name__}")
+        secret: object = self.secret  # typed as Secret, but callers may pass str/bytes
+        if isinstance(secret, (str, bytes, bytearray, memoryview)):
+            object.__setattr__(self, "secret", Secret(secret))
+        elif not isinstance(secret, Secret):
+            raise TypeError(f"a CHAP secret is a Secret, not {type(secret).__name__}")
 
     def __repr__(self) -> str:
         return f"ChapCredentials(username={self.username!r}, secret={MASK!r})"

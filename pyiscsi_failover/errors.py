@@ -13,6 +13,9 @@ impossible; *remote* ones mean the peer sent something wrong or refused us. Buil
     │   ├── TextError (ValueError)          malformed key=value data
     │   └── NegotiationError                an unacceptable answer to a key
     ├── AuthenticationError                CHAP failed or the target tried to weaken it
+    │   ├── ChapDowngradeError              the target chose no CHAP or an algorithm not offered
+    │   ├── ChapReflectionError             a challenge or response reflected back at us
+    │   └── TargetAuthenticationError       mutual CHAP: the target failed to prove itself
     ├── LoginFailed                        the target answered the login with a non-success status
     ├── RedirectLoopError                  redirects went round in a circle or too deep
     ├── NetworkError (OSError)             TCP-level failure
@@ -22,7 +25,10 @@ impossible; *remote* ones mean the peer sent something wrong or refused us. Buil
     │   └── ConnectionLost                  reset or EOF mid-exchange
     ├── ISCSITimeout (TimeoutError)         a deadline passed after connecting
     ├── ConnectionInfoError (ValueError)    bad connection_info / provider_location input
-    └── IscsiadmError                      open-iscsi's iscsiadm reported a failure
+    ├── InvalidName (ValueError)            not a well-formed iqn./eui./naa. iSCSI name
+    ├── InvalidPortal (ValueError)          not a well-formed host[:port][,tpgt] portal
+    ├── IscsiadmError                      open-iscsi's iscsiadm reported a failure
+    └── DeviceTimeout (TimeoutError)        logged in, but the disk never appeared
 
 No message of any of these ever contains a CHAP secret: they are built from names, fields and
 values that never include :class:`~pyiscsi_failover.credentials.Secret` contents.
@@ -32,12 +38,17 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "ChapDowngradeError",
+    "ChapReflectionError",
     "ConnectRefused",
     "ConnectTimeout",
     "ConnectionInfoError",
     "ConnectionLost",
+    "DeviceTimeout",
     "ISCSIError",
     "ISCSITimeout",
+    "InvalidName",
+    "InvalidPortal",
     "IscsiadmError",
     "LocalProtocolError",
     "LoginFailed",
@@ -47,6 +58,7 @@ __all__ = [
     "PDUEncodeError",
     "ProtocolError",
     "RedirectLoopError",
+    "TargetAuthenticationError",
     "TextError",
     "Unreachable",
 ]
@@ -115,6 +127,20 @@ class AuthenticationError(ISCSIError):
     """CHAP failed, or the target tried to reflect, weaken or skip it."""
 
 
+class ChapDowngradeError(AuthenticationError):
+    """The target chose ``AuthMethod=None`` (or anything but CHAP) or a CHAP algorithm we did not
+    offer: accepting either would silently weaken or skip authentication."""
+
+
+class ChapReflectionError(AuthenticationError):
+    """A peer sent back a challenge we issued, or answered with a response computed from our own
+    secret: the classic CHAP reflection attack, or the same secret configured in both directions."""
+
+
+class TargetAuthenticationError(AuthenticationError):
+    """Mutual CHAP: the target's name or response was missing or wrong."""
+
+
 class LoginFailed(ISCSIError):
     """The target ended the login with a non-success Status-Class.
 
@@ -167,6 +193,22 @@ class ConnectionInfoError(ISCSIError, ValueError):
         self.key = key
 
 
+class InvalidName(ISCSIError, ValueError):
+    """Not a well-formed iSCSI name; ``name`` is the offending value."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class InvalidPortal(ISCSIError, ValueError):
+    """Not a well-formed portal (``host[:port][,tpgt]``); ``text`` is the offending value."""
+
+    def __init__(self, message: str, *, text: str) -> None:
+        super().__init__(message)
+        self.text = text
+
+
 class IscsiadmError(ISCSIError):
     """iscsiadm failed; ``exit_code`` is its status, ``command`` the argv with secrets masked."""
 
@@ -174,3 +216,14 @@ class IscsiadmError(ISCSIError):
         super().__init__(message)
         self.exit_code = exit_code
         self.command = command
+
+
+class DeviceTimeout(ISCSIError, TimeoutError):
+    """open-iscsi logged in, but the disk's ``/dev/disk/by-path`` entry did not appear in time.
+
+    ``path`` is the entry we waited for.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path

@@ -1,0 +1,52 @@
+"""The single entry point for every job: tests, lint, typecheck, bench, fuzz.
+
+Versions and dependency lists are read from pyproject.toml's extras, so there is one source.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+
+PYTHON = os.environ.get("PYISCSI_PYTHON", "3")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The whole test suite, with branch coverage of the package."""
+    session.install("-e", ".[test]")
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "report", "--fail-under=80")
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[typecheck]", "nox")
+    session.run("mypy", "--strict")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks: print tables, write JSON (and a plot) under benchmarks/results/. Never gates CI."""
+    session.install("-e", ".[test]", "matplotlib")
+    session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    """Time-boxed hypothesis fuzzing of the decoders and parsers (not part of CI)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "tests.fuzz", *session.posargs)

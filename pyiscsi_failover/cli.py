@@ -1,0 +1,691 @@
+"""The ``pyiscsi-failover`` command: discover, login, probe, attach, detach, demo.
+
+``run(argv) -> int`` does everything so tests can call it directly; only ``main`` exits. Exit
+status: 0 success, 1 a target or network failure, 2 bad usage or input, each with a one-line
+reason on stderr. CHAP secrets are read from files or the environment, never from argv, and are
+printed nowhere. This module is the only one that configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Final, NoReturn
+
+import trio
+
+from pyiscsi_failover import __version__
+from pyiscsi_failover.connection_info import (
+    Candidate,
+    ConnectionInfo,
+    parse_connection_info,
+)
+from pyiscsi_failover.credentials import ChapCredentials, Secret
+from pyiscsi_failover.errors import (
+    ConnectionInfoError,
+    InvalidName,
+    InvalidPortal,
+    ISCSIError,
+    LocalProtocolError,
+)
+from pyiscsi_failover.host import default_initiator_name
+from pyiscsi_failover.initiator import LoginConfig, LoginRejected, LoginSucceeded
+from pyiscsi_failover.names import Portal, validate_iscsi_name
+from pyiscsi_failover.prober import (
+    Attempt,
+    AttemptFinished,
+    AttemptStarted,
+    Check,
+    Outcome,
+    Policy,
+    ProbeOptions,
+    ProbeResult,
+    ProgressEvent,
+    probe,
+)
+from pyiscsi_failover.transport import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_LOGIN_TIMEOUT,
+    LoginReport,
+    discover,
+    login,
+)
+
+__all__ = ["main", "run"]
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+
+SECRET_ENV: Final = "PYISCSI_CHAP_SECRET"
+TARGET_SECRET_ENV: Final = "PYISCSI_TARGET_CHAP_SECRET"
+
+logger = logging.getLogger("pyiscsi_failover")
+
+
+class UsageError(Exception):
+    """Bad command-line usage; becomes exit status 2 with its message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _add_credentials(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "CHAP",
+        f"secrets come only from files or ${SECRET_ENV} / ${TARGET_SECRET_ENV}, never from argv",
+    )
+    group.add_argument("--initiator-name", help="InitiatorName (default: open-iscsi's, if any)")
+    group.add_argument("--chap-user", help="our CHAP username (checked by the target)")
+    group.add_argument("--chap-secret-file", type=Path, help="file holding our CHAP secret")
+    group.add_argument("--target-chap-user", help="the target's CHAP username (mutual CHAP)")
+    group.add_argument("--target-chap-secret-file", type=Path, help="file holding the target's secret")
+
+
+def _add_timeouts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--connect-timeout",
+        type=_positive,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="S",
+        help=f"TCP connect deadline per portal (default {DEFAULT_CONNECT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--login-timeout",
+        "--timeout",
+        dest="login_timeout",
+        type=_positive,
+        default=DEFAULT_LOGIN_TIMEOUT,
+        metavar="S",
+        help=f"login deadline per portal after connecting (default {DEFAULT_LOGIN_TIMEOUT:g})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pyiscsi-failover",
+        description="Find the first working iSCSI portal/target among a volume's alternatives "
+        "and hand it to open-iscsi.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("discover", help="SendTargets discovery: list targets and their portals")
+    p.add_argument("portal", nargs="?", help="HOST[:PORT] (default port 3260)")
+    p.add_argument("-c", "--connection-info", metavar="FILE", help="use its main portal (- = stdin)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_credentials(p)
+    _add_timeouts(p)
+
+    p = sub.add_parser("login", help="one full login and logout; report outcome and parameters")
+    p.add_argument("portal", help="HOST[:PORT]")
+    p.add_argument("iqn", help="target name")
+    p.add_argument("--json", action="store_true")
+    _add_credentials(p)
+    _add_timeouts(p)
+
+    p = sub.add_parser("probe", help="probe a volume's portals in order and choose one")
+    _add_candidates(p)
+    _add_probe_options(p)
+    _add_credentials(p)
+
+    p = sub.add_parser("attach", help="probe, then log in with open-iscsi (iscsiadm)")
+    p.add_argument("-c", "--connection-info", metavar="FILE", required=True)
+    p.add_argument("--dry-run", action="store_true", help="print the iscsiadm commands, run none")
+    p.add_argument("--iscsiadm", default="iscsiadm", help="iscsiadm binary (default: from PATH)")
+    p.add_argument("--device-timeout", type=_positive, default=20.0, metavar="S")
+    _add_probe_options(p)
+    _add_credentials(p)
+
+    p = sub.add_parser("detach", help="log out of the chosen target and delete its node record")
+    p.add_argument("-c", "--connection-info", metavar="FILE", required=True)
+    p.add_argument("--iscsiadm", default="iscsiadm")
+    p.add_argument("--keep-record", action="store_true", help="log out only")
+    p.add_argument("--json", action="store_true")
+    _add_credentials(p)
+
+    p = sub.add_parser("demo", help="a self-contained failover demo on loopback (no root)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--policy", choices=[x.value for x in Policy], default=Policy.ORDERED.value)
+    return parser
+
+
+def _add_candidates(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--connection-info", metavar="FILE", help="connection_info JSON (- = stdin)")
+    parser.add_argument("--portal", action="append", default=[], help="HOST[:PORT]; repeat for alternatives")
+    parser.add_argument("--iqn", action="append", default=[], help="target name; one, or one per --portal")
+    parser.add_argument("--lun", action="append", type=int, default=[], help="LUN; one, or one per --portal")
+
+
+def _add_probe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", choices=[x.value for x in Policy], default=Policy.ORDERED.value)
+    parser.add_argument("--check", choices=[x.value for x in Check], default=Check.LOGIN.value)
+    parser.add_argument("--all", action="store_true", help="probe every candidate (health report)")
+    parser.add_argument("--stagger", type=_non_negative, default=0.25, metavar="S")
+    parser.add_argument("--concurrency", type=_count, default=16, metavar="N")
+    parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
+    _add_timeouts(parser)
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+
+
+def _read_secret(path: Path | None, env: str, what: str) -> Secret | None:
+    if path is not None:
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {what} secret file {str(path)!r}: {exc.strerror}") from None
+        secret = text.rstrip(b"\r\n")
+        if not secret:
+            raise UsageError(f"{what} secret file {str(path)!r} is empty")
+        return Secret(secret)
+    value = os.environ.get(env)
+    return Secret(value) if value else None
+
+
+def _credentials(args: argparse.Namespace) -> tuple[ChapCredentials | None, ChapCredentials | None]:
+    chap = target_chap = None
+    if args.chap_user:
+        secret = _read_secret(args.chap_secret_file, SECRET_ENV, "CHAP")
+        if secret is None:
+            raise UsageError(f"--chap-user needs --chap-secret-file or ${SECRET_ENV}")
+        chap = ChapCredentials(args.chap_user, secret)
+    elif args.chap_secret_file:
+        raise UsageError("--chap-secret-file needs --chap-user")
+    if args.target_chap_user:
+        if chap is None:
+            raise UsageError("--target-chap-user (mutual CHAP) needs --chap-user too")
+        secret = _read_secret(args.target_chap_secret_file, TARGET_SECRET_ENV, "target CHAP")
+        if secret is None:
+            raise UsageError(
+                f"--target-chap-user needs --target-chap-secret-file or ${TARGET_SECRET_ENV}"
+            )
+        target_chap = ChapCredentials(args.target_chap_user, secret)
+    return chap, target_chap
+
+
+def _initiator_name(args: argparse.Namespace) -> str:
+    if args.initiator_name:
+        try:
+            return validate_iscsi_name(args.initiator_name)
+        except InvalidName as exc:
+            raise UsageError(f"--initiator-name: {exc}") from None
+    return default_initiator_name()
+
+
+def _portal(text: str, what: str = "portal") -> Portal:
+    try:
+        return Portal.parse(text)
+    except InvalidPortal as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
+def _load_connection_info(source: str, stdin: IO[str]) -> ConnectionInfo:
+    if source == "-":
+        text = stdin.read()
+    else:
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read connection_info {source!r}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"connection_info {source!r} is not UTF-8 text") from None
+    return parse_connection_info(text)
+
+
+def _candidates_from_args(args: argparse.Namespace, stdin: IO[str]) -> ConnectionInfo:
+    if args.connection_info:
+        if args.portal or args.iqn or args.lun:
+            raise UsageError("give either -c FILE or --portal/--iqn/--lun, not both")
+        info = _load_connection_info(args.connection_info, stdin)
+    else:
+        if not args.portal or not args.iqn:
+            raise UsageError("give -c FILE, or at least one --portal and one --iqn")
+        n = len(args.portal)
+        for name, values in (("--iqn", args.iqn), ("--lun", args.lun)):
+            if len(values) not in (0, 1, n):
+                raise UsageError(f"{name} must be given once or once per --portal ({n})")
+        iqns = args.iqn * n if len(args.iqn) == 1 else args.iqn
+        luns = (args.lun * n if len(args.lun) == 1 else args.lun) or [0] * n
+        data: dict[str, object] = {
+            "target_portal": args.portal[0],
+            "target_iqn": iqns[0],
+            "target_lun": luns[0],
+        }
+        if n > 1:
+            data["target_alternative_portals"] = args.portal[1:]
+            data["target_alternative_iqns"] = iqns[1:]
+            data["target_alternative_luns"] = luns[1:]
+        info = parse_connection_info(data)
+    chap, target_chap = _credentials(args)
+    if chap is not None:
+        info = dataclasses.replace(info, chap=chap, target_chap=target_chap)
+    return info
+
+
+def _probe_options(args: argparse.Namespace) -> ProbeOptions:
+    return ProbeOptions(
+        policy=Policy(args.policy),
+        check=Check(args.check),
+        connect_timeout=args.connect_timeout,
+        login_timeout=args.login_timeout,
+        concurrency=args.concurrency,
+        stagger=args.stagger,
+        probe_all=args.all,
+        initiator_name=_initiator_name(args),
+    )
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Secret):
+        return "***"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Portal):
+        return str(value)
+    return value
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _login_json(report: LoginReport) -> dict[str, object]:
+    outcome = report.outcome
+    body: dict[str, object] = {
+        "portal": str(report.portal),
+        "final_portal": str(report.final_portal),
+        "redirects": [
+            {"from": str(r.source), "to": str(r.address), "permanent": r.permanent}
+            for r in report.redirects
+        ],
+        "connect_ms": _ms(report.connect_s),
+        "login_ms": _ms(report.login_s),
+        "elapsed_ms": _ms(report.total_s),
+        "logged_out": report.logout is not None,
+        "notes": list(report.notes),
+    }
+    if isinstance(outcome, LoginSucceeded):
+        body["outcome"] = "ok"
+        body["tsih"] = outcome.tsih
+        body["target_portal_group_tag"] = outcome.target_portal_group_tag
+        body["auth_method"] = outcome.auth_method
+        body["negotiated"] = _jsonable(outcome.parameters)
+    else:
+        body["outcome"] = "rejected"
+        body["status"] = f"0x{outcome.status_class:02x}{outcome.status_detail:02x}"
+        body["detail"] = outcome.describe()
+        body["retryable"] = outcome.retryable
+    return body
+
+
+class _Output:
+    def __init__(self, stdout: IO[str], stderr: IO[str]) -> None:
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def out(self, text: str = "") -> None:
+        print(text, file=self.stdout, flush=True)
+
+    def json(self, obj: object) -> None:
+        print(json.dumps(obj, indent=2, sort_keys=False), file=self.stdout, flush=True)
+
+    def error(self, text: str) -> None:
+        print(f"pyiscsi-failover: {text}", file=self.stderr, flush=True)
+
+    @property
+    def live(self) -> bool:
+        isatty = getattr(self.stdout, "isatty", None)
+        return bool(isatty and isatty())
+
+
+_OUTCOME_MARK: Final = {Outcome.OK: "ok", Outcome.NOT_TRIED: "-", Outcome.CANCELLED: "cancelled"}
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def _probe_table(result: ProbeResult) -> list[str]:
+    rows = [["#", "portal", "iqn", "lun", "outcome", "ms", "detail"]]
+    for a in result.attempts:
+        c = a.candidate
+        mark = "*" if result.chosen is not None and a is result.chosen else " "
+        detail = a.detail
+        if a.redirected_to is not None:
+            detail = f"via {a.redirected_to}; {detail}"
+        rows.append(
+            [
+                f"{mark}{c.index}",
+                str(c.portal),
+                c.iqn,
+                str(c.lun),
+                a.outcome.value,
+                "" if a.outcome is Outcome.NOT_TRIED else f"{a.elapsed_s * 1000:.0f}",
+                detail,
+            ]
+        )
+    lines = _table(rows)
+    if result.chosen is None:
+        lines.append(f"no candidate works ({result.policy.value}, {result.elapsed_s * 1000:.0f} ms)")
+    else:
+        c = result.chosen.candidate
+        portal = result.chosen.handoff_portal or c.portal
+        lines.append(
+            f"chosen: #{c.index} {portal} {c.iqn} lun {c.lun} "
+            f"({result.policy.value}, {result.elapsed_s * 1000:.0f} ms)"
+        )
+    return lines
+
+
+def _progress_printer(output: _Output) -> Callable[[ProgressEvent], None] | None:
+    if not output.live:
+        return None
+
+    def show(event: ProgressEvent) -> None:
+        match event:
+            case AttemptStarted(candidate=c, at=at):
+                output.out(f"  [{at * 1000:7.0f} ms] #{c.index} {c.portal} {c.iqn}: probing...")
+            case AttemptFinished(attempt=a):
+                c = a.candidate
+                at = (a.started_at or 0.0) + a.elapsed_s
+                output.out(f"  [{at * 1000:7.0f} ms] #{c.index} {c.portal}: {a.outcome.value} {a.detail}")
+
+    return show
+
+
+# -- commands ------------------------------------------------------------------------------------------
+
+
+async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    if args.connection_info and args.portal:
+        raise UsageError("give either a portal or -c FILE, not both")
+    chap = target_chap = None
+    if args.connection_info:
+        info = _load_connection_info(args.connection_info, stdin)
+        portal = info.candidates[0].portal
+        chap, target_chap = info.discovery_chap, info.discovery_target_chap
+    elif args.portal:
+        portal = _portal(args.portal)
+    else:
+        raise UsageError("give a portal HOST[:PORT] or -c FILE")
+    cli_chap, cli_target_chap = _credentials(args)
+    if cli_chap is not None:
+        chap, target_chap = cli_chap, cli_target_chap
+    config = LoginConfig(initiator_name=_initiator_name(args), chap=chap, target_chap=target_chap)
+    report = await discover(
+        portal, config, connect_timeout=args.connect_timeout, login_timeout=args.login_timeout
+    )
+    if isinstance(report.outcome, LoginRejected):
+        if args.json:
+            output.json(_login_json(report))
+        output.error(f"{report.final_portal}: discovery login refused: {report.outcome.describe()}")
+        return EXIT_FAILURE
+    targets = [
+        {"iqn": t.iqn, "portals": [p.with_tpgt() if p.tpgt is not None else str(p) for p in t.portals]}
+        for t in report.targets
+    ]
+    if args.json:
+        body = _login_json(report)
+        body["targets"] = targets
+        output.json(body)
+        return EXIT_OK
+    output.out(f"{len(targets)} target(s) at {report.final_portal} ({report.total_s * 1000:.1f} ms)")
+    for target in targets:
+        output.out(str(target["iqn"]))
+        for p in target["portals"]:  # type: ignore[attr-defined]
+            output.out(f"    {p}")
+    return EXIT_OK
+
+
+async def _cmd_login(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    portal = _portal(args.portal)
+    try:
+        iqn = validate_iscsi_name(args.iqn)
+    except InvalidName as exc:
+        raise UsageError(f"iqn: {exc}") from None
+    chap, target_chap = _credentials(args)
+    config = LoginConfig(
+        initiator_name=_initiator_name(args), target_name=iqn, chap=chap, target_chap=target_chap
+    )
+    report = await login(
+        portal, config, connect_timeout=args.connect_timeout, login_timeout=args.login_timeout
+    )
+    body = _login_json(report)
+    if args.json:
+        output.json(body)
+    else:
+        for r in report.redirects:
+            kind = "permanently" if r.permanent else "temporarily"
+            output.out(f"redirected {kind}: {r.source} -> {r.address}")
+        if isinstance(report.outcome, LoginSucceeded):
+            o = report.outcome
+            output.out(
+                f"login ok: {iqn} at {report.final_portal} (TSIH {o.tsih}, TPGT "
+                f"{o.target_portal_group_tag}, AuthMethod {o.auth_method}); "
+                f"{'logged out' if report.logout else 'logout: ' + '; '.join(report.notes)}"
+            )
+            output.out(
+                f"timings: connect {report.connect_s * 1000:.1f} ms, login {report.login_s * 1000:.1f} ms, "
+                f"total {report.total_s * 1000:.1f} ms"
+            )
+            output.out("negotiated:")
+            negotiated = body["negotiated"]
+            assert isinstance(negotiated, dict)
+            for key, value in negotiated.items():
+                output.out(f"    {key} = {value}")
+    if isinstance(report.outcome, LoginRejected):
+        output.error(f"{report.final_portal}: login refused: {report.outcome.describe()}")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _run_probe(
+    info: ConnectionInfo, options: ProbeOptions, output: _Output, as_json: bool
+) -> ProbeResult:
+    progress = None if as_json else _progress_printer(output)
+    if progress is not None:
+        output.out(
+            f"probing {len(info.candidates)} candidate(s), policy {options.policy.value}, "
+            f"check {options.check.value}"
+        )
+    return await probe(info, options, on_progress=progress)
+
+
+async def _cmd_probe(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    info = _candidates_from_args(args, stdin)
+    result = await _run_probe(info, _probe_options(args), output, args.json)
+    if args.json:
+        output.json(result.to_json())
+    else:
+        for line in _probe_table(result):
+            output.out(line)
+    if result.chosen is None:
+        output.error(f"none of the {len(info.candidates)} candidate(s) works")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _chosen_node(info: ConnectionInfo, attempt: Attempt) -> object:
+    from pyiscsi_failover.iscsiadm import NodeTarget
+
+    c: Candidate = attempt.candidate
+    return NodeTarget(
+        portal=attempt.handoff_portal or c.portal,
+        iqn=c.iqn,
+        lun=c.lun,
+        chap=info.chap,
+        target_chap=info.target_chap,
+    )
+
+
+async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    from pyiscsi_failover.iscsiadm import Iscsiadm, NodeTarget, attach, dry_run_plan
+
+    args.portal, args.iqn, args.lun = [], [], []
+    info = _candidates_from_args(args, stdin)
+    result = await _run_probe(info, _probe_options(args), output, args.json)
+    if result.chosen is None:
+        if args.json:
+            output.json({"probe": result.to_json(), "attach": None})
+        else:
+            for line in _probe_table(result):
+                output.out(line)
+        output.error(f"none of the {len(info.candidates)} candidate(s) works; nothing attached")
+        return EXIT_FAILURE
+    node = _chosen_node(info, result.chosen)
+    assert isinstance(node, NodeTarget)
+    if args.dry_run:
+        commands = dry_run_plan(node)
+        if args.json:
+            output.json({"probe": result.to_json(), "dry_run": commands})
+        else:
+            for line in _probe_table(result):
+                output.out(line)
+            output.out("would run:")
+            for command in commands:
+                output.out(f"    {command}")
+        return EXIT_OK
+    attached = await attach(
+        node, iscsiadm=Iscsiadm(binary=args.iscsiadm), device_timeout=args.device_timeout
+    )
+    if args.json:
+        output.json({"probe": result.to_json(), "attach": _jsonable(attached)})
+    else:
+        for line in _probe_table(result):
+            output.out(line)
+        output.out(f"attached: {attached.device}")
+    return EXIT_OK
+
+
+async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    from pyiscsi_failover.iscsiadm import Iscsiadm, NodeTarget, detach
+
+    info = _load_connection_info(args.connection_info, stdin)
+    iscsiadm = Iscsiadm(binary=args.iscsiadm)
+    done = []
+    for c in info.candidates:
+        node = NodeTarget(portal=c.portal, iqn=c.iqn, lun=c.lun)
+        await detach(node, iscsiadm=iscsiadm, delete_record=not args.keep_record)
+        done.append({"portal": str(c.portal), "iqn": c.iqn})
+    if args.json:
+        output.json({"detached": done})
+    else:
+        for d in done:
+            output.out(f"detached {d['iqn']} at {d['portal']}")
+    return EXIT_OK
+
+
+async def _cmd_demo(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    from pyiscsi_failover.demo import run_demo
+
+    return await run_demo(output.stdout, policy=Policy(args.policy), as_json=args.json)
+
+
+_COMMANDS: Final = {
+    "discover": _cmd_discover,
+    "login": _cmd_login,
+    "probe": _cmd_probe,
+    "attach": _cmd_attach,
+    "detach": _cmd_detach,
+    "demo": _cmd_demo,
+}
+
+
+def _configure_logging(verbosity: int, stderr: IO[str]) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def run(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+    stdin: IO[str] | None = None,
+) -> int:
+    """Run the CLI and return its exit status (never raises for bad input or a failing target)."""
+    output = _Output(stdout or sys.stdout, stderr or sys.stderr)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        output.error(str(exc))
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help and --version
+        return int(exc.code or 0)
+    _configure_logging(args.verbose, output.stderr)
+    command = _COMMANDS[args.command]
+    try:
+        return trio.run(command, args, output, stdin or sys.stdin)
+    except UsageError as exc:
+        output.error(str(exc))
+        return EXIT_USAGE
+    except (ConnectionInfoError, LocalProtocolError, InvalidName, InvalidPortal) as exc:
+        output.error(str(exc))
+        return EXIT_USAGE
+    except ISCSIError as exc:
+        output.error(str(exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        return 130
+
+
+def main() -> NoReturn:
+    sys.exit(run())

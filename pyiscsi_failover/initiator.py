@@ -1,0 +1,625 @@
+"""The initiator side of one iSCSI connection, sans-IO: login, SendTargets, logout.
+
+Feed the peer's bytes to :meth:`InitiatorConnection.receive_data`, pull events from
+:meth:`~InitiatorConnection.next_event` (``NEED_DATA`` when it wants more), and write whatever
+:meth:`~InitiatorConnection.data_to_send` returns. No sockets, no clock: the trio layer in
+:mod:`pyiscsi_failover.transport` owns those, and the deadlines.
+
+A probe is one connection: login, optionally a SendTargets exchange, then a logout so nothing
+lingers on the target. The target's refusals are *events* (a redirect or a status the caller
+reports); a peer that breaks the protocol raises :class:`~pyiscsi_failover.errors.ProtocolError`,
+and a CHAP problem :class:`~pyiscsi_failover.errors.AuthenticationError`.
+
+Must never import trio, socket or subprocess.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Final, TypeAlias
+
+from pyiscsi_failover.credentials import ChapCredentials
+from pyiscsi_failover.errors import (
+    AuthenticationError,
+    ConnectionLost,
+    InvalidPortal,
+    LocalProtocolError,
+    PDUDecodeError,
+    ProtocolError,
+)
+from pyiscsi_failover.names import Portal
+from pyiscsi_failover.protocol.chap import ChapInitiator, ChapPolicy
+from pyiscsi_failover.protocol.framing import PDUBuffer
+from pyiscsi_failover.protocol.negotiation import (
+    Digest,
+    Negotiator,
+    OperationalParameters,
+    OperationalProposal,
+    SessionType,
+)
+from pyiscsi_failover.protocol.pdu import (
+    ISID,
+    PDU,
+    RESERVED_TAG,
+    LoginRequest,
+    LoginResponse,
+    LoginStatus,
+    LogoutReason,
+    LogoutRequest,
+    LogoutResponse,
+    LogoutResponseCode,
+    NopIn,
+    NopOut,
+    Reject,
+    Stage,
+    StatusClass,
+    TextRequest,
+    TextResponse,
+)
+from pyiscsi_failover.protocol.sendtargets import DiscoveredTarget, parse_send_targets
+from pyiscsi_failover.protocol.text import TextReassembler, decode_keys, decode_text, encode_text
+from pyiscsi_failover.protocol.wire import encode_pdu
+
+__all__ = [
+    "NEED_DATA",
+    "Event",
+    "InitiatorConnection",
+    "LoggedOut",
+    "LoginConfig",
+    "LoginRedirected",
+    "LoginRejected",
+    "LoginSucceeded",
+    "NeedData",
+    "State",
+    "TargetsDiscovered",
+    "probe_isid",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The most a login data segment may hold before MaxRecvDataSegmentLength is negotiated.
+LOGIN_SEGMENT_LIMIT: Final = 8192
+#: Bound on login round trips, so a target that never sets T cannot keep us forever.
+MAX_LOGIN_ROUNDS: Final = 32
+#: Bound on SendTargets continuation requests and on the reassembled answer.
+MAX_TEXT_ROUNDS: Final = 256
+MAX_TEXT_BYTES: Final = 4 * 1024 * 1024
+
+
+def probe_isid(token_bytes: Callable[[int], bytes] = secrets.token_bytes) -> ISID:
+    """A random-format ISID (T=0b10) for a probe.
+
+    open-iscsi's sessions use the OUI format (T=0b00, 0x00023d). A probe that reused the kernel's
+    InitiatorName + ISID for the same target would make the target reinstate, i.e. kill, the
+    live kernel session; a random-format ISID can never collide with one of those.
+    """
+    raw = token_bytes(5)
+    return ISID(t=0b10, a=0, b=int.from_bytes(raw[0:2], "big"), c=raw[2], d=int.from_bytes(raw[3:5], "big"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoginConfig:
+    """Who logs in where and how. ``target_name=None`` means a Discovery session."""
+
+    initiator_name: str
+    target_name: str | None = None
+    isid: ISID = field(default_factory=probe_isid)
+    chap: ChapCredentials | None = None
+    target_chap: ChapCredentials | None = None
+    chap_policy: ChapPolicy = field(default_factory=ChapPolicy)
+    proposal: OperationalProposal = field(default_factory=OperationalProposal)
+    initiator_alias: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_chap is not None and self.chap is None:
+            raise LocalProtocolError("mutual CHAP (target_chap) needs the initiator's chap too")
+
+    @property
+    def session_type(self) -> SessionType:
+        return SessionType.DISCOVERY if self.target_name is None else SessionType.NORMAL
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    SECURITY_NEGOTIATION = "security negotiation"
+    OPERATIONAL_NEGOTIATION = "operational negotiation"
+    FULL_FEATURE = "full feature phase"
+    TEXT_EXCHANGE = "text exchange"
+    LOGGING_OUT = "logging out"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoginSucceeded:
+    parameters: OperationalParameters
+    tsih: int
+    target_portal_group_tag: int | None
+    auth_method: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoginRedirected:
+    """Status class 1: log in at ``address`` instead (``permanent`` for 0x0102)."""
+
+    address: Portal
+    permanent: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoginRejected:
+    """Status class 2 or 3. ``status`` is None for a detail code we do not name."""
+
+    status_class: StatusClass
+    status_detail: int
+    status: LoginStatus | None
+
+    @property
+    def retryable(self) -> bool:
+        if self.status is not None:
+            return self.status.retryable
+        return self.status_class is StatusClass.TARGET_ERROR
+
+    def describe(self) -> str:
+        name = self.status.name.lower().replace("_", " ") if self.status else "unknown status"
+        return f"{name} (0x{self.status_class:02x}{self.status_detail:02x})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetsDiscovered:
+    targets: tuple[DiscoveredTarget, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoggedOut:
+    response: LogoutResponseCode
+
+
+Event: TypeAlias = LoginSucceeded | LoginRedirected | LoginRejected | TargetsDiscovered | LoggedOut
+
+_LOGIN_STATES: Final = frozenset({State.SECURITY_NEGOTIATION, State.OPERATIONAL_NEGOTIATION})
+
+
+class InitiatorConnection:
+    """One connection's initiator protocol state. Not reusable after DONE or FAILED."""
+
+    def __init__(self, config: LoginConfig, *, initial_cmdsn: int = 1, initial_itt: int = 1) -> None:
+        self.config = config
+        self.state = State.IDLE
+        self._buffer = PDUBuffer(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
+        self._out = bytearray()
+        self._events: list[Event] = []
+        self._cmdsn = initial_cmdsn
+        self._expstatsn = 0
+        self._next_itt = initial_itt
+        self._itt = initial_itt
+        self._tsih = 0
+        self._tpgt: int | None = None
+        self._chap: ChapInitiator | None = None
+        if config.chap is not None:
+            self._chap = ChapInitiator(
+                config.chap, target_credentials=config.target_chap, policy=config.chap_policy
+            )
+        self._negotiator = Negotiator(config.proposal, session_type=config.session_type)
+        self._auth_method = "None"
+        self._chap_step = 0  # 0: AuthMethod sent, 1: CHAP_A sent, 2: CHAP_R sent
+        self._login_rounds = 0
+        self._login_in = TextReassembler(limit=64 * 1024)
+        self._login_pending: list[bytes] = []  # our request text still to send (C=1 splitting)
+        self._pending_transit = False
+        self._pending_csg = Stage.SECURITY_NEGOTIATION
+        self._pending_nsg = Stage.SECURITY_NEGOTIATION
+        self._text_in = TextReassembler(limit=MAX_TEXT_BYTES)
+        self._text_rounds = 0
+        self._parameters: OperationalParameters | None = None
+
+    def __repr__(self) -> str:
+        # The config holds Secrets; they print as *** anyway, but keep the repr short.
+        return f"<InitiatorConnection {self.config.session_type.value} state={self.state.value}>"
+
+    # -- output side ---------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _send(self, pdu: PDU) -> None:
+        digests = self._parameters if self.state not in _LOGIN_STATES else None
+        self._out += encode_pdu(
+            pdu,
+            header_digest=digests is not None and digests.header_digest is Digest.CRC32C,
+            data_digest=digests is not None and digests.data_digest is Digest.CRC32C,
+        )
+
+    def _new_itt(self) -> int:
+        self._itt = self._next_itt
+        self._next_itt = (self._next_itt + 1) % RESERVED_TAG  # never the reserved tag
+        return self._itt
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def start_login(self) -> None:
+        """Queue the first Login Request (always through SecurityNegotiation)."""
+        self._require(State.IDLE, "start_login")
+        self.state = State.SECURITY_NEGOTIATION
+        self._new_itt()
+        keys: list[tuple[str, str]] = [("InitiatorName", self.config.initiator_name)]
+        if self.config.initiator_alias:
+            keys.append(("InitiatorAlias", self.config.initiator_alias))
+        keys.append(("SessionType", self.config.session_type.value))
+        if self.config.target_name is not None:
+            keys.append(("TargetName", self.config.target_name))
+        if self._chap is not None:
+            keys.append(("AuthMethod", self._chap.auth_method_offer()))
+            self._queue_login(keys, transit=False, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.SECURITY_NEGOTIATION)
+        else:
+            keys.append(("AuthMethod", "None"))
+            self._queue_login(
+                keys, transit=True, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION
+            )
+
+    def send_targets(self, which: str = "All") -> None:
+        """Ask for SendTargets=<which> (``All`` only in a Discovery session)."""
+        self._require(State.FULL_FEATURE, "send_targets")
+        if which == "All" and self.config.target_name is not None:
+            raise LocalProtocolError("SendTargets=All is only valid in a Discovery session")
+        self.state = State.TEXT_EXCHANGE
+        self._text_rounds = 0
+        self._send(
+            TextRequest(
+                final=True,
+                cont=False,
+                itt=self._new_itt(),
+                cmdsn=self._cmdsn,
+                expstatsn=self._expstatsn,
+                data=encode_text([("SendTargets", which)]),
+            )
+        )
+        self._cmdsn += 1
+
+    def logout(self) -> None:
+        """Close the session, so a probe leaves nothing behind on the target."""
+        self._require(State.FULL_FEATURE, "logout")
+        self.state = State.LOGGING_OUT
+        self._send(
+            LogoutRequest(
+                reason=LogoutReason.CLOSE_SESSION,
+                itt=self._new_itt(),
+                cmdsn=self._cmdsn,
+                expstatsn=self._expstatsn,
+                immediate=True,
+            )
+        )
+
+    def _require(self, state: State, what: str) -> None:
+        if self.state is not state:
+            raise LocalProtocolError(f"{what}() is not allowed in state {self.state.value}")
+
+    # -- input side ------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed the connection."""
+        if not data:
+            if self.state not in (State.DONE, State.FAILED):
+                failed_in = self._phase()
+                self.state = State.FAILED
+                raise ConnectionLost(f"target closed the connection during {failed_in}")
+            return
+        self._buffer.feed(data)
+
+    def next_event(self) -> Event | NeedData:
+        while not self._events:
+            try:
+                pdu = self._buffer.next_pdu()
+            except PDUDecodeError:
+                self.state = State.FAILED
+                raise
+            if pdu is None:
+                return NEED_DATA
+            try:
+                self._handle(pdu)
+            except (ProtocolError, AuthenticationError):
+                self.state = State.FAILED
+                raise
+        return self._events.pop(0)
+
+    def _phase(self) -> str:
+        return self.state.value
+
+    def _handle(self, pdu: PDU) -> None:
+        match pdu:
+            case LoginResponse() if self.state in _LOGIN_STATES:
+                self._on_login_response(pdu)
+            case TextResponse() if self.state is State.TEXT_EXCHANGE:
+                self._on_text_response(pdu)
+            case LogoutResponse() if self.state is State.LOGGING_OUT:
+                self._on_logout_response(pdu)
+            case NopIn() if self.state not in _LOGIN_STATES:
+                self._on_nop_in(pdu)
+            case Reject():
+                raise ProtocolError(
+                    f"target rejected our PDU during {self._phase()}: {pdu.reason.name.lower()}"
+                )
+            case _:
+                raise ProtocolError(
+                    f"unexpected {type(pdu).__name__} from the target during {self._phase()}"
+                )
+
+    def _check_itt(self, itt: int, what: str) -> None:
+        if itt != self._itt:
+            raise ProtocolError(f"{what} carries ITT 0x{itt:08x}, expected 0x{self._itt:08x}")
+
+    def _advance_statsn(self, statsn: int) -> None:
+        self._expstatsn = (statsn + 1) & 0xFFFFFFFF
+
+    # -- login -------------------------------------------------------------------------------------
+
+    def _queue_login(
+        self, keys: list[tuple[str, str]], *, transit: bool, csg: Stage, nsg: Stage
+    ) -> None:
+        data = encode_text(keys) if keys else b""
+        chunks = [data[i : i + LOGIN_SEGMENT_LIMIT] for i in range(0, len(data), LOGIN_SEGMENT_LIMIT)]
+        self._login_pending = chunks or [b""]
+        self._pending_transit, self._pending_csg, self._pending_nsg = transit, csg, nsg
+        self._send_login_chunk()
+
+    def _send_login_chunk(self) -> None:
+        data = self._login_pending.pop(0)
+        more = bool(self._login_pending)
+        transit = self._pending_transit and not more
+        self._send(
+            LoginRequest(
+                transit=transit,
+                cont=more,
+                csg=self._pending_csg,
+                nsg=self._pending_nsg if transit else Stage.SECURITY_NEGOTIATION,
+                isid=self.config.isid,
+                tsih=self._tsih,
+                itt=self._itt,
+                cmdsn=self._cmdsn,
+                expstatsn=self._expstatsn,
+                data=data,
+            )
+        )
+
+    def _on_login_response(self, pdu: LoginResponse) -> None:
+        self._check_itt(pdu.itt, "Login Response")
+        self._login_rounds += 1
+        if self._login_rounds > MAX_LOGIN_ROUNDS:
+            raise ProtocolError(f"login did not finish within {MAX_LOGIN_ROUNDS} round trips")
+        self._advance_statsn(pdu.statsn)
+        if pdu.status_class is not StatusClass.SUCCESS:
+            # Checked before the ISID: tgt zeroes the ISID in its error responses.
+            self._on_login_status(pdu)
+            return
+        if pdu.isid != self.config.isid:
+            raise ProtocolError(
+                f"Login Response carries ISID 0x{pdu.isid.to_bytes().hex()}, "
+                f"ours is 0x{self.config.isid.to_bytes().hex()}"
+            )
+        if pdu.version_active != 0:
+            raise ProtocolError(f"target chose unsupported iSCSI version {pdu.version_active}")
+        if pdu.csg is not self._pending_csg:
+            raise ProtocolError(
+                f"Login Response is for stage {pdu.csg.name}, we are in {self._pending_csg.name}"
+            )
+        if self._login_pending:
+            # We sent C=1; the target acknowledges with an empty response before we go on.
+            if pdu.transit or pdu.cont:
+                raise ProtocolError("target answered a continued Login Request with T or C set")
+            self._send_login_chunk()
+            return
+        text = self._login_in.feed(pdu.data, more=pdu.cont)
+        if text is None:
+            # The target's answer continues (C=1): ask for the rest with an empty request,
+            # T=0, without forgetting the transition we asked for.
+            self._send(
+                LoginRequest(
+                    transit=False,
+                    cont=False,
+                    csg=self._pending_csg,
+                    nsg=Stage.SECURITY_NEGOTIATION,
+                    isid=self.config.isid,
+                    tsih=self._tsih,
+                    itt=self._itt,
+                    cmdsn=self._cmdsn,
+                    expstatsn=self._expstatsn,
+                )
+            )
+            return
+        keys = decode_keys(text)
+        if "TargetPortalGroupTag" in keys and self._tpgt is None:
+            self._tpgt = _parse_tpgt(keys["TargetPortalGroupTag"])
+        if pdu.transit:
+            if not self._pending_transit:
+                raise ProtocolError("target set T in answer to a Login Request without T")
+            # The target may stop short of the stage we asked for, never go past it or back.
+            if not pdu.csg < pdu.nsg <= self._pending_nsg:
+                raise ProtocolError(
+                    f"target moved to stage {pdu.nsg.name}, we asked for {self._pending_nsg.name}"
+                )
+        if self.state is State.SECURITY_NEGOTIATION:
+            self._security_round(pdu, keys)
+        else:
+            self._operational_round(pdu, keys)
+
+    def _on_login_status(self, pdu: LoginResponse) -> None:
+        self.state = State.DONE
+        if pdu.status_class is StatusClass.REDIRECTION:
+            keys = decode_keys(pdu.data)
+            address = keys.get("TargetAddress")
+            if not address:
+                raise ProtocolError("redirect (status class 1) without a TargetAddress")
+            try:
+                portal = Portal.parse(address)
+            except InvalidPortal as exc:
+                raise ProtocolError(f"redirect to an invalid TargetAddress {address!r}") from exc
+            permanent = pdu.status_detail == LoginStatus.TARGET_MOVED_PERMANENTLY & 0xFF
+            self._events.append(LoginRedirected(address=portal, permanent=permanent))
+            return
+        self._events.append(
+            LoginRejected(
+                status_class=pdu.status_class, status_detail=pdu.status_detail, status=pdu.status
+            )
+        )
+
+    def _security_round(self, pdu: LoginResponse, keys: dict[str, str]) -> None:
+        chap = self._chap
+        if chap is None:
+            method = keys.get("AuthMethod", "None")
+            if method != "None":
+                raise ProtocolError(f"target chose AuthMethod={method} but we offered only None")
+            if not pdu.transit:
+                # Target wants more security negotiation we cannot give: keep asking to move on.
+                self._queue_login([], transit=True, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION)
+                return
+            self._enter_operational(pdu)
+            return
+        if self._chap_step == 0:
+            chap.check_auth_method(keys.get("AuthMethod", "None"))
+            if pdu.transit:
+                raise AuthenticationError("target tried to end security negotiation without CHAP")
+            self._auth_method = "CHAP"
+            self._chap_step = 1
+            self._queue_login(chap.offer(), transit=False, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.SECURITY_NEGOTIATION)
+        elif self._chap_step == 1:
+            if pdu.transit:
+                raise AuthenticationError("target tried to end security negotiation before CHAP")
+            answer = chap.answer_challenge(keys)
+            self._chap_step = 2
+            self._queue_login(
+                answer, transit=True, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION
+            )
+        else:
+            if chap.mutual:
+                chap.verify_target(keys)
+            if not pdu.transit:
+                raise ProtocolError("target accepted CHAP but did not let the login move on")
+            self._chap_step = 3
+            self._enter_operational(pdu)
+
+    def _enter_operational(self, pdu: LoginResponse) -> None:
+        if pdu.nsg is Stage.FULL_FEATURE_PHASE:
+            # The target skipped operational negotiation: every key keeps its default.
+            self._finish_login(pdu)
+            return
+        self.state = State.OPERATIONAL_NEGOTIATION
+        self._queue_login(
+            self._negotiator.offer(),
+            transit=True,
+            csg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+            nsg=Stage.FULL_FEATURE_PHASE,
+        )
+
+    def _operational_round(self, pdu: LoginResponse, keys: dict[str, str]) -> None:
+        answers = self._negotiator.receive(
+            keys.items()
+        )
+        if pdu.transit and pdu.nsg is Stage.FULL_FEATURE_PHASE:
+            if answers:
+                # The target ended the login with offers of its own still open. They keep
+                # their defaults; refusing a working portal over this would help nobody.
+                logger.debug(
+                    "target ended login with unanswered keys: %s", ", ".join(k for k, _ in answers)
+                )
+            self._finish_login(pdu)
+            return
+        self._queue_login(
+            answers,
+            transit=True,
+            csg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+            nsg=Stage.FULL_FEATURE_PHASE,
+        )
+
+    def _finish_login(self, pdu: LoginResponse) -> None:
+        if pdu.tsih == 0:
+            raise ProtocolError("final Login Response of a new session carries TSIH 0")
+        self._tsih = pdu.tsih
+        self._parameters = self._negotiator.result()
+        if self._parameters.target_portal_group_tag is None and self._tpgt is not None:
+            # TargetPortalGroupTag arrives in the security stage, before the negotiator runs.
+            self._parameters = replace(self._parameters, target_portal_group_tag=self._tpgt)
+        self.state = State.FULL_FEATURE
+        # The first full-feature command reuses the login's CmdSN (RFC 7143 section 4.2).
+        digests = self._parameters
+        self._buffer.max_data_segment_length = digests.max_recv_data_segment_length
+        self._buffer.header_digest = digests.header_digest is Digest.CRC32C
+        self._buffer.data_digest = digests.data_digest is Digest.CRC32C
+        self._events.append(
+            LoginSucceeded(
+                parameters=self._parameters,
+                tsih=self._tsih,
+                target_portal_group_tag=self._tpgt,
+                auth_method=self._auth_method,
+            )
+        )
+
+    # -- full feature phase --------------------------------------------------------------------
+
+    def _on_text_response(self, pdu: TextResponse) -> None:
+        self._check_itt(pdu.itt, "Text Response")
+        self._advance_statsn(pdu.statsn)
+        self._text_rounds += 1
+        if self._text_rounds > MAX_TEXT_ROUNDS:
+            raise ProtocolError(f"SendTargets answer did not end within {MAX_TEXT_ROUNDS} PDUs")
+        # tgt sets F=0 with a TTT but not C; open-iscsi also ends on a reserved TTT.
+        more = not pdu.final and pdu.ttt != RESERVED_TAG
+        if pdu.final and pdu.cont:
+            raise ProtocolError("Text Response with both F and C set")
+        text = self._text_in.feed(pdu.data, more=more)
+        if text is None:
+            self._send(
+                TextRequest(
+                    final=True,
+                    cont=False,
+                    itt=self._itt,
+                    ttt=pdu.ttt,
+                    cmdsn=self._cmdsn,
+                    expstatsn=self._expstatsn,
+                )
+            )
+            self._cmdsn += 1
+            return
+        self.state = State.FULL_FEATURE
+        targets = parse_send_targets(decode_text(text))
+        self._events.append(TargetsDiscovered(targets=tuple(targets)))
+
+    def _on_logout_response(self, pdu: LogoutResponse) -> None:
+        self._check_itt(pdu.itt, "Logout Response")
+        self._advance_statsn(pdu.statsn)
+        self.state = State.DONE
+        self._events.append(LoggedOut(response=pdu.response))
+
+    def _on_nop_in(self, pdu: NopIn) -> None:
+        # An unsolicited NOP-In does not advance StatSN (RFC 7143 section 11.19).
+        if pdu.ttt != RESERVED_TAG:
+            # A ping from the target: echo its TTT (and its data) back.
+            self._send(
+                NopOut(
+                    itt=RESERVED_TAG,
+                    ttt=pdu.ttt,
+                    lun=pdu.lun,
+                    cmdsn=self._cmdsn,
+                    expstatsn=self._expstatsn,
+                    immediate=True,
+                    data=pdu.data,
+                )
+            )
+
+
+def _parse_tpgt(value: str) -> int:
+    if not value.isdigit() or int(value) > 0xFFFF:
+        raise ProtocolError(f"target sent TargetPortalGroupTag={value!r}, not 0..65535")
+    return int(value)

@@ -1,0 +1,622 @@
+"""Hand a chosen portal and target over to open-iscsi: ``iscsiadm`` node records, login, logout.
+
+Once the prober has picked a working portal, the kernel initiator does the real work. This module
+turns a :class:`NodeTarget` into the exact ``iscsiadm`` commands (pure builders, golden-tested),
+runs them (:class:`Iscsiadm`, the only IO part, below the builders) and waits for the disk to show
+up under ``/dev/disk/by-path``.
+
+Facts this module relies on, checked against open-iscsi 2.1.8 (Debian 12) and its sources:
+
+* Exit codes are open-iscsi's ``include/iscsi_err.h`` (0..31) plus 32
+  (``ISCSI_ERR_SESSION_NOT_CONNECTED``) from the 2.1.8 ``iscsiadm(8)`` page; see
+  :class:`IscsiadmExit`. A missing record or session is 21 (``ISCSI_ERR_NO_OBJS_FOUND``), a
+  login to an already logged-in node is 15 (``ISCSI_ERR_SESS_EXISTS``).
+* Node-record operations (``-o new/update/delete`` and showing a record) work without iscsid;
+  ``--login``/``--logout`` need it. ``-o new`` on an existing record *resets* it to the defaults
+  of ``iscsid.conf``, so a record we did not create is updated in place instead.
+* The record file is line based and iscsiadm strips blanks around values and truncates them at
+  255 bytes, so values with control characters, edge blanks or more than 255 bytes are refused
+  here rather than silently changed (a newline would even inject another record line).
+* ``-p`` takes ``host:port[,tpgt]`` with IPv6 in brackets; the record stores the bare address.
+  udev's ``path_id`` names the disk ``ip-ADDR:PORT-iscsi-IQN-lun-N`` from the connection's
+  ``persistent_address``, which iscsid copies from the record: so IPv6 appears *unbracketed*
+  (``ip-fd00::1:3260-...``) and a host name appears as given.
+
+Known open-iscsi limit: iscsiadm takes the CHAP password on its command line, so while the
+``-o update`` runs it is visible in ``/proc/PID/cmdline`` to root and to our own user. We mask it
+in every command, log line, result and error we produce; the record file under
+``/etc/iscsi/nodes`` (root only) holds it in clear, as open-iscsi always does.
+
+The builders are pure; the runner and :func:`attach`/:func:`detach` use trio and subprocesses.
+This module never imports socket or construct, and the runner never uses ``check=True``:
+``CalledProcessError`` would carry the unmasked argv.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
+from pyiscsi_failover.errors import ConnectionInfoError, DeviceTimeout, IscsiadmError
+from pyiscsi_failover.names import Portal, validate_iscsi_name
+
+__all__ = [
+    "AttachResult",
+    "Command",
+    "DEVICE_POLL_INTERVAL",
+    "Iscsiadm",
+    "IscsiadmExit",
+    "NodeTarget",
+    "Result",
+    "attach",
+    "by_path_name",
+    "detach",
+    "dry_run_plan",
+    "exit_meaning",
+    "handoff_plan",
+    "node_delete",
+    "node_login",
+    "node_logout",
+    "node_new",
+    "node_show",
+    "node_update",
+    "portal_argument",
+    "session_list",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between checks for the disk's by-path link (we wait on the kernel and udev).
+DEVICE_POLL_INTERVAL: Final = 0.05
+#: iscsiadm truncates record values longer than this many bytes (seen with open-iscsi 2.1.8).
+_MAX_VALUE_BYTES: Final = 255
+_PARAM_NAME = re.compile(r"[A-Za-z0-9_]+(?:\[[0-9]+\])?(?:\.[A-Za-z0-9_]+(?:\[[0-9]+\])?)*")
+
+
+# --------------------------------------------------------------------------------------------
+# Exit codes
+# --------------------------------------------------------------------------------------------
+
+
+class IscsiadmExit(IntEnum):
+    """iscsiadm's exit status: member ``X`` is open-iscsi's ``ISCSI_ERR_X``.
+
+    Source: ``include/iscsi_err.h`` in open-iscsi/open-iscsi (0..31) and the ``EXIT STATUS``
+    section of ``iscsiadm(8)`` from open-iscsi 2.1.8 (adds 32). ``SUCCESS`` is
+    ``ISCSI_SUCCESS`` and ``GENERIC`` is the bare ``ISCSI_ERR``.
+    """
+
+    SUCCESS = 0
+    GENERIC = 1
+    SESS_NOT_FOUND = 2
+    NOMEM = 3
+    TRANS = 4
+    LOGIN = 5
+    IDBM = 6
+    INVAL = 7
+    TRANS_TIMEOUT = 8
+    INTERNAL = 9
+    LOGOUT = 10
+    PDU_TIMEOUT = 11
+    TRANS_NOT_FOUND = 12
+    ACCESS = 13
+    TRANS_CAPS = 14
+    SESS_EXISTS = 15
+    INVALID_MGMT_REQ = 16
+    ISNS_UNAVAILABLE = 17
+    ISCSID_COMM_ERR = 18
+    FATAL_LOGIN = 19
+    ISCSID_NOTCONN = 20
+    NO_OBJS_FOUND = 21
+    SYSFS_LOOKUP = 22
+    HOST_NOT_FOUND = 23
+    LOGIN_AUTH_FAILED = 24
+    ISNS_QUERY = 25
+    ISNS_REG_FAILED = 26
+    OP_NOT_SUPP = 27
+    BUSY = 28
+    AGAIN = 29
+    UNKNOWN_DISCOVERY_TYPE = 30
+    CHILD_TERMINATED = 31
+    SESSION_NOT_CONNECTED = 32
+
+    @property
+    def meaning(self) -> str:
+        return _MEANINGS[self]
+
+
+_MEANINGS: Final[dict[IscsiadmExit, str]] = {
+    IscsiadmExit.SUCCESS: "success",
+    IscsiadmExit.GENERIC: "generic iscsiadm error",
+    IscsiadmExit.SESS_NOT_FOUND: "session not found",
+    IscsiadmExit.NOMEM: "out of memory or resources",
+    IscsiadmExit.TRANS: "transport (connection) error",
+    IscsiadmExit.LOGIN: "iSCSI login failed",
+    IscsiadmExit.IDBM: "cannot read or write the iSCSI node database",
+    IscsiadmExit.INVAL: "invalid argument",
+    IscsiadmExit.TRANS_TIMEOUT: "connection timed out",
+    IscsiadmExit.INTERNAL: "internal iscsid or kernel failure",
+    IscsiadmExit.LOGOUT: "iSCSI logout failed",
+    IscsiadmExit.PDU_TIMEOUT: "iSCSI PDU timed out",
+    IscsiadmExit.TRANS_NOT_FOUND: "iSCSI transport module not loaded in the kernel or iscsid",
+    IscsiadmExit.ACCESS: "permission denied (iscsiadm usually needs root)",
+    IscsiadmExit.TRANS_CAPS: "the transport does not support this operation",
+    IscsiadmExit.SESS_EXISTS: "a session is already logged in",
+    IscsiadmExit.INVALID_MGMT_REQ: "invalid management request to iscsid",
+    IscsiadmExit.ISNS_UNAVAILABLE: "iSNS service not supported",
+    IscsiadmExit.ISCSID_COMM_ERR: "reading from or writing to iscsid failed",
+    IscsiadmExit.FATAL_LOGIN: "fatal iSCSI login error (the target refused the login)",
+    IscsiadmExit.ISCSID_NOTCONN: "cannot connect to iscsid (is it running?)",
+    IscsiadmExit.NO_OBJS_FOUND: "no matching records, targets, sessions or portals",
+    IscsiadmExit.SYSFS_LOOKUP: "object not found in sysfs",
+    IscsiadmExit.HOST_NOT_FOUND: "SCSI host not found",
+    IscsiadmExit.LOGIN_AUTH_FAILED: "iSCSI login failed: authentication (CHAP) failure",
+    IscsiadmExit.ISNS_QUERY: "iSNS query failed",
+    IscsiadmExit.ISNS_REG_FAILED: "iSNS registration or deregistration failed",
+    IscsiadmExit.OP_NOT_SUPP: "operation not supported",
+    IscsiadmExit.BUSY: "device or resource busy",
+    IscsiadmExit.AGAIN: "operation failed; retrying later may succeed",
+    IscsiadmExit.UNKNOWN_DISCOVERY_TYPE: "unknown discovery type",
+    IscsiadmExit.CHILD_TERMINATED: "child process terminated",
+    IscsiadmExit.SESSION_NOT_CONNECTED: "session likely not connected",
+}
+
+
+def exit_meaning(code: int | None) -> str:
+    """A human description of an iscsiadm exit status (``None``: it never finished)."""
+    if code is None:
+        return "iscsiadm did not finish"
+    if code < 0:
+        return f"iscsiadm was killed by signal {-code}"
+    try:
+        status = IscsiadmExit(code)
+    except ValueError:
+        return f"unknown iscsiadm exit status {code}"
+    return f"{status.meaning} ({status.name})"
+
+
+# --------------------------------------------------------------------------------------------
+# The target and the pure argv builders
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeTarget:
+    """What to hand to open-iscsi: one portal, one target, one LUN and its credentials.
+
+    ``lun`` is the Linux SCSI LUN number (what Cinder calls ``target_lun``; 0..2**32-1).
+    ``tpgt`` defaults to ``portal.tpgt``; giving both with different values is an error.
+    ``chap`` is our CHAP identity; ``target_chap`` the target's, for mutual CHAP
+    (``node.session.auth.username_in``/``password_in``) and only together with ``chap``.
+    """
+
+    portal: Portal
+    iqn: str
+    lun: int
+    tpgt: int | None = None
+    chap: ChapCredentials | None = None
+    target_chap: ChapCredentials | None = None
+
+    def __post_init__(self) -> None:
+        portal: object = self.portal
+        if not isinstance(portal, Portal):
+            raise ConnectionInfoError(
+                f"portal must be a Portal, not {type(portal).__name__}", key="portal"
+            )
+        object.__setattr__(self, "iqn", validate_iscsi_name(self.iqn))
+        lun: object = self.lun
+        if isinstance(lun, bool) or not isinstance(lun, int) or not 0 <= lun <= 0xFFFFFFFF:
+            raise ConnectionInfoError(f"lun {lun!r} is not an integer 0..4294967295", key="lun")
+        tpgt: object = self.tpgt
+        if tpgt is not None and (
+            isinstance(tpgt, bool) or not isinstance(tpgt, int) or not 0 <= tpgt <= 65535
+        ):
+            raise ConnectionInfoError(f"tpgt {tpgt!r} is not None or 0..65535", key="tpgt")
+        if tpgt is None:
+            object.__setattr__(self, "tpgt", portal.tpgt)
+        elif portal.tpgt is not None and portal.tpgt != tpgt:
+            raise ConnectionInfoError(
+                f"tpgt {tpgt} disagrees with the portal's tpgt {portal.tpgt}", key="tpgt"
+            )
+        for key in ("chap", "target_chap"):
+            creds: object = getattr(self, key)
+            if creds is not None and not isinstance(creds, ChapCredentials):
+                raise ConnectionInfoError(
+                    f"{key} must be ChapCredentials or None, not {type(creds).__name__}", key=key
+                )
+        if self.target_chap is not None and self.chap is None:
+            raise ConnectionInfoError(
+                "target_chap (mutual CHAP) needs chap as well", key="target_chap"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Command:
+    """One iscsiadm invocation. Secrets stay wrapped until :attr:`argv` is asked for.
+
+    ``repr``/``str``/:meth:`masked` show every secret as ``***``; only :attr:`argv`, for running
+    the command, reveals them.
+    """
+
+    parts: tuple[str | Secret, ...]
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return tuple(p.reveal_str() if isinstance(p, Secret) else p for p in self.parts)
+
+    @property
+    def secrets(self) -> tuple[Secret, ...]:
+        return tuple(p for p in self.parts if isinstance(p, Secret))
+
+    def masked(self) -> str:
+        """The command line, shell-quoted, with each secret shown as a bare ``***``."""
+        return " ".join(MASK if isinstance(p, Secret) else shlex.quote(p) for p in self.parts)
+
+    def __repr__(self) -> str:
+        return f"Command({self.masked()!r})"
+
+    def __str__(self) -> str:
+        return self.masked()
+
+
+def portal_argument(t: NodeTarget) -> str:
+    """iscsiadm's ``-p`` value: ``host:port[,tpgt]``, IPv6 in brackets."""
+    return f"{t.portal}" if t.tpgt is None else f"{t.portal},{t.tpgt}"
+
+
+def _node(t: NodeTarget, *rest: str | Secret) -> Command:
+    return Command(parts=("iscsiadm", "-m", "node", "-T", t.iqn, "-p", portal_argument(t), *rest))
+
+
+def node_new(t: NodeTarget) -> Command:
+    """Create the node record (``-o new``); on an existing record this resets it."""
+    return _node(t, "-o", "new")
+
+
+def node_show(t: NodeTarget) -> Command:
+    """Print the node record; exit 21 (``NO_OBJS_FOUND``) when there is none."""
+    return _node(t)
+
+
+def _check_value(name: str, raw: bytes) -> None:
+    """Refuse values the line-based record file would silently change or be injected by."""
+    if any(b < 0x20 or b == 0x7F for b in raw):
+        raise ConnectionInfoError(
+            f"the value for {name} contains a control character (newline, tab, NUL...)", key=name
+        )
+    if raw != raw.strip(b" "):
+        raise ConnectionInfoError(
+            f"the value for {name} starts or ends with a space, which iscsiadm would strip",
+            key=name,
+        )
+    if len(raw) > _MAX_VALUE_BYTES:
+        raise ConnectionInfoError(
+            f"the value for {name} is {len(raw)} bytes; iscsiadm keeps only {_MAX_VALUE_BYTES}",
+            key=name,
+        )
+
+
+def node_update(t: NodeTarget, name: str, value: str | Secret) -> Command:
+    """Set one record field (``-o update -n NAME -v VALUE``); a :class:`Secret` stays masked."""
+    if not isinstance(name, str) or not _PARAM_NAME.fullmatch(name):
+        raise ConnectionInfoError(f"{name!r} is not an iscsiadm parameter name", key="name")
+    if isinstance(value, Secret):
+        if not len(value):
+            raise ConnectionInfoError(f"the secret for {name} is empty", key=name)
+        _check_value(name, value.reveal())
+    elif isinstance(value, str):
+        _check_value(name, value.encode("utf-8", errors="surrogateescape"))
+    else:
+        raise ConnectionInfoError(
+            f"the value for {name} must be a str or Secret, not {type(value).__name__}", key=name
+        )
+    return _node(t, "-o", "update", "-n", name, "-v", value)
+
+
+def node_login(t: NodeTarget) -> Command:
+    return _node(t, "--login")
+
+
+def node_logout(t: NodeTarget) -> Command:
+    return _node(t, "--logout")
+
+
+def node_delete(t: NodeTarget) -> Command:
+    return _node(t, "-o", "delete")
+
+
+def session_list() -> Command:
+    """List the active sessions; exit 21 when there are none."""
+    return Command(parts=("iscsiadm", "-m", "session"))
+
+
+def _auth_updates(t: NodeTarget) -> list[Command]:
+    # authmethod is always set, so iscsid.conf's defaults cannot add or drop CHAP behind our back.
+    if t.chap is None:
+        return [node_update(t, "node.session.auth.authmethod", "None")]
+    commands = [node_update(t, "node.session.auth.authmethod", "CHAP")]
+    pairs = [("", t.chap)]
+    if t.target_chap is not None:
+        pairs.append(("_in", t.target_chap))
+    for suffix, creds in pairs:
+        if not creds.username:
+            raise ConnectionInfoError(
+                f"the CHAP username for node.session.auth.username{suffix} is empty",
+                key=f"node.session.auth.username{suffix}",
+            )
+        commands.append(node_update(t, f"node.session.auth.username{suffix}", creds.username))
+        commands.append(node_update(t, f"node.session.auth.password{suffix}", creds.secret))
+    return commands
+
+
+def _setup_plan(t: NodeTarget, *, create: bool) -> list[Command]:
+    first = [node_new(t)] if create else []
+    return [*first, node_update(t, "node.startup", "manual"), *_auth_updates(t)]
+
+
+def handoff_plan(t: NodeTarget, *, create: bool = True) -> list[Command]:
+    """The commands that hand ``t`` to open-iscsi, in order, ending with the login.
+
+    ``create=False`` leaves out ``-o new``, for a record that already exists (``-o new`` would
+    reset it). ``node.startup`` is set to ``manual``: failover, not boot, decides what to log in.
+    """
+    return [*_setup_plan(t, create=create), node_login(t)]
+
+
+def dry_run_plan(t: NodeTarget) -> list[str]:
+    """What ``attach --dry-run`` prints: the plan for a new record, secrets masked."""
+    return [command.masked() for command in handoff_plan(t)]
+
+
+def _lun_component(lun: int) -> str:
+    # udev path_id's format_lun_number(): small LUNs in decimal, others in the 8-byte SAM form.
+    if lun < 256:
+        return f"lun-{lun}"
+    return f"lun-0x{lun & 0xFFFF:04x}{(lun >> 16) & 0xFFFF:04x}00000000"
+
+
+def by_path_name(t: NodeTarget) -> str:
+    """The ``/dev/disk/by-path`` entry udev creates for the disk (IPv6 unbracketed).
+
+    A host name portal appears as written, because iscsid hands the record's address to the
+    kernel as the persistent address.
+    """
+    return f"ip-{t.portal.host}:{t.portal.port}-iscsi-{t.iqn}-{_lun_component(t.lun)}"
+
+
+# --------------------------------------------------------------------------------------------
+# IO: running iscsiadm (everything below uses trio and subprocesses)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """A finished iscsiadm run: masked command, exit status and masked output."""
+
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def status(self) -> IscsiadmExit | None:
+        """The exit status as :class:`IscsiadmExit`, or ``None`` when it is not one."""
+        try:
+            return IscsiadmExit(self.exit_code)
+        except ValueError:
+            return None
+
+    @property
+    def last_stderr_line(self) -> str:
+        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    def error(self) -> IscsiadmError:
+        """The error describing this run: meaning, masked command and last stderr line."""
+        message = f"{exit_meaning(self.exit_code)} [exit {self.exit_code}]: {self.command}"
+        if self.last_stderr_line:
+            message += f": {self.last_stderr_line}"
+        return IscsiadmError(message, exit_code=self.exit_code, command=self.command)
+
+
+def _mask_output(data: bytes, secrets: Sequence[Secret]) -> str:
+    # Masked on bytes, before decoding, so a secret that is not valid UTF-8 still matches.
+    for secret in sorted(secrets, key=len, reverse=True):
+        data = data.replace(secret.reveal(), MASK.encode())
+    return data.decode("utf-8", errors="replace")
+
+
+class Iscsiadm:
+    """Runs :class:`Command` objects with one iscsiadm binary.
+
+    ``timeout`` bounds each command (a hung iscsiadm is killed and reported with
+    ``exit_code=None``); ``env`` replaces the environment when given. Every command is logged at
+    INFO in its masked form only.
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: str | os.PathLike[str] = "iscsiadm",
+        timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.binary = os.fspath(binary)
+        self.timeout = timeout
+        self.env = env
+
+    def __repr__(self) -> str:
+        return f"Iscsiadm(binary={self.binary!r}, timeout={self.timeout!r})"
+
+    async def run(self, cmd: Command) -> Result:
+        """Run ``cmd`` to completion and return its result whatever its exit status.
+
+        Raises :class:`IscsiadmError` (``exit_code=None``) only when iscsiadm cannot be started
+        or does not finish within the timeout.
+        """
+        masked = cmd.masked()
+        logger.info("running %s", masked)
+        argv = [self.binary, *cmd.argv[1:]]
+        try:
+            with trio.fail_after(self.timeout):
+                done: subprocess.CompletedProcess[bytes] = await trio.run_process(
+                    argv, capture_stdout=True, capture_stderr=True, check=False, env=self.env
+                )
+        except trio.TooSlowError:
+            raise IscsiadmError(
+                f"iscsiadm did not finish within {self.timeout:g} s and was killed: {masked}",
+                exit_code=None,
+                command=masked,
+            ) from None
+        except OSError as exc:
+            # No chaining: the OSError is harmless, but nothing here needs to travel with argv.
+            raise IscsiadmError(
+                f"cannot run {self.binary!r}: {exc.strerror or type(exc).__name__}: {masked}",
+                exit_code=None,
+                command=masked,
+            ) from None
+        secrets = cmd.secrets
+        result = Result(
+            command=masked,
+            exit_code=done.returncode,
+            stdout=_mask_output(done.stdout, secrets),
+            stderr=_mask_output(done.stderr, secrets),
+        )
+        logger.debug(
+            "iscsiadm exit %d (%s)%s",
+            result.exit_code,
+            exit_meaning(result.exit_code),
+            f": {result.last_stderr_line}" if result.last_stderr_line else "",
+        )
+        return result
+
+    async def check(self, cmd: Command, *, ok: Iterable[int] = (IscsiadmExit.SUCCESS,)) -> Result:
+        """Run ``cmd``; raise its :class:`IscsiadmError` unless the exit status is in ``ok``."""
+        result = await self.run(cmd)
+        if result.exit_code not in set(ok):
+            raise result.error()
+        return result
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttachResult:
+    """A successful hand-off.
+
+    ``created_record`` says whether the node record is ours; ``session_existed`` whether the
+    login found a session already there (exit 15); ``commands`` are the masked commands run.
+    """
+
+    device: Path
+    created_record: bool
+    session_existed: bool
+    commands: tuple[str, ...] = field(default=())
+
+
+async def _wait_for_device(path: Path, *, seconds: float) -> None:
+    """Return once ``path`` exists; :class:`DeviceTimeout` after ``seconds``."""
+    with trio.move_on_after(seconds) as waiting:
+        # Polling is deliberate: the kernel and udev give us nothing to await. A stat on
+        # devtmpfs does not block in practice, so it runs in the event loop, not in a thread.
+        while not path.exists():  # noqa: ASYNC110, ASYNC240
+            await trio.sleep(DEVICE_POLL_INTERVAL)
+    if waiting.cancelled_caught:
+        raise DeviceTimeout(
+            f"logged in, but {path} did not appear within {seconds:g} s", path=str(path)
+        )
+
+
+async def _undo(
+    t: NodeTarget, iscsiadm: Iscsiadm, *, logout: bool, delete: bool, ran: list[str]
+) -> None:
+    """Best-effort cleanup after a failed attach; failures are logged, never raised."""
+    steps = ([node_logout(t)] if logout else []) + ([node_delete(t)] if delete else [])
+    with trio.CancelScope(shield=True):
+        for cmd in steps:
+            try:
+                result = await iscsiadm.run(cmd)
+            except IscsiadmError as exc:
+                logger.warning("cleanup failed: %s", exc)
+                continue
+            ran.append(result.command)
+            if result.exit_code not in (IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND):
+                logger.warning("cleanup failed: %s", result.error())
+
+
+async def attach(
+    t: NodeTarget,
+    *,
+    iscsiadm: Iscsiadm,
+    device_timeout: float = 20.0,
+    dev_root: Path = Path("/dev/disk/by-path"),
+) -> AttachResult:
+    """Create or update the node record, log in, and wait for the disk to appear.
+
+    A login that finds the session already there (exit 15) counts as success. On any failure
+    (or cancellation) we undo only what we did: log out a session we logged in, delete a record
+    we created. A record that existed before is left in place (with our settings applied).
+    Raises :class:`IscsiadmError` or, when the disk does not appear, :class:`DeviceTimeout`.
+    """
+    ran: list[str] = []
+    shown = await iscsiadm.run(node_show(t))
+    ran.append(shown.command)
+    if shown.exit_code == IscsiadmExit.SUCCESS:
+        created = False
+    elif shown.exit_code == IscsiadmExit.NO_OBJS_FOUND:
+        created = True
+    else:
+        raise shown.error()
+    # Set from the moment we send --login: a login that failed late or was killed by our
+    # timeout may still leave a session behind, and logging out of none is harmless (exit 21).
+    may_have_session = False
+    try:
+        for cmd in _setup_plan(t, create=created):
+            ran.append((await iscsiadm.check(cmd)).command)
+        may_have_session = True
+        login = await iscsiadm.check(
+            node_login(t), ok=(IscsiadmExit.SUCCESS, IscsiadmExit.SESS_EXISTS)
+        )
+        ran.append(login.command)
+        session_existed = login.exit_code == IscsiadmExit.SESS_EXISTS
+        # Never log out of a session someone else made.
+        may_have_session = not session_existed
+        device = Path(dev_root) / by_path_name(t)
+        await _wait_for_device(device, seconds=device_timeout)
+    except BaseException:
+        await _undo(t, iscsiadm, logout=may_have_session, delete=created, ran=ran)
+        raise
+    logger.info("attached %s at %s as %s", t.iqn, portal_argument(t), device)
+    return AttachResult(
+        device=device, created_record=created, session_existed=session_existed, commands=tuple(ran)
+    )
+
+
+async def detach(t: NodeTarget, *, iscsiadm: Iscsiadm, delete_record: bool = True) -> list[str]:
+    """Log out of ``t`` and, if asked, delete its node record; return the masked commands run.
+
+    Both steps are idempotent: no session (exit 21, or 2) and no record (exit 21) are fine.
+    """
+    ran = [
+        (
+            await iscsiadm.check(
+                node_logout(t),
+                ok=(IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND, IscsiadmExit.SESS_NOT_FOUND),
+            )
+        ).command
+    ]
+    if delete_record:
+        deleted = await iscsiadm.check(
+            node_delete(t), ok=(IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND)
+        )
+        ran.append(deleted.command)
+    return ran

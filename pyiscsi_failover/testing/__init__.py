@@ -1,0 +1,123 @@
+"""A scriptable userspace iSCSI test target, for multi-portal tests without a storage array.
+
+It speaks enough of RFC 7143 for login (no auth, one-way or mutual CHAP), discovery
+(SendTargets) and logout, and can misbehave on purpose, per portal or per target: refuse or
+blackhole connections, stay silent, reset, stall, redirect, send garbage, weaken CHAP... (see
+:mod:`~pyiscsi_failover.testing.faults`). It speaks no SCSI.
+
+::
+
+    config = TargetConfig(
+        portals=(
+            PortalConfig(host="127.0.0.1", port=0, faults=(Blackhole(),)),
+            PortalConfig(host="127.0.0.2", port=0),
+        ),
+        targets=(TargetSpec(name="iqn.2024-01.com.example:disk"),),
+    )
+    async with serve_target(config) as running:
+        ...  # connect an initiator to running.portals
+        await running.wait_idle()
+        assert not running.lingering_sessions
+
+Layers: :mod:`.faults` (pure data), :mod:`.target` (the sans-IO state machine and the
+configuration), :mod:`.server` (trio) and ``python -m pyiscsi_failover.testing`` (a process).
+Importing this package imports no I/O module: the trio server is loaded the first time one of
+its names (``serve_target``, ``RunningTarget``, ``ConnectionRecord``, ``LoginRecord``) is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pyiscsi_failover.testing.faults import (
+    Blackhole,
+    DelayPDUs,
+    DowngradeToNone,
+    Fault,
+    FaultKind,
+    FaultLayer,
+    GarbageKeyValues,
+    MalformedPDU,
+    NonUTF8Text,
+    OversizedPDU,
+    Redirect,
+    RedirectLoop,
+    ReflectChallenge,
+    Refuse,
+    ResetMidLogin,
+    ServiceUnavailable,
+    Silent,
+    SlowDrip,
+    SplitStyle,
+    SplitText,
+    WrongChapResponse,
+    WrongITT,
+    WrongOpcode,
+    format_fault,
+    parse_fault,
+)
+from pyiscsi_failover.testing.target import (
+    ChapSettings,
+    ConnectionState,
+    PortalConfig,
+    TargetConfig,
+    TargetConnection,
+    TargetSpec,
+)
+
+if TYPE_CHECKING:
+    from pyiscsi_failover.testing.server import (
+        ConnectionRecord,
+        LoginRecord,
+        RunningTarget,
+        serve_target,
+    )
+
+__all__ = [
+    "Blackhole",
+    "ChapSettings",
+    "ConnectionRecord",
+    "ConnectionState",
+    "DelayPDUs",
+    "DowngradeToNone",
+    "Fault",
+    "FaultKind",
+    "FaultLayer",
+    "GarbageKeyValues",
+    "LoginRecord",
+    "MalformedPDU",
+    "NonUTF8Text",
+    "OversizedPDU",
+    "PortalConfig",
+    "Redirect",
+    "RedirectLoop",
+    "ReflectChallenge",
+    "Refuse",
+    "ResetMidLogin",
+    "RunningTarget",
+    "ServiceUnavailable",
+    "Silent",
+    "SlowDrip",
+    "SplitStyle",
+    "SplitText",
+    "TargetConfig",
+    "TargetConnection",
+    "TargetSpec",
+    "WrongChapResponse",
+    "WrongITT",
+    "WrongOpcode",
+    "format_fault",
+    "parse_fault",
+    "serve_target",
+]
+
+_SERVER_NAMES = frozenset({"ConnectionRecord", "LoginRecord", "RunningTarget", "serve_target"})
+
+
+def __getattr__(name: str) -> Any:
+    # The server imports trio; load it only when asked for, so the sans-IO parts stay light.
+    if name in _SERVER_NAMES:
+        from pyiscsi_failover.testing import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

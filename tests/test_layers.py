@@ -1,0 +1,112 @@
+"""The architecture, checked: pure and sans-IO modules import no I/O, construct stays in wire.py."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pyiscsi_failover
+
+PACKAGE = Path(pyiscsi_failover.__file__).parent
+
+PURE_AND_SANS_IO = [
+    "pyiscsi_failover.errors",
+    "pyiscsi_failover.credentials",
+    "pyiscsi_failover.names",
+    "pyiscsi_failover.connection_info",
+    "pyiscsi_failover.protocol.pdu",
+    "pyiscsi_failover.protocol.wire",
+    "pyiscsi_failover.protocol.digest",
+    "pyiscsi_failover.protocol.framing",
+    "pyiscsi_failover.protocol.text",
+    "pyiscsi_failover.protocol.negotiation",
+    "pyiscsi_failover.protocol.chap",
+    "pyiscsi_failover.protocol.sendtargets",
+    "pyiscsi_failover.initiator",
+    "pyiscsi_failover.testing.target",
+    "pyiscsi_failover.testing.faults",
+]
+FORBIDDEN = ("trio", "socket", "subprocess", "asyncio", "selectors")
+
+
+@pytest.mark.parametrize("module", PURE_AND_SANS_IO)
+def test_pure_module_imports_no_io(module: str) -> None:
+    code = (
+        "import sys, importlib\n"
+        f"importlib.import_module({module!r})\n"
+        f"bad = sorted(m for m in {FORBIDDEN!r} if m in sys.modules)\n"
+        "print(','.join(bad))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"{module} pulls in {done.stdout.strip()}"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_construct_is_confined_to_wire() -> None:
+    users = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if "construct" in _imports(path)
+    )
+    assert users == ["protocol/wire.py"]
+
+
+def test_every_module_has_a_docstring() -> None:
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) is None
+    ]
+    assert missing == []
+
+
+def _public_modules() -> list[str]:
+    modules = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        parts = rel.parts
+        if parts[-1] in ("__main__",) or any(p.startswith("_") and p != "__init__" for p in parts):
+            continue
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules.append(".".join(parts))
+    return modules
+
+
+@pytest.mark.parametrize("module", _public_modules())
+def test_dunder_all_is_sorted_and_complete(module: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    exported = getattr(mod, "__all__", None)
+    if exported is None:
+        pytest.fail(f"{module} has no __all__")
+    assert list(exported) == sorted(exported, key=str.lower) or list(exported) == sorted(exported)
+    for name in exported:
+        assert hasattr(mod, name), f"{module}.__all__ names missing {name}"
+    # Every public class/function defined in the module is exported.
+    defined = [
+        name
+        for name, value in vars(mod).items()
+        if not name.startswith("_")
+        and getattr(value, "__module__", None) == module
+        and (isinstance(value, type) or callable(value))
+    ]
+    assert sorted(set(defined) - set(exported)) == []

@@ -1,0 +1,693 @@
+"""The PDU codec: round trips, exact bit positions, lenient reserved fields, and totality."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+from strategies import PDU_STRATEGIES, data_segments, login_requests, pdus
+
+from pyiscsi_failover.errors import PDUDecodeError, PDUEncodeError
+from pyiscsi_failover.protocol.digest import crc32c
+from pyiscsi_failover.protocol.pdu import (
+    ISID,
+    PDU,
+    RESERVED_TAG,
+    LoginRequest,
+    LoginResponse,
+    LogoutReason,
+    LogoutRequest,
+    LogoutResponse,
+    LogoutResponseCode,
+    NopIn,
+    NopOut,
+    Opcode,
+    Reject,
+    RejectReason,
+    Stage,
+    StatusClass,
+    TextRequest,
+    TextResponse,
+)
+from pyiscsi_failover.protocol.wire import (
+    BHS_LENGTH,
+    MAX_DATA_SEGMENT_LENGTH,
+    decode_pdu,
+    encode_pdu,
+    pdu_length,
+)
+
+OPEN_ISCSI_ISID = ISID(t=0, a=0, b=0x023D, c=0x01, d=0x0002)
+
+
+def login_request(**changes: Any) -> LoginRequest:
+    pdu = LoginRequest(
+        transit=True,
+        cont=False,
+        csg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+        nsg=Stage.FULL_FEATURE_PHASE,
+        isid=OPEN_ISCSI_ISID,
+        itt=0x01020304,
+        cmdsn=0x11121314,
+        expstatsn=0x21222324,
+        tsih=0x3132,
+        cid=0x4142,
+        data=b"InitiatorName=iqn.2004-10.com.example:host\x00",
+    )
+    return dataclasses.replace(pdu, **changes)
+
+
+def login_response(**changes: Any) -> LoginResponse:
+    pdu = LoginResponse(
+        transit=True,
+        cont=False,
+        csg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+        nsg=Stage.FULL_FEATURE_PHASE,
+        isid=OPEN_ISCSI_ISID,
+        itt=0x01020304,
+        statsn=0x11121314,
+        expcmdsn=0x21222324,
+        maxcmdsn=0x31323334,
+        status_class=StatusClass.INITIATOR_ERROR,
+        status_detail=0x01,
+        tsih=0x0A0B,
+    )
+    return dataclasses.replace(pdu, **changes)
+
+
+def decode_error(raw: bytes, **kwargs: Any) -> PDUDecodeError:
+    """The PDUDecodeError decode_pdu raises for ``raw`` (exactly that class, nothing else)."""
+    with pytest.raises(PDUDecodeError) as info:
+        decode_pdu(raw, **kwargs)
+    assert type(info.value) is PDUDecodeError
+    return info.value
+
+
+def encode_error(pdu: object, **kwargs: Any) -> PDUEncodeError:
+    with pytest.raises(PDUEncodeError) as info:
+        encode_pdu(pdu, **kwargs)  # type: ignore[arg-type]
+    assert type(info.value) is PDUEncodeError
+    return info.value
+
+
+def patched(raw: bytes, offset: int, new: bytes) -> bytes:
+    return raw[:offset] + new + raw[offset + len(new) :]
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", list(PDU_STRATEGIES), ids=lambda m: m.__name__)
+@given(data=st.data(), header_digest=st.booleans(), data_digest=st.booleans())
+@settings(max_examples=60)
+def test_round_trip_every_type(
+    model: type[PDU], data: st.DataObject, header_digest: bool, data_digest: bool
+) -> None:
+    pdu = data.draw(PDU_STRATEGIES[model]())
+    raw = encode_pdu(pdu, header_digest=header_digest, data_digest=data_digest)
+    assert len(raw) % 4 == 0
+    assert pdu_length(raw[:BHS_LENGTH], header_digest=header_digest, data_digest=data_digest) == (
+        len(raw)
+    )
+    decoded = decode_pdu(raw, header_digest=header_digest, data_digest=data_digest)
+    assert type(decoded) is model
+    assert decoded == pdu
+
+
+@given(pdu=pdus())
+def test_decode_accepts_bytearray_and_memoryview(pdu: PDU) -> None:
+    raw = encode_pdu(pdu)
+    assert decode_pdu(bytearray(raw)) == decode_pdu(memoryview(raw)) == pdu
+
+
+@pytest.mark.parametrize("model", list(PDU_STRATEGIES), ids=lambda m: m.__name__)
+@given(data=st.data())
+@settings(max_examples=10)
+def test_empty_data_means_bare_header(model: type[PDU], data: st.DataObject) -> None:
+    # No data segment: no padding and no data digest, even when data digests are on.
+    pdu = data.draw(PDU_STRATEGIES[model]())
+    if hasattr(pdu, "data"):
+        no_data: dict[str, Any] = {"data": b""}
+        pdu = dataclasses.replace(pdu, **no_data)
+    assert len(encode_pdu(pdu)) == BHS_LENGTH
+    both = encode_pdu(pdu, header_digest=True, data_digest=True)
+    assert len(both) == BHS_LENGTH + 4
+    assert both[48:] == crc32c(both[:48])
+
+
+# ---------------------------------------------------------------------------------------------
+# exact bit and byte positions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_login_request_layout() -> None:
+    raw = encode_pdu(login_request(version_max=0x00, version_min=0x00))
+    # I=1 + opcode 0x03; T=1, C=0, CSG=1, NSG=3.
+    assert raw[0:2] == b"\x43\x87"
+    assert raw[2:4] == b"\x00\x00"
+    assert raw[4] == 0  # TotalAHSLength
+    assert int.from_bytes(raw[5:8], "big") == 43  # DataSegmentLength, padding not counted
+    assert raw[8:14] == bytes.fromhex("00023d010002")  # ISID: OUI format, 0x00023d
+    assert raw[14:16] == b"\x31\x32"  # TSIH
+    assert raw[16:20] == b"\x01\x02\x03\x04"  # ITT
+    assert raw[20:22] == b"\x41\x42"  # CID
+    assert raw[22:24] == bytes(2)
+    assert raw[24:28] == b"\x11\x12\x13\x14"  # CmdSN
+    assert raw[28:32] == b"\x21\x22\x23\x24"  # ExpStatSN
+    assert raw[32:48] == bytes(16)
+    assert raw[48:91] == b"InitiatorName=iqn.2004-10.com.example:host\x00"
+    assert raw[91:] == b"\x00"  # one zero byte pads 43 to 44
+    assert len(raw) == 92
+
+
+@pytest.mark.parametrize(
+    ("transit", "cont", "csg", "nsg", "byte1"),
+    [
+        (False, False, Stage.SECURITY_NEGOTIATION, Stage.SECURITY_NEGOTIATION, 0x00),
+        (True, False, Stage.SECURITY_NEGOTIATION, Stage.LOGIN_OPERATIONAL_NEGOTIATION, 0x81),
+        (True, False, Stage.SECURITY_NEGOTIATION, Stage.FULL_FEATURE_PHASE, 0x83),
+        (False, True, Stage.SECURITY_NEGOTIATION, Stage.SECURITY_NEGOTIATION, 0x40),
+        (False, False, Stage.FULL_FEATURE_PHASE, Stage.SECURITY_NEGOTIATION, 0x0C),
+    ],
+)
+def test_login_flag_bits(transit: bool, cont: bool, csg: Stage, nsg: Stage, byte1: int) -> None:
+    raw = encode_pdu(login_request(transit=transit, cont=cont, csg=csg, nsg=nsg))
+    assert raw[1] == byte1
+    assert decode_pdu(raw) == login_request(transit=transit, cont=cont, csg=csg, nsg=nsg)
+
+
+@pytest.mark.parametrize(
+    ("isid", "wire"),
+    [
+        (ISID(t=0, a=0, b=0x023D, c=0, d=0), "00023d000000"),
+        (ISID(t=1, a=0x3F, b=0xFFFF, c=0xFF, d=0xFFFF), "7fffffffffff"),
+        (ISID(t=2, a=0x15, b=0x1234, c=0x56, d=0x789A), "951234 56789a"),
+        (ISID(t=3, a=0, b=0, c=0, d=1), "c00000000001"),
+    ],
+)
+def test_isid_placement(isid: ISID, wire: str) -> None:
+    raw = encode_pdu(login_request(isid=isid))
+    assert raw[8:14] == bytes.fromhex(wire) == isid.to_bytes()
+    decoded = decode_pdu(raw)
+    assert isinstance(decoded, LoginRequest)
+    assert decoded.isid == isid
+
+
+def test_login_response_from_hand_built_bytes() -> None:
+    raw = bytearray(48)
+    raw[0] = 0x23
+    raw[1] = 0x87
+    raw[3] = 0x00  # Version-active
+    raw[8:14] = bytes.fromhex("00023d010002")
+    raw[14:16] = b"\x0a\x0b"  # TSIH
+    raw[16:20] = b"\x01\x02\x03\x04"
+    raw[24:28] = b"\x11\x12\x13\x14"  # StatSN
+    raw[28:32] = b"\x21\x22\x23\x24"  # ExpCmdSN
+    raw[32:36] = b"\x31\x32\x33\x34"  # MaxCmdSN
+    raw[36] = 0x02  # Status-Class
+    raw[37] = 0x01  # Status-Detail
+    decoded = decode_pdu(bytes(raw))
+    assert decoded == login_response()
+    assert isinstance(decoded, LoginResponse)
+    assert decoded.status is not None
+    assert decoded.status.name == "AUTHENTICATION_FAILURE"
+    assert encode_pdu(login_response()) == bytes(raw)
+
+
+def test_text_pdus_layout() -> None:
+    request = TextRequest(
+        final=True, cont=False, itt=5, cmdsn=6, expstatsn=7, lun=0x0102030405060708
+    )
+    raw = encode_pdu(request)
+    assert raw[0:2] == b"\x04\x80"
+    assert raw[8:16] == bytes.fromhex("0102030405060708")  # LUN kept whole, 8 bytes
+    assert raw[20:24] == b"\xff\xff\xff\xff"  # a new exchange: TTT all ones
+    assert raw[24:28] == b"\x00\x00\x00\x06"
+    assert (
+        encode_pdu(dataclasses.replace(request, immediate=True, final=False, cont=True))[0:2]
+        == b"\x44\x40"
+    )
+    response = TextResponse(
+        final=False, cont=False, itt=5, ttt=0x0000ABCD, statsn=1, expcmdsn=2, maxcmdsn=3
+    )
+    raw = encode_pdu(response)
+    assert raw[0:2] == b"\x24\x00"
+    assert raw[20:24] == b"\x00\x00\xab\xcd"
+    assert raw[32:36] == b"\x00\x00\x00\x03"
+
+
+def test_logout_pdus_layout() -> None:
+    request = LogoutRequest(
+        reason=LogoutReason.CLOSE_CONNECTION,
+        itt=9,
+        cmdsn=1,
+        expstatsn=2,
+        cid=0x0102,
+        immediate=True,
+    )
+    raw = encode_pdu(request)
+    assert raw[0:2] == b"\x46\x81"
+    assert raw[20:22] == b"\x01\x02"
+    response = LogoutResponse(
+        response=LogoutResponseCode.CID_NOT_FOUND,
+        itt=9,
+        statsn=1,
+        expcmdsn=2,
+        maxcmdsn=3,
+        time2wait=0x0102,
+        time2retain=0x0304,
+    )
+    raw = encode_pdu(response)
+    assert raw[0:4] == b"\x26\x80\x01\x00"
+    assert raw[40:44] == b"\x01\x02\x03\x04"
+
+
+def test_reject_and_nop_layout() -> None:
+    rejected = encode_pdu(login_request(data=b""))
+    reject = Reject(
+        reason=RejectReason.PROTOCOL_ERROR,
+        statsn=1,
+        expcmdsn=2,
+        maxcmdsn=3,
+        datasn=0x0A0B0C0D,
+        data=rejected,
+    )
+    raw = encode_pdu(reject)
+    assert raw[0:4] == b"\x3f\x80\x04\x00"
+    assert raw[16:20] == RESERVED_TAG.to_bytes(4, "big")
+    assert raw[36:40] == b"\x0a\x0b\x0c\x0d"
+    assert raw[48:] == rejected
+    nop_out = encode_pdu(NopOut(itt=1, ttt=RESERVED_TAG, cmdsn=2, expstatsn=3, data=b"ping"))
+    assert nop_out[0:2] == b"\x40\x80"  # immediate by default
+    assert nop_out[48:] == b"ping"
+    nop_in = encode_pdu(NopIn(itt=RESERVED_TAG, ttt=7, statsn=1, expcmdsn=2, maxcmdsn=3))
+    assert nop_in[0:2] == b"\x20\x80"
+    assert nop_in[16:24] == b"\xff\xff\xff\xff\x00\x00\x00\x07"
+
+
+def test_digest_placement() -> None:
+    pdu = login_request(data=b"abcde")
+    raw = encode_pdu(pdu, header_digest=True, data_digest=True)
+    assert raw[48:52] == crc32c(raw[:48])
+    assert raw[52:57] == b"abcde"
+    assert raw[57:60] == bytes(3)
+    assert raw[60:64] == crc32c(b"abcde\x00\x00\x00")  # over data and padding
+    assert len(raw) == 64
+    assert encode_pdu(pdu, data_digest=True)[-4:] == crc32c(b"abcde\x00\x00\x00")
+
+
+def test_ahs_is_skipped_and_covered_by_header_digest() -> None:
+    pdu = login_request(data=b"xyz")
+    plain = encode_pdu(pdu)
+    ahs = bytes(range(8))
+    with_ahs = patched(plain[:48], 4, b"\x02") + ahs + plain[48:]
+    assert pdu_length(with_ahs, header_digest=False, data_digest=False) == len(with_ahs)
+    assert decode_pdu(with_ahs) == pdu
+    header = with_ahs[:56]
+    digested = header + crc32c(header) + plain[48:]
+    assert decode_pdu(digested, header_digest=True) == pdu
+    bad = decode_error(patched(digested, 50, b"\xff"), header_digest=True)
+    assert (bad.field, bad.offset) == ("HeaderDigest", 56)
+
+
+# ---------------------------------------------------------------------------------------------
+# leniency: reserved fields and padding
+# ---------------------------------------------------------------------------------------------
+
+# Reserved bytes (whole) per opcode, from RFC 7143 section 11; byte 0's reserved bits are
+# covered separately.
+RESERVED_BYTES: dict[int, list[int]] = {
+    Opcode.LOGIN_REQUEST: [22, 23, *range(32, 48)],
+    Opcode.LOGIN_RESPONSE: [*range(20, 24), *range(38, 48)],
+    Opcode.TEXT_REQUEST: [2, 3, *range(32, 48)],
+    Opcode.TEXT_RESPONSE: [2, 3, *range(36, 48)],
+    Opcode.LOGOUT_REQUEST: [2, 3, *range(8, 16), 22, 23, *range(32, 48)],
+    Opcode.LOGOUT_RESPONSE: [3, *range(8, 16), *range(20, 24), *range(36, 40), *range(44, 48)],
+    Opcode.REJECT: [3, *range(8, 16), *range(20, 24), *range(40, 48)],
+    Opcode.NOP_OUT: [2, 3, *range(32, 48)],
+    Opcode.NOP_IN: [2, 3, *range(36, 48)],
+}
+# Reserved bits of byte 0 (bit 7 always; bit 6 in target PDUs) and byte 1.
+RESERVED_BITS: dict[int, tuple[int, int]] = {
+    Opcode.LOGIN_REQUEST: (0x80, 0x30),
+    Opcode.LOGIN_RESPONSE: (0xC0, 0x30),
+    Opcode.TEXT_REQUEST: (0x80, 0x3F),
+    Opcode.TEXT_RESPONSE: (0xC0, 0x3F),
+    Opcode.LOGOUT_REQUEST: (0x80, 0x00),
+    Opcode.LOGOUT_RESPONSE: (0xC0, 0x7F),
+    Opcode.REJECT: (0xC0, 0x7F),
+    Opcode.NOP_OUT: (0x80, 0x7F),
+    Opcode.NOP_IN: (0xC0, 0x7F),
+}
+
+
+@given(pdu=pdus(), junk=st.data(), header_digest=st.booleans())
+def test_reserved_fields_are_ignored(pdu: PDU, junk: st.DataObject, header_digest: bool) -> None:
+    raw = bytearray(encode_pdu(pdu))
+    opcode = raw[0] & 0x3F
+    for offset in RESERVED_BYTES[opcode]:
+        raw[offset] = junk.draw(st.integers(1, 255))
+    bits0, bits1 = RESERVED_BITS[opcode]
+    raw[0] |= bits0
+    raw[1] |= bits1
+    if header_digest:
+        raw[48:48] = crc32c(bytes(raw[:48]))
+    assert decode_pdu(bytes(raw), header_digest=header_digest) == pdu
+
+
+@given(pdu=pdus(), pad=st.binary(min_size=3, max_size=3))
+def test_padding_content_is_ignored_but_digested(pdu: PDU, pad: bytes) -> None:
+    raw = encode_pdu(pdu)
+    data_length = int.from_bytes(raw[5:8], "big")
+    assume(data_length % 4)
+    pad_length = 4 - data_length % 4
+    body = raw[48 : 48 + data_length] + pad[:pad_length]
+    junk_padded = raw[:48] + body
+    assert decode_pdu(junk_padded) == pdu
+    # A sender that pads with junk digests what it sent; that digest must verify.
+    assert decode_pdu(junk_padded + crc32c(body), data_digest=True) == pdu
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: field, offset, value
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opcode", [0x01, 0x02, 0x05, 0x21, 0x25, 0x3E])
+def test_unknown_opcode(opcode: int) -> None:
+    raw = patched(encode_pdu(login_request()), 0, bytes([0x40 | opcode]))
+    error = decode_error(raw)
+    assert (error.field, error.offset, error.value) == ("Opcode", 0, opcode)
+    with pytest.raises(PDUDecodeError) as info:
+        pdu_length(raw[:48], header_digest=False, data_digest=False)
+    assert info.value.field == "Opcode"
+
+
+@pytest.mark.parametrize(
+    ("byte1", "field", "value"),
+    [
+        (0x88, "CSG", 2),  # T=1, CSG=2, NSG=0
+        (0x86, "NSG", 2),  # T=1, CSG=1, NSG=2
+        (0x8A, "CSG", 2),  # T=1, CSG=2, NSG=2: CSG reported first
+        (0x02, "NSG", 2),  # NSG=2 with T=0 is still not a stage
+        (0xC3, "C", True),  # T and C together
+    ],
+)
+def test_login_flag_errors(byte1: int, field: str, value: object) -> None:
+    for pdu in (login_request(), login_response()):
+        error = decode_error(patched(encode_pdu(pdu), 1, bytes([byte1])))
+        assert (error.field, error.offset, error.value) == (field, 1, value)
+
+
+def test_login_request_without_immediate_bit() -> None:
+    error = decode_error(patched(encode_pdu(login_request()), 0, b"\x03"))
+    assert (error.field, error.offset) == ("I", 0)
+
+
+@pytest.mark.parametrize("status_class", [4, 5, 0x7F, 0xFF])
+def test_unknown_status_class(status_class: int) -> None:
+    error = decode_error(patched(encode_pdu(login_response()), 36, bytes([status_class])))
+    assert (error.field, error.offset, error.value) == ("StatusClass", 36, status_class)
+
+
+def test_unknown_status_detail_is_kept() -> None:
+    decoded = decode_pdu(patched(encode_pdu(login_response()), 37, b"\xee"))
+    assert isinstance(decoded, LoginResponse)
+    assert decoded.status_detail == 0xEE
+    assert decoded.status is None
+
+
+@pytest.mark.parametrize("reason", [3, 4, 0x7F])
+def test_unknown_logout_reason(reason: int) -> None:
+    raw = encode_pdu(LogoutRequest(reason=LogoutReason.CLOSE_SESSION, itt=1, cmdsn=2, expstatsn=3))
+    error = decode_error(patched(raw, 1, bytes([0x80 | reason])))
+    assert (error.field, error.offset, error.value) == ("ReasonCode", 1, reason)
+
+
+@pytest.mark.parametrize("response", [4, 0x80, 0xFF])
+def test_unknown_logout_response(response: int) -> None:
+    raw = encode_pdu(
+        LogoutResponse(response=LogoutResponseCode.CLOSED, itt=1, statsn=2, expcmdsn=3, maxcmdsn=4)
+    )
+    error = decode_error(patched(raw, 2, bytes([response])))
+    assert (error.field, error.offset, error.value) == ("Response", 2, response)
+
+
+@pytest.mark.parametrize("reason", [0x00, 0x01, 0x0D, 0xFF])
+def test_unknown_reject_reason(reason: int) -> None:
+    raw = encode_pdu(
+        Reject(reason=RejectReason.PROTOCOL_ERROR, statsn=1, expcmdsn=2, maxcmdsn=3, data=bytes(48))
+    )
+    error = decode_error(patched(raw, 2, bytes([reason])))
+    assert (error.field, error.offset, error.value) == ("Reason", 2, reason)
+
+
+def test_fixed_values_are_checked() -> None:
+    nop_in = encode_pdu(NopIn(itt=1, ttt=2, statsn=3, expcmdsn=4, maxcmdsn=5))
+    error = decode_error(patched(nop_in, 1, b"\x00"))  # F must be 1
+    assert (error.field, error.offset, error.value) == ("F", 1, 0)
+    reject = encode_pdu(
+        Reject(reason=RejectReason.PROTOCOL_ERROR, statsn=1, expcmdsn=2, maxcmdsn=3)
+    )
+    error = decode_error(patched(reject, 16, b"\x00\x00\x00\x01"))
+    assert (error.field, error.offset, error.value) == ("InitiatorTaskTag", 16, 1)
+
+
+def test_logout_with_data_segment() -> None:
+    raw = encode_pdu(LogoutRequest(reason=LogoutReason.CLOSE_SESSION, itt=1, cmdsn=2, expstatsn=3))
+    raw = patched(raw, 5, b"\x00\x00\x04") + b"data"
+    error = decode_error(raw)
+    assert (error.field, error.offset, error.value) == ("DataSegmentLength", 5, 4)
+
+
+@pytest.mark.parametrize(
+    ("cut", "field"),
+    [(0, "BHS"), (47, "BHS"), (50, "DataSegment"), (91, "Padding")],
+)
+def test_truncated(cut: int, field: str) -> None:
+    raw = encode_pdu(login_request())
+    error = decode_error(raw[:cut])
+    assert (error.field, error.offset) == (field, cut)
+
+
+def test_truncated_digests() -> None:
+    raw = encode_pdu(login_request(), header_digest=True, data_digest=True)
+    assert decode_error(raw[:50], header_digest=True).field == "HeaderDigest"
+    assert decode_error(raw[:-1], header_digest=True, data_digest=True).field == "DataDigest"
+    assert decode_error(raw[:50], data_digest=True).field == "DataSegment"
+
+
+def test_trailing_bytes() -> None:
+    raw = encode_pdu(login_request())
+    error = decode_error(raw + b"\x00\x00\x00\x00")
+    assert (error.offset, error.value) == (len(raw), 4)
+
+
+def test_digest_mismatches() -> None:
+    raw = encode_pdu(login_request(), header_digest=True, data_digest=True)
+    error = decode_error(patched(raw, 20, b"\x99"), header_digest=True, data_digest=True)
+    assert (error.field, error.offset, error.value) == ("HeaderDigest", 48, raw[48:52])
+    error = decode_error(patched(raw, 60, b"!"), header_digest=True, data_digest=True)
+    assert (error.field, error.offset) == ("DataDigest", len(raw) - 4)
+    assert error.value == raw[-4:]
+    # A header digest failure wins over a broken field: the field is not to be believed.
+    error = decode_error(patched(raw, 1, b"\xc3"), header_digest=True, data_digest=True)
+    assert error.field == "HeaderDigest"
+
+
+def test_data_segment_cap() -> None:
+    raw = encode_pdu(login_request(data=bytes(100)))
+    assert decode_pdu(raw, max_data_segment_length=100) == login_request(data=bytes(100))
+    error = decode_error(raw, max_data_segment_length=99)
+    assert (error.field, error.offset, error.value) == ("DataSegmentLength", 5, 100)
+    with pytest.raises(PDUDecodeError):
+        pdu_length(raw, header_digest=False, data_digest=False, max_data_segment_length=99)
+
+
+def test_pdu_length() -> None:
+    raw = encode_pdu(login_request(data=b"abcde"), header_digest=True, data_digest=True)
+    assert pdu_length(raw[:48], header_digest=True, data_digest=True) == 48 + 4 + 8 + 4
+    assert pdu_length(raw[:48], header_digest=False, data_digest=False) == 48 + 8
+    # Only the first 48 bytes count.
+    assert pdu_length(raw, header_digest=False, data_digest=True) == 48 + 8 + 4
+    top = patched(raw[:48], 4, b"\xff")
+    top = patched(top, 5, b"\xff\xff\xff")
+    assert pdu_length(top, header_digest=True, data_digest=True) == (
+        48 + 1020 + 4 + MAX_DATA_SEGMENT_LENGTH + 1 + 4
+    )
+    with pytest.raises(PDUDecodeError) as info:
+        pdu_length(raw[:47], header_digest=False, data_digest=False)
+    assert (info.value.field, info.value.offset) == ("BHS", 47)
+
+
+# ---------------------------------------------------------------------------------------------
+# encode errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pdu", "field", "value"),
+    [
+        (login_request(itt=2**32), "InitiatorTaskTag", 2**32),
+        (login_request(cmdsn=-1), "CmdSN", -1),
+        (login_request(tsih=2**16), "TSIH", 2**16),
+        (login_request(version_max=256), "VersionMax", 256),
+        (login_request(isid=ISID(t=4, a=0, b=0, c=0, d=0)), "ISID.T", 4),
+        (login_request(isid=ISID(t=0, a=64, b=0, c=0, d=0)), "ISID.A", 64),
+        (login_request(isid=ISID(t=0, a=0, b=2**16, c=0, d=0)), "ISID.B", 2**16),
+        (login_request(csg=2), "CSG", 2),
+        (login_request(nsg=7), "NSG", 7),
+        (login_request(transit=True, cont=True), "C", True),
+        (login_response(status_class=4), "StatusClass", 4),
+        (login_response(status_detail=256), "StatusDetail", 256),
+        (TextRequest(final=True, cont=False, itt=1, cmdsn=1, expstatsn=1, lun=2**64), "LUN", 2**64),
+        (
+            LogoutRequest(reason=3, itt=1, cmdsn=1, expstatsn=1),  # type: ignore[arg-type]
+            "ReasonCode",
+            3,
+        ),
+        (
+            LogoutResponse(response=9, itt=1, statsn=1, expcmdsn=1, maxcmdsn=1),  # type: ignore[arg-type]
+            "Response",
+            9,
+        ),
+        (
+            Reject(reason=1, statsn=1, expcmdsn=1, maxcmdsn=1),  # type: ignore[arg-type]
+            "Reason",
+            1,
+        ),
+        (NopOut(itt=1, ttt=1, cmdsn=1, expstatsn=1, lun=-1), "LUN", -1),
+        (login_request(cmdsn="1"), "CmdSN", "1"),
+        (login_request(data="text"), "DataSegment", "str"),
+        (login_request(isid=b"\x00" * 6), "ISID", "bytes"),
+    ],
+)
+def test_encode_errors(pdu: PDU, field: str, value: object) -> None:
+    error = encode_error(pdu)
+    assert (error.field, error.value) == (field, value)
+    assert field in str(error)
+
+
+def test_encode_oversized_data_segment() -> None:
+    error = encode_error(NopIn(itt=1, ttt=1, statsn=1, expcmdsn=1, maxcmdsn=1, data=bytes(2**24)))
+    assert (error.field, error.value) == ("DataSegmentLength", 2**24)
+    largest = NopIn(itt=1, ttt=1, statsn=1, expcmdsn=1, maxcmdsn=1, data=bytes(2**24 - 1))
+    assert encode_pdu(largest)[5:8] == b"\xff\xff\xff"
+
+
+@pytest.mark.parametrize("thing", [None, b"\x00" * 48, ISID(t=0, a=0, b=0, c=0, d=0)])
+def test_encode_non_pdu(thing: object) -> None:
+    assert encode_error(thing).field is None
+
+
+def test_error_messages_do_not_echo_data() -> None:
+    secret_looking = b"CHAP_R=0x" + b"ab" * 16
+    pdu = login_request(data=secret_looking, itt=-5)
+    error = encode_error(pdu)
+    assert "CHAP_R" not in str(error)
+    assert "abab" not in repr(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# totality: garbage and mutations raise PDUDecodeError and nothing else
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_or_reject(raw: bytes, **kwargs: Any) -> PDU | None:
+    """decode_pdu that may only succeed or raise exactly PDUDecodeError."""
+    try:
+        return decode_pdu(raw, **kwargs)
+    except Exception as exc:  # anything but PDUDecodeError fails just below
+        error = exc
+    assert type(error) is PDUDecodeError
+    assert isinstance(error.field, (str, type(None)))
+    assert error.offset is None or 0 <= error.offset <= len(raw) + 4
+    return None
+
+
+digests = st.fixed_dictionaries({"header_digest": st.booleans(), "data_digest": st.booleans()})
+
+
+@given(raw=st.binary(max_size=200), options=digests)
+@example(raw=b"", options={"header_digest": False, "data_digest": False})
+def test_arbitrary_bytes(raw: bytes, options: dict[str, bool]) -> None:
+    decode_or_reject(raw, **options)
+
+
+@st.composite
+def plausible_headers(draw: st.DrawFn) -> bytes:
+    """Random bytes with a known opcode and small lengths, so parsing gets past the framing."""
+    opcode = draw(st.sampled_from(list(Opcode)))
+    data_length = draw(st.integers(0, 40))
+    raw = bytearray(draw(st.binary(min_size=48, max_size=48)))
+    raw[0] = (raw[0] & 0xC0) | opcode
+    raw[4] = draw(st.integers(0, 2))
+    raw[5:8] = data_length.to_bytes(3, "big")
+    body = draw(st.binary(min_size=0, max_size=raw[4] * 4 + 8 + data_length + 3))
+    return bytes(raw) + body
+
+
+@given(raw=plausible_headers(), options=digests)
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_plausible_garbage(raw: bytes, options: dict[str, bool]) -> None:
+    decode_or_reject(raw, **options)
+
+
+Mutation = Callable[[bytes], bytes]
+
+
+@st.composite
+def mutations(draw: st.DrawFn, size: int) -> Mutation:
+    kind = draw(st.sampled_from(["flip", "truncate", "length", "ahs", "append", "splice"]))
+    if kind == "flip":
+        bits = draw(st.lists(st.integers(0, size * 8 - 1), min_size=1, max_size=4))
+
+        def flip(raw: bytes) -> bytes:
+            out = bytearray(raw)
+            for bit in bits:
+                out[bit // 8] ^= 0x80 >> (bit % 8)
+            return bytes(out)
+
+        return flip
+    if kind == "truncate":
+        cut = draw(st.integers(0, size - 1))
+        return lambda raw: raw[:cut]
+    if kind == "length":
+        length = draw(st.integers(0, 2**24 - 1) | st.integers(0, size + 8))
+        return lambda raw: patched(raw, 5, length.to_bytes(3, "big"))
+    if kind == "ahs":
+        words = draw(st.integers(0, 255))
+        return lambda raw: patched(raw, 4, bytes([words]))
+    if kind == "append":
+        extra = draw(st.binary(min_size=1, max_size=12))
+        return lambda raw: raw + extra
+    offset = draw(st.integers(0, size - 1))
+    junk = draw(st.binary(min_size=1, max_size=8))
+    return lambda raw: patched(raw, offset, junk)[:size]
+
+
+@given(pdu=pdus(), options=digests, data=st.data())
+@settings(max_examples=300)
+def test_mutated_encodings(pdu: PDU, options: dict[str, bool], data: st.DataObject) -> None:
+    raw = encode_pdu(pdu, **options)
+    mutate = data.draw(mutations(len(raw)))
+    mutated = mutate(raw)
+    decoded = decode_or_reject(mutated, **options)
+    if mutated == raw:
+        assert decoded == pdu
+
+
+@given(pdu=login_requests(data=data_segments(16)), bit=st.integers(0, 48 * 8 - 1))
+def test_header_bit_flips_caught_by_header_digest(pdu: LoginRequest, bit: int) -> None:
+    raw = bytearray(encode_pdu(pdu, header_digest=True))
+    raw[bit // 8] ^= 0x80 >> (bit % 8)
+    error = decode_error(bytes(raw), header_digest=True)
+    # Flips in the opcode or the length fields are caught before the digest can be found.
+    if bit // 8 not in (0, 4, 5, 6, 7):
+        assert error.field == "HeaderDigest"
