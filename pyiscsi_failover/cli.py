@@ -37,6 +37,7 @@ from pyiscsi_failover.errors import (
 )
 from pyiscsi_failover.host import default_initiator_name
 from pyiscsi_failover.initiator import LoginConfig, LoginRejected, LoginSucceeded
+from pyiscsi_failover.iscsiadm import Iscsiadm, NodeTarget, attach, detach, dry_run_plan
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 from pyiscsi_failover.prober import (
     Attempt,
@@ -58,7 +59,7 @@ from pyiscsi_failover.transport import (
     login,
 )
 
-__all__ = ["main", "run"]
+__all__ = ["build_parser", "main", "run"]
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
@@ -70,13 +71,13 @@ TARGET_SECRET_ENV: Final = "PYISCSI_TARGET_CHAP_SECRET"
 logger = logging.getLogger("pyiscsi_failover")
 
 
-class UsageError(Exception):
+class _UsageError(Exception):
     """Bad command-line usage; becomes exit status 2 with its message."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
+        raise _UsageError(message)
 
 
 # -- argument parsing ------------------------------------------------------------------------------
@@ -121,7 +122,9 @@ def _add_credentials(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chap-user", help="our CHAP username (checked by the target)")
     group.add_argument("--chap-secret-file", type=Path, help="file holding our CHAP secret")
     group.add_argument("--target-chap-user", help="the target's CHAP username (mutual CHAP)")
-    group.add_argument("--target-chap-secret-file", type=Path, help="file holding the target's secret")
+    group.add_argument(
+        "--target-chap-secret-file", type=Path, help="file holding the target's secret"
+    )
 
 
 def _add_timeouts(parser: argparse.ArgumentParser) -> None:
@@ -155,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("discover", help="SendTargets discovery: list targets and their portals")
     p.add_argument("portal", nargs="?", help="HOST[:PORT] (default port 3260)")
-    p.add_argument("-c", "--connection-info", metavar="FILE", help="use its main portal (- = stdin)")
+    p.add_argument(
+        "-c", "--connection-info", metavar="FILE", help="use its main portal (- = stdin)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_credentials(p)
     _add_timeouts(p)
@@ -189,15 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a self-contained failover demo on loopback (no root)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--initiator-name", help="InitiatorName (default: open-iscsi's, if any)")
     p.add_argument("--policy", choices=[x.value for x in Policy], default=Policy.ORDERED.value)
     return parser
 
 
 def _add_candidates(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--connection-info", metavar="FILE", help="connection_info JSON (- = stdin)")
-    parser.add_argument("--portal", action="append", default=[], help="HOST[:PORT]; repeat for alternatives")
-    parser.add_argument("--iqn", action="append", default=[], help="target name; one, or one per --portal")
-    parser.add_argument("--lun", action="append", type=int, default=[], help="LUN; one, or one per --portal")
+    parser.add_argument(
+        "-c", "--connection-info", metavar="FILE", help="connection_info JSON (- = stdin)"
+    )
+    parser.add_argument(
+        "--portal", action="append", default=[], help="HOST[:PORT]; repeat for alternatives"
+    )
+    parser.add_argument(
+        "--iqn", action="append", default=[], help="target name; one, or one per --portal"
+    )
+    parser.add_argument(
+        "--lun", action="append", type=int, default=[], help="LUN; one, or one per --portal"
+    )
 
 
 def _add_probe_options(parser: argparse.ArgumentParser) -> None:
@@ -218,10 +232,12 @@ def _read_secret(path: Path | None, env: str, what: str) -> Secret | None:
         try:
             text = path.read_bytes()
         except OSError as exc:
-            raise UsageError(f"cannot read {what} secret file {str(path)!r}: {exc.strerror}") from None
+            raise _UsageError(
+                f"cannot read {what} secret file {str(path)!r}: {exc.strerror}"
+            ) from None
         secret = text.rstrip(b"\r\n")
         if not secret:
-            raise UsageError(f"{what} secret file {str(path)!r} is empty")
+            raise _UsageError(f"{what} secret file {str(path)!r} is empty")
         return Secret(secret)
     value = os.environ.get(env)
     return Secret(value) if value else None
@@ -232,16 +248,16 @@ def _credentials(args: argparse.Namespace) -> tuple[ChapCredentials | None, Chap
     if args.chap_user:
         secret = _read_secret(args.chap_secret_file, SECRET_ENV, "CHAP")
         if secret is None:
-            raise UsageError(f"--chap-user needs --chap-secret-file or ${SECRET_ENV}")
+            raise _UsageError(f"--chap-user needs --chap-secret-file or ${SECRET_ENV}")
         chap = ChapCredentials(args.chap_user, secret)
     elif args.chap_secret_file:
-        raise UsageError("--chap-secret-file needs --chap-user")
+        raise _UsageError("--chap-secret-file needs --chap-user")
     if args.target_chap_user:
         if chap is None:
-            raise UsageError("--target-chap-user (mutual CHAP) needs --chap-user too")
+            raise _UsageError("--target-chap-user (mutual CHAP) needs --chap-user too")
         secret = _read_secret(args.target_chap_secret_file, TARGET_SECRET_ENV, "target CHAP")
         if secret is None:
-            raise UsageError(
+            raise _UsageError(
                 f"--target-chap-user needs --target-chap-secret-file or ${TARGET_SECRET_ENV}"
             )
         target_chap = ChapCredentials(args.target_chap_user, secret)
@@ -253,7 +269,7 @@ def _initiator_name(args: argparse.Namespace) -> str:
         try:
             return validate_iscsi_name(args.initiator_name)
         except InvalidName as exc:
-            raise UsageError(f"--initiator-name: {exc}") from None
+            raise _UsageError(f"--initiator-name: {exc}") from None
     return default_initiator_name()
 
 
@@ -261,7 +277,7 @@ def _portal(text: str, what: str = "portal") -> Portal:
     try:
         return Portal.parse(text)
     except InvalidPortal as exc:
-        raise UsageError(f"{what}: {exc}") from None
+        raise _UsageError(f"{what}: {exc}") from None
 
 
 def _load_connection_info(source: str, stdin: IO[str]) -> ConnectionInfo:
@@ -271,24 +287,24 @@ def _load_connection_info(source: str, stdin: IO[str]) -> ConnectionInfo:
         try:
             text = Path(source).read_text(encoding="utf-8")
         except OSError as exc:
-            raise UsageError(f"cannot read connection_info {source!r}: {exc.strerror}") from None
+            raise _UsageError(f"cannot read connection_info {source!r}: {exc.strerror}") from None
         except UnicodeDecodeError:
-            raise UsageError(f"connection_info {source!r} is not UTF-8 text") from None
+            raise _UsageError(f"connection_info {source!r} is not UTF-8 text") from None
     return parse_connection_info(text)
 
 
 def _candidates_from_args(args: argparse.Namespace, stdin: IO[str]) -> ConnectionInfo:
     if args.connection_info:
         if args.portal or args.iqn or args.lun:
-            raise UsageError("give either -c FILE or --portal/--iqn/--lun, not both")
+            raise _UsageError("give either -c FILE or --portal/--iqn/--lun, not both")
         info = _load_connection_info(args.connection_info, stdin)
     else:
         if not args.portal or not args.iqn:
-            raise UsageError("give -c FILE, or at least one --portal and one --iqn")
+            raise _UsageError("give -c FILE, or at least one --portal and one --iqn")
         n = len(args.portal)
         for name, values in (("--iqn", args.iqn), ("--lun", args.lun)):
             if len(values) not in (0, 1, n):
-                raise UsageError(f"{name} must be given once or once per --portal ({n})")
+                raise _UsageError(f"{name} must be given once or once per --portal ({n})")
         iqns = args.iqn * n if len(args.iqn) == 1 else args.iqn
         luns = (args.lun * n if len(args.lun) == 1 else args.lun) or [0] * n
         data: dict[str, object] = {
@@ -328,11 +344,13 @@ def _jsonable(value: object) -> object:
         return value.value
     if isinstance(value, Secret):
         return "***"
+    if isinstance(value, Portal | Path):
+        return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
-    if isinstance(value, Portal):
+    if isinstance(value, Portal | Path):
         return str(value)
     return value
 
@@ -395,7 +413,10 @@ _OUTCOME_MARK: Final = {Outcome.OK: "ok", Outcome.NOT_TRIED: "-", Outcome.CANCEL
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 def _probe_table(result: ProbeResult) -> list[str]:
@@ -419,7 +440,9 @@ def _probe_table(result: ProbeResult) -> list[str]:
         )
     lines = _table(rows)
     if result.chosen is None:
-        lines.append(f"no candidate works ({result.policy.value}, {result.elapsed_s * 1000:.0f} ms)")
+        lines.append(
+            f"no candidate works ({result.policy.value}, {result.elapsed_s * 1000:.0f} ms)"
+        )
     else:
         c = result.chosen.candidate
         portal = result.chosen.handoff_portal or c.portal
@@ -431,9 +454,11 @@ def _probe_table(result: ProbeResult) -> list[str]:
 
 
 def _progress_printer(output: _Output) -> Callable[[ProgressEvent], None] | None:
-    if not output.live:
-        return None
+    """Live progress, on a terminal only: piped output stays a clean table."""
+    return _progress(output) if output.live else None
 
+
+def _progress(output: _Output) -> Callable[[ProgressEvent], None]:
     def show(event: ProgressEvent) -> None:
         match event:
             case AttemptStarted(candidate=c, at=at):
@@ -441,7 +466,9 @@ def _progress_printer(output: _Output) -> Callable[[ProgressEvent], None] | None
             case AttemptFinished(attempt=a):
                 c = a.candidate
                 at = (a.started_at or 0.0) + a.elapsed_s
-                output.out(f"  [{at * 1000:7.0f} ms] #{c.index} {c.portal}: {a.outcome.value} {a.detail}")
+                output.out(
+                    f"  [{at * 1000:7.0f} ms] #{c.index} {c.portal}: {a.outcome.value} {a.detail}"
+                )
 
     return show
 
@@ -451,7 +478,7 @@ def _progress_printer(output: _Output) -> Callable[[ProgressEvent], None] | None
 
 async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
     if args.connection_info and args.portal:
-        raise UsageError("give either a portal or -c FILE, not both")
+        raise _UsageError("give either a portal or -c FILE, not both")
     chap = target_chap = None
     if args.connection_info:
         info = _load_connection_info(args.connection_info, stdin)
@@ -460,7 +487,7 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
     elif args.portal:
         portal = _portal(args.portal)
     else:
-        raise UsageError("give a portal HOST[:PORT] or -c FILE")
+        raise _UsageError("give a portal HOST[:PORT] or -c FILE")
     cli_chap, cli_target_chap = _credentials(args)
     if cli_chap is not None:
         chap, target_chap = cli_chap, cli_target_chap
@@ -474,7 +501,10 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
         output.error(f"{report.final_portal}: discovery login refused: {report.outcome.describe()}")
         return EXIT_FAILURE
     targets = [
-        {"iqn": t.iqn, "portals": [p.with_tpgt() if p.tpgt is not None else str(p) for p in t.portals]}
+        {
+            "iqn": t.iqn,
+            "portals": [p.with_tpgt() if p.tpgt is not None else str(p) for p in t.portals],
+        }
         for t in report.targets
     ]
     if args.json:
@@ -482,7 +512,9 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
         body["targets"] = targets
         output.json(body)
         return EXIT_OK
-    output.out(f"{len(targets)} target(s) at {report.final_portal} ({report.total_s * 1000:.1f} ms)")
+    output.out(
+        f"{len(targets)} target(s) at {report.final_portal} ({report.total_s * 1000:.1f} ms)"
+    )
     for target in targets:
         output.out(str(target["iqn"]))
         for p in target["portals"]:  # type: ignore[attr-defined]
@@ -495,7 +527,7 @@ async def _cmd_login(args: argparse.Namespace, output: _Output, stdin: IO[str]) 
     try:
         iqn = validate_iscsi_name(args.iqn)
     except InvalidName as exc:
-        raise UsageError(f"iqn: {exc}") from None
+        raise _UsageError(f"iqn: {exc}") from None
     chap, target_chap = _credentials(args)
     config = LoginConfig(
         initiator_name=_initiator_name(args), target_name=iqn, chap=chap, target_chap=target_chap
@@ -558,9 +590,7 @@ async def _cmd_probe(args: argparse.Namespace, output: _Output, stdin: IO[str]) 
     return EXIT_OK
 
 
-def _chosen_node(info: ConnectionInfo, attempt: Attempt) -> object:
-    from pyiscsi_failover.iscsiadm import NodeTarget
-
+def _chosen_node(info: ConnectionInfo, attempt: Attempt) -> NodeTarget:
     c: Candidate = attempt.candidate
     return NodeTarget(
         portal=attempt.handoff_portal or c.portal,
@@ -572,8 +602,6 @@ def _chosen_node(info: ConnectionInfo, attempt: Attempt) -> object:
 
 
 async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
-    from pyiscsi_failover.iscsiadm import Iscsiadm, NodeTarget, attach, dry_run_plan
-
     args.portal, args.iqn, args.lun = [], [], []
     info = _candidates_from_args(args, stdin)
     result = await _run_probe(info, _probe_options(args), output, args.json)
@@ -586,7 +614,6 @@ async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str])
         output.error(f"none of the {len(info.candidates)} candidate(s) works; nothing attached")
         return EXIT_FAILURE
     node = _chosen_node(info, result.chosen)
-    assert isinstance(node, NodeTarget)
     if args.dry_run:
         commands = dry_run_plan(node)
         if args.json:
@@ -611,8 +638,6 @@ async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str])
 
 
 async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
-    from pyiscsi_failover.iscsiadm import Iscsiadm, NodeTarget, detach
-
     info = _load_connection_info(args.connection_info, stdin)
     iscsiadm = Iscsiadm(binary=args.iscsiadm)
     done = []
@@ -629,9 +654,32 @@ async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str])
 
 
 async def _cmd_demo(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
-    from pyiscsi_failover.demo import run_demo
+    from pyiscsi_failover.demo import demo_target, explain, shown_connection_info
 
-    return await run_demo(output.stdout, policy=Policy(args.policy), as_json=args.json)
+    options = ProbeOptions(policy=Policy(args.policy), initiator_name=_initiator_name(args))
+    async with demo_target() as (running, info):
+        if args.json:
+            result = await probe(info, options)
+            output.json(result.to_json())
+        else:
+            output.out(
+                "pyiscsi-failover demo: one volume on three loopback portals (our test target)"
+            )
+            output.out("connection_info returned by the (simulated) backend:")
+            for line in json.dumps(shown_connection_info(running), indent=2).splitlines():
+                output.out(f"    {line}")
+            output.out(
+                f"probing in the given order, policy {options.policy.value}, connect timeout "
+                f"{options.connect_timeout:g} s, login timeout {options.login_timeout:g} s:"
+            )
+            result = await probe(info, options, on_progress=_progress(output))
+            output.out()
+            for line in _probe_table(result):
+                output.out(line)
+            output.out()
+            for line in explain(result):
+                output.out(line)
+    return EXIT_OK if result.chosen is not None else EXIT_FAILURE
 
 
 _COMMANDS: Final = {
@@ -664,7 +712,7 @@ def run(
     output = _Output(stdout or sys.stdout, stderr or sys.stderr)
     try:
         args = build_parser().parse_args(argv)
-    except UsageError as exc:
+    except _UsageError as exc:
         output.error(str(exc))
         return EXIT_USAGE
     except SystemExit as exc:  # --help and --version
@@ -673,7 +721,7 @@ def run(
     command = _COMMANDS[args.command]
     try:
         return trio.run(command, args, output, stdin or sys.stdin)
-    except UsageError as exc:
+    except _UsageError as exc:
         output.error(str(exc))
         return EXIT_USAGE
     except (ConnectionInfoError, LocalProtocolError, InvalidName, InvalidPortal) as exc:

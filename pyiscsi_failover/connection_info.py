@@ -70,10 +70,10 @@ from pyiscsi_failover.errors import ConnectionInfoError
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 
 __all__ = [
-    "Candidate",
-    "ConnectionInfo",
     "MAX_LUN",
     "SOURCES",
+    "Candidate",
+    "ConnectionInfo",
     "Source",
     "build_connection_info",
     "format_provider_location",
@@ -93,6 +93,7 @@ _TOP = "connection_info"
 _PL = "provider_location"
 _LUN_DIGITS = re.compile(r"[0-9]{1,5}")
 _TPGT_DIGITS = re.compile(r"[0-9]{1,5}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Key names of data, as Cinder, os-brick and the failover spec spell them.
 _PORTAL, _IQN, _LUN = "target_portal", "target_iqn", "target_lun"
@@ -278,6 +279,10 @@ def _text(value: object, key: str, *, secret: bool = False) -> str:
         _fail(key, "is empty")
     if "\x00" in value:
         _fail(key, f"contains a NUL character: {shown}")
+    if _SURROGATE.search(value):
+        # Not encodable as UTF-8, so it could never go on the wire. Checked by regex, not by
+        # encoding: a UnicodeEncodeError would carry the whole string, secret included.
+        _fail(key, f"contains a lone surrogate, which is not text: {shown}")
     return value
 
 
@@ -586,10 +591,11 @@ def parse_provider_location(text: str, *, default_lun: int | None = None) -> Con
 
     Example: ``10.0.1.2:3260;10.0.2.2:3260,1 iqn.2010-10.org.openstack:volume-1 1``. Every portal
     shares the IQN and LUN; the one ``,tpgt`` (after the last portal) is given to every portal.
-    Cinder's tgt helper wrote its target id there rather than a real tpgt, so treat it as
-    advisory. Cinder falls back to a driver-specific LUN when the field is missing; here that
-    needs ``default_lun``, otherwise it is an error. The result carries no CHAP (Cinder keeps
-    that in ``provider_auth``); ``source`` is ``"provider_location"``.
+    Cinder writes its target helper's target id there (tgtadm's is always 0), not necessarily
+    the portal group tag, so treat it as advisory. Cinder writes the LUN as ``None`` when it has
+    none and then falls back to a driver-specific LUN; a missing or ``None`` LUN here needs
+    ``default_lun``, otherwise it is an error. The result carries no CHAP (Cinder keeps that in
+    ``provider_auth``); ``source`` is ``"provider_location"``.
     """
     if not isinstance(text, str):
         _fail(_PL, f"must be a str, got {type(text).__name__}")
@@ -614,7 +620,7 @@ def parse_provider_location(text: str, *, default_lun: int | None = None) -> Con
         portal = _portal(part, f"{_PL}.portals[{i}]")
         portals.append(Portal(host=portal.host, port=portal.port, tpgt=tpgt))
     iqn = _iqn(fields[1], f"{_PL}.iqn")
-    if len(fields) == 3:
+    if len(fields) == 3 and fields[2] != "None":
         lun = _lun(fields[2], f"{_PL}.lun", allow_text=True)
     elif default_lun is None:
         _fail(f"{_PL}.lun", "is missing (pass default_lun= to accept that)")

@@ -15,7 +15,12 @@ from typing import Final
 from pyiscsi_failover.errors import InvalidName
 from pyiscsi_failover.names import validate_iscsi_name
 
-__all__ = ["FALLBACK_PREFIX", "INITIATOR_NAME_FILE", "default_initiator_name", "read_initiator_name"]
+__all__ = [
+    "FALLBACK_PREFIX",
+    "INITIATOR_NAME_FILE",
+    "default_initiator_name",
+    "read_initiator_name",
+]
 
 logger = logging.getLogger(__name__)
 

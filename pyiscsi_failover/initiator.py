@@ -98,7 +98,9 @@ def probe_isid(token_bytes: Callable[[int], bytes] = secrets.token_bytes) -> ISI
     live kernel session; a random-format ISID can never collide with one of those.
     """
     raw = token_bytes(5)
-    return ISID(t=0b10, a=0, b=int.from_bytes(raw[0:2], "big"), c=raw[2], d=int.from_bytes(raw[3:5], "big"))
+    return ISID(
+        t=0b10, a=0, b=int.from_bytes(raw[0:2], "big"), c=raw[2], d=int.from_bytes(raw[3:5], "big")
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,7 +196,9 @@ _LOGIN_STATES: Final = frozenset({State.SECURITY_NEGOTIATION, State.OPERATIONAL_
 class InitiatorConnection:
     """One connection's initiator protocol state. Not reusable after DONE or FAILED."""
 
-    def __init__(self, config: LoginConfig, *, initial_cmdsn: int = 1, initial_itt: int = 1) -> None:
+    def __init__(
+        self, config: LoginConfig, *, initial_cmdsn: int = 1, initial_itt: int = 1
+    ) -> None:
         self.config = config
         self.state = State.IDLE
         self._buffer = PDUBuffer(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
@@ -263,11 +267,16 @@ class InitiatorConnection:
             keys.append(("TargetName", self.config.target_name))
         if self._chap is not None:
             keys.append(("AuthMethod", self._chap.auth_method_offer()))
-            self._queue_login(keys, transit=False, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.SECURITY_NEGOTIATION)
+            self._queue_login(
+                keys, transit=False, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.SECURITY_NEGOTIATION
+            )
         else:
             keys.append(("AuthMethod", "None"))
             self._queue_login(
-                keys, transit=True, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION
+                keys,
+                transit=True,
+                csg=Stage.SECURITY_NEGOTIATION,
+                nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
             )
 
     def send_targets(self, which: str = "All") -> None:
@@ -370,7 +379,9 @@ class InitiatorConnection:
         self, keys: list[tuple[str, str]], *, transit: bool, csg: Stage, nsg: Stage
     ) -> None:
         data = encode_text(keys) if keys else b""
-        chunks = [data[i : i + LOGIN_SEGMENT_LIMIT] for i in range(0, len(data), LOGIN_SEGMENT_LIMIT)]
+        chunks = [
+            data[i : i + LOGIN_SEGMENT_LIMIT] for i in range(0, len(data), LOGIN_SEGMENT_LIMIT)
+        ]
         self._login_pending = chunks or [b""]
         self._pending_transit, self._pending_csg, self._pending_nsg = transit, csg, nsg
         self._send_login_chunk()
@@ -442,6 +453,9 @@ class InitiatorConnection:
         keys = decode_keys(text)
         if "TargetPortalGroupTag" in keys and self._tpgt is None:
             self._tpgt = _parse_tpgt(keys["TargetPortalGroupTag"])
+        if self._chap is not None and self._chap_step == 0:
+            # A downgrade is the finding that matters, whatever else is wrong with the PDU.
+            self._chap.check_auth_method(keys.get("AuthMethod", "None"))
         if pdu.transit:
             if not self._pending_transit:
                 raise ProtocolError("target set T in answer to a Login Request without T")
@@ -483,7 +497,12 @@ class InitiatorConnection:
                 raise ProtocolError(f"target chose AuthMethod={method} but we offered only None")
             if not pdu.transit:
                 # Target wants more security negotiation we cannot give: keep asking to move on.
-                self._queue_login([], transit=True, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION)
+                self._queue_login(
+                    [],
+                    transit=True,
+                    csg=Stage.SECURITY_NEGOTIATION,
+                    nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+                )
                 return
             self._enter_operational(pdu)
             return
@@ -493,14 +512,22 @@ class InitiatorConnection:
                 raise AuthenticationError("target tried to end security negotiation without CHAP")
             self._auth_method = "CHAP"
             self._chap_step = 1
-            self._queue_login(chap.offer(), transit=False, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.SECURITY_NEGOTIATION)
+            self._queue_login(
+                chap.offer(),
+                transit=False,
+                csg=Stage.SECURITY_NEGOTIATION,
+                nsg=Stage.SECURITY_NEGOTIATION,
+            )
         elif self._chap_step == 1:
             if pdu.transit:
                 raise AuthenticationError("target tried to end security negotiation before CHAP")
             answer = chap.answer_challenge(keys)
             self._chap_step = 2
             self._queue_login(
-                answer, transit=True, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION
+                answer,
+                transit=True,
+                csg=Stage.SECURITY_NEGOTIATION,
+                nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
             )
         else:
             if chap.mutual:
@@ -524,9 +551,7 @@ class InitiatorConnection:
         )
 
     def _operational_round(self, pdu: LoginResponse, keys: dict[str, str]) -> None:
-        answers = self._negotiator.receive(
-            keys.items()
-        )
+        answers = self._negotiator.receive(keys.items())
         if pdu.transit and pdu.nsg is Stage.FULL_FEATURE_PHASE:
             if answers:
                 # The target ended the login with offers of its own still open. They keep

@@ -52,9 +52,9 @@ from pyiscsi_failover.errors import ConnectionInfoError, DeviceTimeout, Iscsiadm
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 
 __all__ = [
+    "DEVICE_POLL_INTERVAL",
     "AttachResult",
     "Command",
-    "DEVICE_POLL_INTERVAL",
     "Iscsiadm",
     "IscsiadmExit",
     "NodeTarget",

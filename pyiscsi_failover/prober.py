@@ -188,7 +188,9 @@ class ProbeOptions:
         if self.connect_timeout == 0 or self.login_timeout == 0:
             raise LocalProtocolError("connect_timeout and login_timeout must be above 0")
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
-            raise LocalProtocolError(f"concurrency must be an integer >= 1, not {self.concurrency!r}")
+            raise LocalProtocolError(
+                f"concurrency must be an integer >= 1, not {self.concurrency!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -379,17 +381,19 @@ async def _sequential(run: _Run, probe_all: bool) -> Attempt | None:
 async def _ordered(run: _Run, concurrency: int, probe_all: bool) -> Attempt | None:
     limiter = trio.CapacityLimiter(concurrency)
 
-    async def one(index: int) -> None:
+    async def one(index: int, task_status: trio.TaskStatus[None]) -> None:
         async with limiter:
+            # Started one by one, in list order, as capacity frees up.
+            task_status.started()
             if run.scopes[index].cancel_called:
-                return  # never started: reported as not tried
+                return  # an earlier candidate already won: reported as not tried
             attempt = await run.attempt(index)
         if attempt.ok and not probe_all:
             run.cancel_after(index)  # later candidates can no longer win
 
     async with trio.open_nursery() as nursery:
         for index in range(len(run.candidates)):
-            nursery.start_soon(one, index)
+            await nursery.start(one, index)
     return next((result for result in run.results if result is not None and result.ok), None)
 
 

@@ -113,7 +113,9 @@ async def _connected(portal: Portal, connect_timeout: float) -> AsyncIterator[tr
         yield stream
 
 
-async def _next_event(stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal) -> Event:
+async def _next_event(
+    stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal
+) -> Event:
     """Pump bytes both ways until the connection yields its next event."""
     try:
         while True:

@@ -77,6 +77,15 @@ def test_every_module_has_a_docstring() -> None:
     assert missing == []
 
 
+def _isort_key(name: str) -> tuple[int, str]:
+    """RUF022's isort-style order: CONSTANTS, then Classes, then functions."""
+    if name.isupper() or (name.upper() == name and "_" in name):
+        return (0, name)
+    if name[:1].isupper():
+        return (1, name)
+    return (2, name)
+
+
 def _public_modules() -> list[str]:
     modules = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -98,7 +107,7 @@ def test_dunder_all_is_sorted_and_complete(module: str) -> None:
     exported = getattr(mod, "__all__", None)
     if exported is None:
         pytest.fail(f"{module} has no __all__")
-    assert list(exported) == sorted(exported, key=str.lower) or list(exported) == sorted(exported)
+    assert list(exported) == sorted(exported, key=_isort_key), "sort it: ruff check --fix (RUF022)"
     for name in exported:
         assert hasattr(mod, name), f"{module}.__all__ names missing {name}"
     # Every public class/function defined in the module is exported.

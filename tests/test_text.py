@@ -255,6 +255,9 @@ def test_reassembly_limit_counts_exactly() -> None:
     reassembler = TextReassembler(limit=8)
     assert reassembler.feed(b"A=1\x00", more=True) is None
     assert reassembler.feed(b"B=2\x00", more=False) == b"A=1\x00B=2\x00"
+    assert reassembler.feed(b"A=1\x00", more=True) is None
+    with pytest.raises(TextError):
+        reassembler.feed(b"B=22\x00", more=False)
 
 
 def test_reset_drops_partial_text() -> None:

@@ -502,18 +502,20 @@ class Negotiator:
     def _check_answer(self, rule: _Rule, offer: _Offer, value: str) -> None:
         key = rule.key
         self._pending.discard(key)
-        if value == IRRELEVANT:
-            if not self._irrelevance_allowed(rule):
+        if value in SPECIAL_VALUES:
+            if value == IRRELEVANT and not self._irrelevance_allowed(rule):
                 raise NegotiationError(
                     f"target answered {key}=Irrelevant, which RFC 7143 does not allow here",
                     key=key,
                     value=value,
                 )
-            self._irrelevant.add(key)
-            self._results.pop(key, None)
-            return
-        if value in (REJECT, NOT_UNDERSTOOD):
-            self._fall_back(rule, offer, value)
+            discovery = self._session_type is SessionType.DISCOVERY
+            if value == IRRELEVANT or (discovery and rule.discovery_irrelevant):
+                # The key does not matter here, whatever the target thinks of our value.
+                self._irrelevant.add(key)
+                self._results.pop(key, None)
+            else:
+                self._fall_back(rule, offer, value)
             return
         try:
             result = _parse_single(rule, value)
@@ -525,8 +527,8 @@ class Negotiator:
             ) from exc
         if not _admissible(rule, offer, result):
             raise NegotiationError(
-                f"target answered {key}={_excerpt(value)}, which the {rule.function.value}"
-                f" of our offer {key}={_format(offer)} cannot give",
+                f"target answered {key}={_excerpt(value)}, not a possible outcome of our offer"
+                f" {key}={_format(offer)} (result function: {rule.function.value})",
                 key=key,
                 value=_excerpt(value),
             )

@@ -14,6 +14,7 @@ from typing import TypeAlias
 __all__ = [
     "ISID",
     "PDU",
+    "RESERVED_TAG",
     "LoginRequest",
     "LoginResponse",
     "LoginStatus",
@@ -26,7 +27,6 @@ __all__ = [
     "Opcode",
     "Reject",
     "RejectReason",
-    "RESERVED_TAG",
     "Stage",
     "StatusClass",
     "TextRequest",
@@ -89,7 +89,9 @@ class LoginStatus(enum.IntEnum):
     @property
     def retryable(self) -> bool:
         """Whether trying again, later or on another portal, can help."""
-        return self.value >> 8 == StatusClass.TARGET_ERROR or self is LoginStatus.TOO_MANY_CONNECTIONS
+        return (
+            self.value >> 8 == StatusClass.TARGET_ERROR or self is LoginStatus.TOO_MANY_CONNECTIONS
+        )
 
 
 class LogoutReason(enum.IntEnum):

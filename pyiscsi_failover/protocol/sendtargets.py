@@ -48,7 +48,9 @@ def parse_send_targets(pairs: Iterable[tuple[str, str]]) -> list[DiscoveredTarge
             try:
                 portals.append(Portal.parse(value))
             except InvalidPortal as exc:
-                raise TextError(f"SendTargets: bad TargetAddress={value!r}: {exc}", key=key) from exc
+                raise TextError(
+                    f"SendTargets: bad TargetAddress={value!r}: {exc}", key=key
+                ) from exc
     if name is not None:
         targets.append(DiscoveredTarget(iqn=name, portals=tuple(portals)))
     return targets

@@ -238,14 +238,22 @@ class WrongChapResponse:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReflectChallenge:
-    """The target's CHAP_C is a challenge an initiator sent it before (a reflection attack).
+    """CHAP reflection, as an attacker (or a target sharing one secret both ways) would do it.
 
-    With ``challenge`` unset the server uses the latest mutual-CHAP challenge any initiator sent
-    to it on an earlier connection; until there is one, a fresh challenge is sent.
+    By default the target's CHAP_C is a challenge an initiator sent it before: ``challenge``, or
+    (unset) the latest mutual-CHAP challenge any initiator sent the server on an earlier
+    connection; until there is one, a fresh challenge goes out. With ``initiator_secret`` the
+    target instead answers a mutual challenge with a CHAP_R computed from the *initiator's*
+    secret, which is what reflecting the initiator's own challenge back at it yields.
     """
 
     kind: ClassVar[FaultKind] = FaultKind.REFLECT_CHALLENGE
     challenge: bytes | None = None
+    initiator_secret: bool = False
+
+    def __post_init__(self) -> None:
+        if self.challenge is not None and not 1 <= len(self.challenge) <= 1024:
+            raise LocalProtocolError("a reflected challenge must be 1..1024 bytes")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -266,6 +274,8 @@ class GarbageKeyValues:
     def __post_init__(self) -> None:
         if not self.keys:
             raise LocalProtocolError("garbage-key-values needs at least one key")
+        if "\x00" in self.value or len(self.value.encode("utf-8", "replace")) > 255:
+            raise LocalProtocolError("a garbage value must be at most 255 bytes without NUL")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -277,11 +287,16 @@ class NonUTF8Text:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SplitText:
-    """Text and Login Responses are cut into ``chunk``-byte data segments."""
+    """Text Responses (and Login Responses if ``login``) are cut into ``chunk``-byte segments.
+
+    Login Responses are always cut with C=1, the only way RFC 7143 allows; some initiators
+    (libiscsi 1.19) cannot reassemble them, hence the separate switch.
+    """
 
     kind: ClassVar[FaultKind] = FaultKind.SPLIT_TEXT
     chunk: int = 32
     style: SplitStyle = SplitStyle.CONTINUE
+    login: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk, bool) or not 1 <= self.chunk <= 0xFFFFFF:
@@ -360,8 +375,8 @@ def parse_fault(text: str) -> Fault:
     ``NAME`` for faults without parameters, and: ``delay:SECONDS``, ``slow-drip[:SECONDS]``,
     ``oversized-pdu[:LENGTH]``, ``redirect:ADDRESS`` / ``redirect-permanent:ADDRESS`` (ADDRESS
     is ``host:port[,tpgt]`` or a portal name), ``redirect-loop[:permanent]``,
-    ``reflect-challenge[:0xHEX]``, ``garbage-key-values[:KEY,KEY...]``,
-    ``split-text[:CHUNK[:continue|tgt]]``.
+    ``reflect-challenge[:0xHEX|:initiator-secret]``, ``garbage-key-values[:KEY,KEY...]``,
+    ``split-text[:CHUNK[:continue|tgt[:login]]]``.
     """
     name, sep, arg = text.strip().partition(":")
     permanent = False
@@ -396,6 +411,8 @@ def parse_fault(text: str) -> Fault:
         case FaultKind.REFLECT_CHALLENGE:
             if not sep:
                 return ReflectChallenge()
+            if arg == "initiator-secret":
+                return ReflectChallenge(initiator_secret=True)
             hex_digits = arg[2:] if arg[:2].lower() == "0x" else arg
             try:
                 challenge = bytes.fromhex(hex_digits)
@@ -409,12 +426,15 @@ def parse_fault(text: str) -> Fault:
         case FaultKind.SPLIT_TEXT:
             if not sep:
                 return SplitText()
-            chunk_text, sep2, style_text = arg.partition(":")
+            chunk_text, sep2, rest = arg.partition(":")
+            style_text, sep3, login_text = rest.partition(":")
             try:
                 style = SplitStyle(style_text) if sep2 else SplitStyle.CONTINUE
             except ValueError:
                 raise LocalProtocolError("split-text style must be 'continue' or 'tgt'") from None
-            return SplitText(chunk=_integer(kind, chunk_text), style=style)
+            if sep3 and login_text != "login":
+                raise LocalProtocolError("split-text takes ':login' after the style, or nothing")
+            return SplitText(chunk=_integer(kind, chunk_text), style=style, login=bool(sep3))
     raise LocalProtocolError(f"fault {kind.value} cannot be parsed")  # pragma: no cover
 
 
@@ -431,10 +451,12 @@ def format_fault(fault: Fault) -> str:
             return f"{'redirect-permanent' if permanent else 'redirect'}:{to}"
         case RedirectLoop(permanent=permanent):
             return f"redirect-loop:{'permanent' if permanent else 'temporary'}"
+        case ReflectChallenge(initiator_secret=True):
+            return "reflect-challenge:initiator-secret"
         case ReflectChallenge(challenge=challenge):
             return "reflect-challenge" + ("" if challenge is None else f":0x{challenge.hex()}")
         case GarbageKeyValues(keys=keys):
             return "garbage-key-values:" + ",".join(keys)
-        case SplitText(chunk=chunk, style=style):
-            return f"split-text:{chunk}:{style.value}"
+        case SplitText(chunk=chunk, style=style, login=login):
+            return f"split-text:{chunk}:{style.value}" + (":login" if login else "")
     return fault.kind.value

@@ -86,7 +86,18 @@ class LoginRecord:
 class ConnectionRecord:
     """What happened on one accepted connection; updated while the connection lives."""
 
-    __slots__ = ("events", "logged_out", "login", "open", "peer", "portal", "portal_name", "reset")
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "events",
+        "logged_out",
+        "login",
+        "open",
+        "peer",
+        "portal",
+        "portal_name",
+        "reset",
+    )
 
     def __init__(self, *, portal: Portal, portal_name: str, peer: str) -> None:
         self.portal = portal
@@ -98,6 +109,8 @@ class ConnectionRecord:
         self.logged_out = False
         #: True when the target reset the connection (reset-mid-login).
         self.reset = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
 
     def __repr__(self) -> str:
         return (
@@ -329,8 +342,16 @@ def _record_events(
 ) -> None:
     while (event := conn.next_event()) is not None:
         record.events.append(event)
+        logger.debug("portal %s, peer %s: %s", record.portal_name, record.peer, event)
         match event:
             case LoginFinished():
+                logger.info(
+                    "portal %s: login of %s to %s: %s",
+                    record.portal_name,
+                    event.initiator_name,
+                    event.target_name or "discovery",
+                    event.status.name,
+                )
                 record.login = LoginRecord(
                     portal=record.portal,
                     portal_name=record.portal_name,
@@ -378,6 +399,7 @@ async def _serve_connection(
     try:
         while True:
             data = await stream.receive_some(_RECEIVE_SIZE)
+            record.bytes_received += len(data)
             conn.receive_data(data)
             _record_events(running, record, conn)
             pdus = conn.pdus_to_send()
@@ -390,6 +412,7 @@ async def _serve_connection(
                 continue  # read everything, answer nothing
             if pdus:
                 await _send(stream, portal, pdus)
+                record.bytes_sent += sum(len(pdu) for pdu in pdus)
             if conn.closed or not data:
                 break
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -41,7 +41,7 @@ import ipaddress
 import secrets
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TypeAlias
 
 from pyiscsi_failover.credentials import ChapCredentials
@@ -54,7 +54,12 @@ from pyiscsi_failover.errors import (
     TextError,
 )
 from pyiscsi_failover.names import DEFAULT_PORT, Portal, validate_iscsi_name
-from pyiscsi_failover.protocol.chap import DEFAULT_ALGORITHMS, ChapAlgorithm, ChapAuthenticator
+from pyiscsi_failover.protocol.chap import (
+    DEFAULT_ALGORITHMS,
+    ChapAlgorithm,
+    ChapAuthenticator,
+    chap_response,
+)
 from pyiscsi_failover.protocol.framing import PDUBuffer
 from pyiscsi_failover.protocol.negotiation import Digest, SessionType
 from pyiscsi_failover.protocol.pdu import (
@@ -114,13 +119,13 @@ from pyiscsi_failover.testing.faults import (
 )
 
 __all__ = [
+    "DEFAULT_TPGT",
+    "LOGIN_SEGMENT_LIMIT",
     "ChallengeReceived",
     "ChapSettings",
     "ConnectionState",
-    "DEFAULT_TPGT",
     "Event",
     "FaultInjected",
-    "LOGIN_SEGMENT_LIMIT",
     "LoginFinished",
     "LogoutReceived",
     "NopAnswered",
@@ -583,7 +588,6 @@ class _Identity:
     isid: ISID | None = None
     auth_method: str | None = None
     chap_username: str | None = None
-    extras: dict[str, str] = field(default_factory=dict)
 
 
 class TargetConnection:
@@ -819,11 +823,9 @@ class TargetConnection:
             self._login_cmdsn = req.cmdsn
             self._expcmdsn = req.cmdsn
             if req.version_min > 0:
-                self._login_itt = req.itt
                 self._fail(req, LoginStatus.UNSUPPORTED_VERSION)
                 return
             if req.tsih != 0:
-                self._login_itt = req.itt
                 self._fail(req, LoginStatus.SESSION_DOES_NOT_EXIST)
                 return
             self._state = (
@@ -858,8 +860,10 @@ class TargetConnection:
             return
         if req.csg is Stage.LOGIN_OPERATIONAL_NEGOTIATION and in_security:
             if self._state is not ConnectionState.AUTHENTICATED:
-                self._fail(req, LoginStatus.INITIATOR_ERROR, why="left stage 0 without agreement")
+                self._fail(req, LoginStatus.INITIATOR_ERROR, why="left stage 0 unauthenticated")
                 return
+            # Authenticated, but the target never answered T=1: tolerated, and reported.
+            self._violation("moved to LoginOperationalNegotiation without the target's T=1")
             self._state = ConnectionState.OPERATIONAL_NEGOTIATION
 
         try:
@@ -1032,7 +1036,7 @@ class TargetConnection:
                 self._fail(req, LoginStatus.AUTHENTICATION_FAILURE)
                 return False
             self._identity.chap_username = self._authenticator.authenticated_username
-            answers.extend(self._maybe_corrupt_chap(pairs))
+            answers.extend(self._maybe_corrupt_chap(self._maybe_reflect_response(keys, pairs)))
             self._state = ConnectionState.AUTHENTICATED
         elif "CHAP_I" in keys or "CHAP_C" in keys:
             self._fail(req, LoginStatus.AUTHENTICATION_FAILURE, why="CHAP_C without CHAP_R")
@@ -1046,7 +1050,7 @@ class TargetConnection:
         chap = self._chap
         reflect = self._fault(FaultKind.REFLECT_CHALLENGE)
         reflected: bytes | None = None
-        if isinstance(reflect, ReflectChallenge):
+        if isinstance(reflect, ReflectChallenge) and not reflect.initiator_secret:
             reflected = reflect.challenge
             if reflected is None and self._seen_challenges:
                 reflected = self._seen_challenges[-1]
@@ -1070,6 +1074,24 @@ class TargetConnection:
             identifier=lambda: random_source(1)[0],
         )
         return self._authenticator.select_algorithm(offer)
+
+    def _maybe_reflect_response(
+        self, keys: Mapping[str, str], pairs: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        reflect = self._fault(FaultKind.REFLECT_CHALLENGE)
+        authenticator = self._authenticator
+        if not (isinstance(reflect, ReflectChallenge) and reflect.initiator_secret and pairs):
+            return pairs
+        assert authenticator is not None
+        assert authenticator.algorithm is not None
+        username = authenticator.authenticated_username
+        secret = next(a.secret for a in self._chap.accounts if a.username == username)
+        # check_response accepted CHAP_I/CHAP_C, so they parse.
+        identifier = parse_number("CHAP_I", keys["CHAP_I"], low=0, high=255)
+        challenge = parse_binary("CHAP_C", keys["CHAP_C"])
+        self._inject(FaultKind.REFLECT_CHALLENGE)
+        answer = chap_response(authenticator.algorithm, identifier, secret, challenge)
+        return [(k, format_binary(answer) if k == "CHAP_R" else v) for k, v in pairs]
 
     def _maybe_corrupt_chap(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if not isinstance(self._fault(FaultKind.WRONG_CHAP_RESPONSE), WrongChapResponse):
@@ -1182,7 +1204,7 @@ class TargetConnection:
             data += _NON_UTF8_PAIR
         limit = LOGIN_SEGMENT_LIMIT
         split = self._fault(FaultKind.SPLIT_TEXT)
-        if isinstance(split, SplitText) and len(data) > split.chunk:
+        if isinstance(split, SplitText) and split.login and len(data) > split.chunk:
             self._inject(FaultKind.SPLIT_TEXT)
             limit = split.chunk
         success = transit and nsg is Stage.FULL_FEATURE_PHASE

@@ -1,0 +1,40 @@
+"""Shared pytest setup: the hypothesis profile and the ``tgtd_factory`` fixture for peer tests.
+
+Kept small on purpose; test modules keep their own fixtures. Helpers for real peers live in
+``tests/peers.py`` (importable as ``peers`` because pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import settings
+from peers import Tgtd, TgtdStarter
+
+# Hypothesis already loads its built-in "ci" profile on CI (deterministic, no deadline); we keep
+# it and only give local runs a "dev" profile derived from the default one. Loopback peers and
+# the first construct parse are slow enough to trip the default 200 ms deadline spuriously.
+settings.register_profile("dev", parent=settings.get_profile("default"), deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if "CI" in os.environ else "dev"))
+
+
+@pytest.fixture
+def tgtd_factory() -> Iterator[TgtdStarter]:
+    """``start(portal_host=None, port=3260) -> Tgtd``; every tgtd started is stopped afterwards.
+
+    ``portal_host=None`` picks a fresh :func:`peers.unique_loopback` address.
+    """
+    started: list[Tgtd] = []
+
+    def start(portal_host: str | None = None, port: int = 3260) -> Tgtd:
+        daemon = Tgtd(portal_host, port)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in reversed(started):
+            daemon.stop()

@@ -1,0 +1,187 @@
+"""The hand-off against the real open-iscsi ``iscsiadm`` (Debian package open-iscsi).
+
+Node-record operations work offline (they only touch /etc/iscsi/nodes, no iscsid needed), so
+they are checked for real: creating, updating and reading back a record, and deleting it. A
+kernel login cannot work on a test machine (no iscsid / iscsi_tcp here, and no target), which is
+exactly what lets us check that a failed attach raises a clear typed error and removes only the
+record it created. Every record uses a fresh IQN and a 127.0.0.X portal and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from pyiscsi_failover.credentials import ChapCredentials, Secret
+from pyiscsi_failover.errors import IscsiadmError
+from pyiscsi_failover.iscsiadm import (
+    Iscsiadm,
+    IscsiadmExit,
+    NodeTarget,
+    attach,
+    detach,
+    exit_meaning,
+    handoff_plan,
+    node_delete,
+    node_new,
+    node_show,
+)
+from pyiscsi_failover.names import Portal
+
+SECRET = "Zebra-Quartz-9137-secret"
+SECRET_IN = "Mutual-Walrus-5521-secret"
+
+
+def _find_iscsiadm() -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return shutil.which("iscsiadm", path=path)
+
+
+ISCSIADM = _find_iscsiadm()
+
+pytestmark = [
+    pytest.mark.peer,
+    pytest.mark.skipif(
+        ISCSIADM is None,
+        reason="PEER TEST SKIPPED: iscsiadm not found; install the Debian package open-iscsi",
+    ),
+    pytest.mark.skipif(
+        os.geteuid() != 0,
+        reason="PEER TEST SKIPPED: iscsiadm writes /etc/iscsi/nodes, which needs root",
+    ),
+]
+
+
+def _iqn() -> str:
+    return f"iqn.2026-11.test.pyiscsi:{uuid.uuid4().hex}"
+
+
+def _forget(iqn: str) -> None:
+    """Remove every record for ``iqn``, whatever a failed test left behind."""
+    assert ISCSIADM is not None
+    subprocess.run(
+        [ISCSIADM, "-m", "node", "-T", iqn, "-o", "delete"], capture_output=True, check=False
+    )
+
+
+@pytest.fixture
+def iscsiadm() -> Iscsiadm:
+    assert ISCSIADM is not None
+    return Iscsiadm(binary=ISCSIADM, timeout=30.0)
+
+
+@pytest.fixture
+def node() -> Iterator[NodeTarget]:
+    """A CHAP (mutual) target on a unique IQN and loopback portal; its records are removed."""
+    last = uuid.uuid4().int % 200 + 20
+    t = NodeTarget(
+        portal=Portal(host=f"127.0.0.{last}", port=3, tpgt=1),
+        iqn=_iqn(),
+        lun=0,
+        chap=ChapCredentials("alice", Secret(SECRET)),
+        target_chap=ChapCredentials("tgt-user", Secret(SECRET_IN)),
+    )
+    yield t
+    _forget(t.iqn)
+
+
+def _record(text: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep and not key.startswith("#"):
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+async def test_missing_record_is_no_objs_found(iscsiadm: Iscsiadm, node: NodeTarget) -> None:
+    with trio.fail_after(30):
+        result = await iscsiadm.run(node_show(node))
+    assert result.status is IscsiadmExit.NO_OBJS_FOUND
+    assert result.exit_code == 21
+
+
+async def test_node_record_create_update_read_delete(iscsiadm: Iscsiadm, node: NodeTarget) -> None:
+    setup = handoff_plan(node)[:-1]  # everything but --login
+    with trio.fail_after(30):
+        for cmd in setup:
+            await iscsiadm.check(cmd)
+        shown = await iscsiadm.check(node_show(node))
+    record = _record(shown.stdout)
+    assert record["node.name"] == node.iqn
+    assert record["node.tpgt"] == "1"
+    assert record["node.conn[0].address"] == node.portal.host
+    assert record["node.conn[0].port"] == "3"
+    assert record["node.startup"] == "manual"
+    assert record["node.session.auth.authmethod"] == "CHAP"
+    assert record["node.session.auth.username"] == "alice"
+    assert record["node.session.auth.username_in"] == "tgt-user"
+    # iscsiadm shows passwords as asterisks unless asked (-S); we never ask.
+    assert record["node.session.auth.password"] == "********"
+    assert record["node.session.auth.password_in"] == "********"
+    assert SECRET not in shown.stdout
+    assert SECRET_IN not in shown.stdout
+    with trio.fail_after(30):
+        await iscsiadm.check(node_delete(node))
+        gone = await iscsiadm.run(node_show(node))
+    assert gone.status is IscsiadmExit.NO_OBJS_FOUND
+
+
+async def test_ipv6_portal_record(iscsiadm: Iscsiadm) -> None:
+    t = NodeTarget(portal=Portal(host="::1", port=3, tpgt=2), iqn=_iqn(), lun=0)
+    try:
+        with trio.fail_after(30):
+            await iscsiadm.check(node_new(t))
+            shown = await iscsiadm.check(node_show(t))
+        record = _record(shown.stdout)
+        # The record keeps the bare address: this is what udev's by-path name will contain.
+        assert record["node.conn[0].address"] == "::1"
+        assert record["node.tpgt"] == "2"
+    finally:
+        _forget(t.iqn)
+
+
+async def test_failed_attach_is_typed_and_removes_the_record_it_created(
+    iscsiadm: Iscsiadm, node: NodeTarget
+) -> None:
+    with trio.fail_after(60), pytest.raises(IscsiadmError) as info:
+        await attach(node, iscsiadm=iscsiadm, device_timeout=1.0)
+    error = info.value
+    assert error.exit_code is not None
+    assert error.exit_code not in (IscsiadmExit.SUCCESS, IscsiadmExit.SESS_EXISTS)
+    assert str(error).startswith(exit_meaning(error.exit_code))
+    assert SECRET not in str(error)
+    assert SECRET_IN not in str(error)
+    with trio.fail_after(30):
+        after = await iscsiadm.run(node_show(node))
+    assert after.status is IscsiadmExit.NO_OBJS_FOUND
+
+
+async def test_failed_attach_keeps_a_record_that_existed(
+    iscsiadm: Iscsiadm, node: NodeTarget
+) -> None:
+    with trio.fail_after(60):
+        await iscsiadm.check(node_new(node))
+        with pytest.raises(IscsiadmError):
+            await attach(node, iscsiadm=iscsiadm, device_timeout=1.0)
+        after = await iscsiadm.run(node_show(node))
+    assert after.status is IscsiadmExit.SUCCESS
+    assert _record(after.stdout)["node.session.auth.authmethod"] == "CHAP"
+
+
+async def test_detach_without_session_or_record_is_fine(
+    iscsiadm: Iscsiadm, node: NodeTarget
+) -> None:
+    with trio.fail_after(30):
+        await iscsiadm.check(node_new(node))
+        ran = await detach(node, iscsiadm=iscsiadm)
+        after = await iscsiadm.run(node_show(node))
+        again = await detach(node, iscsiadm=iscsiadm)
+    assert len(ran) == len(again) == 2
+    assert after.status is IscsiadmExit.NO_OBJS_FOUND
