@@ -40,7 +40,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks: print tables, write JSON (and a plot) under benchmarks/results/. Never gates CI."""
+    """Benchmarks: tables, JSON and a plot under benchmarks/results/. Never gates CI."""
     session.install("-e", ".[test]", "matplotlib")
     session.run("python", "-m", "benchmarks", *session.posargs)
 

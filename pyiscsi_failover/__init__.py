@@ -1,4 +1,5 @@
-"""pyiscsi-failover: choose the first working iSCSI portal/target in user space, then hand it to open-iscsi."""
+"""pyiscsi-failover: find the first working iSCSI portal/target in user space, then hand it
+to open-iscsi."""
 
 from __future__ import annotations
 

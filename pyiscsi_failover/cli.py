@@ -65,8 +65,8 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 
-SECRET_ENV: Final = "PYISCSI_CHAP_SECRET"
-TARGET_SECRET_ENV: Final = "PYISCSI_TARGET_CHAP_SECRET"
+SECRET_ENV: Final = "PYISCSI_CHAP_SECRET"  # noqa: S105 (a variable name, not a secret)
+TARGET_SECRET_ENV: Final = "PYISCSI_TARGET_CHAP_SECRET"  # noqa: S105
 
 logger = logging.getLogger("pyiscsi_failover")
 
@@ -224,7 +224,7 @@ def _add_probe_options(parser: argparse.ArgumentParser) -> None:
     _add_timeouts(parser)
 
 
-# -- inputs ------------------------------------------------------------------------------------------
+# -- inputs -------------------------------------------------------------------------------
 
 
 def _read_secret(path: Path | None, env: str, what: str) -> Secret | None:
@@ -473,7 +473,7 @@ def _progress(output: _Output) -> Callable[[ProgressEvent], None]:
     return show
 
 
-# -- commands ------------------------------------------------------------------------------------------
+# -- commands -----------------------------------------------------------------------------
 
 
 async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
@@ -517,7 +517,7 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
     )
     for target in targets:
         output.out(str(target["iqn"]))
-        for p in target["portals"]:  # type: ignore[attr-defined]
+        for p in target["portals"]:
             output.out(f"    {p}")
     return EXIT_OK
 
@@ -550,7 +550,8 @@ async def _cmd_login(args: argparse.Namespace, output: _Output, stdin: IO[str]) 
                 f"{'logged out' if report.logout else 'logout: ' + '; '.join(report.notes)}"
             )
             output.out(
-                f"timings: connect {report.connect_s * 1000:.1f} ms, login {report.login_s * 1000:.1f} ms, "
+                f"timings: connect {report.connect_s * 1000:.1f} ms, "
+                f"login {report.login_s * 1000:.1f} ms, "
                 f"total {report.total_s * 1000:.1f} ms"
             )
             output.out("negotiated:")

@@ -32,7 +32,14 @@ from pyiscsi_failover.testing import (
     serve_target,
 )
 
-__all__ = ["DEMO_IQN", "DEMO_USER", "demo_connection_info", "demo_target", "explain"]
+__all__ = [
+    "DEMO_IQN",
+    "DEMO_USER",
+    "demo_connection_info",
+    "demo_target",
+    "explain",
+    "shown_connection_info",
+]
 
 DEMO_IQN: Final = "iqn.2026-11.org.pyiscsi-failover.demo:volume-1"
 DEMO_USER: Final = "demo-initiator"

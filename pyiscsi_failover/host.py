@@ -34,8 +34,8 @@ def read_initiator_name(path: Path = INITIATOR_NAME_FILE) -> str | None:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if line.startswith("InitiatorName="):
             value = line.partition("=")[2].strip()
             try:

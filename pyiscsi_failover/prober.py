@@ -462,5 +462,5 @@ def probe_sync(
     *,
     on_progress: Callable[[ProgressEvent], None] | None = None,
 ) -> ProbeResult:
-    """:func:`probe` for callers that are not async (os-brick-style code): runs its own trio loop."""
+    """:func:`probe` for callers that are not async (os-brick-style code); runs a trio loop."""
     return trio.run(lambda: probe(info, options, on_progress=on_progress))

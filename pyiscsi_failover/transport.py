@@ -263,9 +263,10 @@ async def login(
 
 
 async def _logout(
-    stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal, timeout: float
+    stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal, deadline_s: float
 ) -> tuple[LoggedOut | None, str | None]:
     conn.logout()
+    timeout = deadline_s
     try:
         with trio.fail_after(timeout):
             event = await _next_event(stream, conn, portal)

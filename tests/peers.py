@@ -496,6 +496,10 @@ class Tgtd:
         self.set_param(tid, "RedirectPort", str(port))
         self.set_param(tid, "RedirectReason", reason)
 
+    def clear_redirect(self, tid: int) -> None:
+        """Serve ``tid`` here again (tgt drops the redirect when RedirectAddress is empty)."""
+        self.set_param(tid, "RedirectAddress", "")
+
     def delete_target(self, tid: int) -> None:
         """Remove the target even if sessions are open, and its backing files."""
         self.tgtadm("--op", "delete", "--force", "--mode", "target", "--tid", str(tid))

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import pyiscsi_failover.connection_info as ci_module
 from pyiscsi_failover.connection_info import (
     MAX_LUN,
     Candidate,
@@ -811,17 +810,6 @@ def test_fuzz_provider_location_raises_only_connection_info_error(text: str) -> 
 
 # --------------------------------------------------------------------------------------------
 # Module hygiene
-
-
-def test_all_is_sorted_and_complete() -> None:
-    assert ci_module.__all__ == sorted(ci_module.__all__)
-    public = {
-        name
-        for name, value in vars(ci_module).items()
-        if not name.startswith("_") and getattr(value, "__module__", None) == ci_module.__name__
-    }
-    assert public <= set(ci_module.__all__)
-    assert all(hasattr(ci_module, name) for name in ci_module.__all__)
 
 
 def test_pure_module_imports_no_io() -> None:

@@ -5,7 +5,6 @@ cannot take on a test machine: success, session already there, every failure, ti
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pyiscsi_failover.iscsiadm as module
 from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
 from pyiscsi_failover.errors import (
     ConnectionInfoError,
@@ -356,18 +354,6 @@ def test_exit_meaning() -> None:
     assert exit_meaning(99) == "unknown iscsiadm exit status 99"
     assert exit_meaning(-9) == "iscsiadm was killed by signal 9"
     assert exit_meaning(None) == "iscsiadm did not finish"
-
-
-def test_all_is_sorted_and_complete() -> None:
-    assert module.__all__ == sorted(module.__all__)
-    defined_here = {
-        name
-        for name, value in vars(module).items()
-        if not name.startswith("_")
-        and (inspect.isfunction(value) or inspect.isclass(value))
-        and value.__module__ == module.__name__
-    }
-    assert defined_here | {"DEVICE_POLL_INTERVAL"} == set(module.__all__)
 
 
 # ---------------------------------------------------------------------------- the fake

@@ -8,6 +8,7 @@ the winner, sequential the sum, staggered one stagger per blackholed portal.
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -22,6 +23,7 @@ from pyiscsi_failover.prober import (
     Attempt,
     AttemptFinished,
     AttemptStarted,
+    Checker,
     Outcome,
     Policy,
     ProbeOptions,
@@ -56,7 +58,7 @@ def info_for(n: int) -> ConnectionInfo:
     return parse_connection_info(data)
 
 
-def simulated(behaviours: list[Behaviour]):  # type: ignore[no-untyped-def]
+def simulated(behaviours: list[Behaviour]) -> Checker:
     async def checker(candidate: Candidate) -> Attempt:
         b = behaviours[candidate.index]
         start = trio.current_time()
@@ -97,7 +99,7 @@ behaviour = st.one_of(
 behaviour_lists = st.lists(behaviour, min_size=1, max_size=8)
 
 
-def virtual(fn):  # type: ignore[no-untyped-def]
+def virtual(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
     """Run an async test body under a fresh autojump clock (hypothesis cannot use fixtures)."""
 
     @functools.wraps(fn)

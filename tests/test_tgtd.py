@@ -7,7 +7,6 @@ and control port. These are the proofs that we are correct on the wire with a re
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -43,7 +42,7 @@ async def run_login(portal: str, config: LoginConfig) -> LoginReport:
 
 
 @pytest.fixture
-def tgtd(tgtd_factory: TgtdStarter) -> Iterator[Tgtd]:
+def tgtd(tgtd_factory: TgtdStarter) -> Tgtd:
     daemon = tgtd_factory()
     daemon.add_target(1, "iqn.2026-11.test.pyiscsi:open", luns=1)
     daemon.allow(1)
@@ -57,7 +56,7 @@ def tgtd(tgtd_factory: TgtdStarter) -> Iterator[Tgtd]:
     daemon.add_account("target3", "target-secret-99")
     daemon.bind_account(3, "bob")
     daemon.bind_account(3, "target3", outgoing=True)
-    yield daemon
+    return daemon
 
 
 async def test_discovery_lists_every_target(tgtd: Tgtd) -> None:

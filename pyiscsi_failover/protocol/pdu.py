@@ -123,7 +123,7 @@ class RejectReason(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ISID:
-    """Initiator Session ID (bytes 8-13 of Login PDUs): type T (2 bits), A (6), B (16), C (8), D (16)."""
+    """Initiator Session ID (bytes 8-13 of Login PDUs): T (2 bits), A (6), B (16), C (8), D (16)."""
 
     t: int
     a: int

@@ -51,8 +51,8 @@ faults (--fault NAME=FAULT, NAME a portal name or a target IQN):
   refuse, blackhole, silent, reset-mid-login, delay:SECONDS, slow-drip[:SECONDS],
   malformed-pdu, oversized-pdu[:LENGTH], wrong-opcode, wrong-itt, redirect:HOST:PORT[,TPGT],
   redirect-permanent:ADDRESS (ADDRESS may also be a portal name), redirect-loop[:permanent],
-  wrong-chap-response, reflect-challenge[:0xHEX], downgrade-to-none,
-  garbage-key-values[:KEY,...], non-utf8-text, split-text[:CHUNK[:continue|tgt]],
+  wrong-chap-response, reflect-challenge[:0xHEX|:initiator-secret], downgrade-to-none,
+  garbage-key-values[:KEY,...], non-utf8-text, split-text[:CHUNK[:continue|tgt[:login]]],
   service-unavailable. Socket and timing faults (refuse, blackhole, silent, reset-mid-login,
   delay, slow-drip) can only be set on a portal.
 

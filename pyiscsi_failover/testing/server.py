@@ -262,12 +262,16 @@ class _Server:
         family = _family(portal.host)
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
         self.sockets.append(sock)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        refuse = portal.has(FaultKind.REFUSE)
+        if not refuse:
+            # Not for a refusing portal: on Linux two SO_REUSEADDR sockets may share a port
+            # while neither listens, so someone else could start listening on "our" dead port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         await sock.bind((portal.host, portal.port))
         bound = replace(portal, port=sock.getsockname()[1])
-        if portal.has(FaultKind.REFUSE):
+        if refuse:
             return bound, None  # bound, never listening: connect() gets RST
         if portal.has(FaultKind.BLACKHOLE):
             sock.listen(0)

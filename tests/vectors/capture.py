@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -201,44 +202,53 @@ def read_capture(pcap: Path, portals: set[tuple[str, int]]) -> dict[str, Any]:
     skipped: dict[str, int] = {}
     for key, direction in sorted(directions.items()):
         raw = bytes(direction.data)
-        readings = by_direction.get(key, [])
-        offset = index = 0
+        split: list[tuple[int, bytes]] = []  # (frame the PDU ends in, bytes)
+        offset = 0
         while offset < len(raw):
             if len(raw) - offset < BHS:
                 raise RuntimeError(f"stream {key}: {len(raw) - offset} stray bytes at the end")
             length = _pdu_length(raw[offset : offset + BHS])
-            pdu = raw[offset : offset + length]
-            if len(pdu) != length:
+            if len(raw) - offset < length:
                 raise RuntimeError(f"stream {key}: truncated PDU at the end of the capture")
-            if index >= len(readings):
-                raise RuntimeError(f"stream {key}: tshark decoded fewer PDUs than the bytes hold")
-            frame, reading = readings[index]
-            opcode = pdu[0] & 0x3F
-            if int(reading["iscsi.opcode"], 16) != opcode or int(
-                reading["iscsi.datasegmentlength"]
-            ) != int.from_bytes(pdu[5:8], "big"):
-                raise RuntimeError(f"stream {key} PDU {index}: tshark and the bytes disagree")
-            last_byte = offset + length - 1
-            ends_in = max(f for start, f in direction.frames if start <= last_byte)
-            if ends_in != frame:
-                raise RuntimeError(f"stream {key} PDU {index}: ends in {ends_in}, not {frame}")
-            if opcode in MODELED:
-                records.append(
-                    {
-                        "session": direction.stream,
-                        "sender": direction.sender,
-                        "frame": frame,
-                        "index_in_direction": index,
-                        "hex": pdu.hex(),
-                        "tshark": reading,
-                    }
-                )
-            else:
-                skipped[f"0x{opcode:02x}"] = skipped.get(f"0x{opcode:02x}", 0) + 1
+            ends_in = max(f for start, f in direction.frames if start <= offset + length - 1)
+            split.append((ends_in, raw[offset : offset + length]))
             offset += length
-            index += 1
-        if index != len(readings):
-            raise RuntimeError(f"stream {key}: tshark decoded more PDUs than the bytes hold")
+        # tshark shows a PDU in the frame where it ends; pair PDUs and readings frame by frame.
+        readings: dict[int, list[dict[str, Any]]] = {}
+        for frame_number, one in by_direction.get(key, []):
+            readings.setdefault(frame_number, []).append(one)
+        ends = {frame_number for frame_number, _ in split}
+        if stray := set(readings) - ends:
+            raise RuntimeError(
+                f"stream {key}: tshark saw PDUs in frames {stray} but none end there"
+            )
+        for index, (frame_number, pdu) in enumerate(split):
+            in_frame = [p for f, p in split if f == frame_number]
+            seen = readings.get(frame_number, [])
+            reading: dict[str, Any] | None = None
+            if seen:
+                if len(seen) != len(in_frame):
+                    raise RuntimeError(f"stream {key} frame {frame_number}: PDU counts differ")
+                reading = seen[in_frame.index(pdu)]
+                if int(reading["iscsi.opcode"], 16) != pdu[0] & 0x3F or int(
+                    reading["iscsi.datasegmentlength"]
+                ) != int.from_bytes(pdu[5:8], "big"):
+                    raise RuntimeError(f"stream {key} PDU {index}: tshark and the bytes disagree")
+            opcode = pdu[0] & 0x3F
+            if opcode not in MODELED:
+                skipped[f"0x{opcode:02x}"] = skipped.get(f"0x{opcode:02x}", 0) + 1
+                continue
+            record: dict[str, Any] = {
+                "session": direction.stream,
+                "sender": direction.sender,
+                "frame": frame_number,
+                "index_in_direction": index,
+                "hex": pdu.hex(),
+                "tshark": reading,
+            }
+            if reading is None:
+                record["tshark_note"] = "tshark did not dissect this PDU as iSCSI"
+            records.append(record)
     records.sort(key=lambda r: (r["frame"], r["session"], r["index_in_direction"]))
     # Renumber sessions 0.. in order of appearance, so re-captures diff cleanly.
     renumber: dict[int, int] = {}
@@ -261,7 +271,8 @@ class Scenario:
     description: str
     commands: list[str] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    #: Who built the initiator's PDUs; the target's are always tgtd's own bytes.
+    requests_from: str = "libiscsi's iscsi-ls (a real C initiator)"
 
 
 def _run_ls(scenario: Scenario, *args: str, shown: list[str] | None = None) -> None:
@@ -506,10 +517,42 @@ def _keys(pdu: bytes) -> list[str]:
     return [item.decode() for item in data.split(b"\0") if item]
 
 
+def _login(
+    sock: socket.socket,
+    *,
+    transit: bool,
+    csg: int,
+    nsg: int,
+    isid: bytes,
+    itt: int,
+    cmdsn: int,
+    expstatsn: int,
+    data: bytes,
+) -> bytes:
+    sock.sendall(
+        login_request(
+            transit=transit,
+            csg=csg,
+            nsg=nsg,
+            isid=isid,
+            itt=itt,
+            cmdsn=cmdsn,
+            expstatsn=expstatsn,
+            data=data,
+        )
+    )
+    return _receive_pdu(sock)
+
+
 def probe_chap_algorithm(
-    host: str, port: int, target: str, offer: str, isid: bytes
+    host: str, port: int, target: str, offer: str, isid: bytes, answer_with: str | None
 ) -> dict[str, Any]:
-    """Offer ``CHAP_A=<offer>`` to tgt and report what it chose (no CHAP_R is sent)."""
+    """Offer ``CHAP_A=<offer>``; if ``answer_with`` names a hashlib digest, answer with it.
+
+    Reports the algorithm tgt chose, its challenge length and, when answered, the status of
+    the Login Response to CHAP_N/CHAP_R (0x0000: tgt computed the same digest).
+    """
+    result: dict[str, Any] = {"offered": offer, "answered_with": answer_with}
     with socket.create_connection((host, port), timeout=5) as sock:
         first = _text(
             f"InitiatorName={INITIATOR}",
@@ -517,37 +560,50 @@ def probe_chap_algorithm(
             f"TargetName={target}",
             "AuthMethod=CHAP",
         )
-        sock.sendall(
-            login_request(
-                transit=True, csg=0, nsg=1, isid=isid, itt=1, cmdsn=1, expstatsn=0, data=first
-            )
+        answer = _login(
+            sock, transit=True, csg=0, nsg=1, expstatsn=0, data=first, isid=isid, itt=1, cmdsn=1
         )
-        answer = _receive_pdu(sock)
         statsn = int.from_bytes(answer[24:28], "big")
-        sock.sendall(
-            login_request(
+        try:
+            reply = _login(
+                sock,
                 transit=False,
                 csg=0,
                 nsg=0,
+                expstatsn=statsn + 1,
+                data=_text(f"CHAP_A={offer}"),
                 isid=isid,
                 itt=1,
                 cmdsn=1,
-                expstatsn=statsn + 1,
-                data=_text(f"CHAP_A={offer}"),
             )
-        )
-        try:
-            reply = _receive_pdu(sock)
         except (RuntimeError, OSError) as exc:
-            return {"offered": offer, "answer": f"no Login Response: {exc}"}
-    keys = dict(item.split("=", 1) for item in _keys(reply))
-    challenge = keys.get("CHAP_C", "")
-    return {
-        "offered": offer,
-        "status": f"0x{reply[36]:02x}{reply[37]:02x}",
-        "answer": _keys(reply),
-        "challenge_bytes": (len(challenge) - 2) // 2 if challenge.startswith("0x") else None,
-    }
+            result["answer"] = f"no Login Response: {exc}"
+            return result
+        keys = dict(item.split("=", 1) for item in _keys(reply))
+        challenge = keys.get("CHAP_C", "")
+        result["status"] = f"0x{reply[36]:02x}{reply[37]:02x}"
+        result["answer"] = _keys(reply)
+        result["challenge_bytes"] = len(bytes.fromhex(challenge[2:])) if challenge else None
+        if answer_with is None or not challenge:
+            return result
+        statsn = int.from_bytes(reply[24:28], "big")
+        digest = hashlib.new(
+            answer_with,
+            bytes([int(keys["CHAP_I"])]) + CHAP_SECRET.encode() + bytes.fromhex(challenge[2:]),
+        ).hexdigest()
+        final = _login(
+            sock,
+            transit=True,
+            csg=0,
+            nsg=1,
+            expstatsn=statsn + 1,
+            data=_text(f"CHAP_N={CHAP_USER}", f"CHAP_R=0x{digest}"),
+            isid=isid,
+            itt=1,
+            cmdsn=1,
+        )
+        result["status_after_chap_r"] = f"0x{final[36]:02x}{final[37]:02x}"
+    return result
 
 
 def probe_text_continuation(host: str, port: int, isid: bytes) -> dict[str, Any]:
@@ -596,10 +652,12 @@ def probe_text_continuation(host: str, port: int, isid: bytes) -> dict[str, Any]
 def scenario_tgt_probes(workdir: Path) -> tuple[Scenario, Path, set[tuple[str, int]]]:
     scenario = Scenario(
         name="tgt_probes",
+        requests_from="capture.py, hand-built with struct (not a real initiator)",
         description=(
             "Requests hand-built by capture.py (not a real initiator; only the responses are "
-            "tgt's bytes): CHAP_A offers libiscsi never makes (5, 6, 7, 8 and the list 7,5), "
-            "stopping after tgt's challenge, and a discovery session declaring "
+            "tgt's bytes): CHAP_A offers libiscsi never makes (6, 7, 8 and the list 7,5), some "
+            "answered with a CHAP_R computed with MD5, SHA-1 or SHA-256 to learn which digest "
+            "tgt means, and a discovery session declaring "
             "MaxRecvDataSegmentLength=512 whose SendTargets=All answer (eight long target "
             "names) does not fit in one PDU, continued with empty Text Requests that echo "
             "the target's TTT."
@@ -626,10 +684,19 @@ def scenario_tgt_probes(workdir: Path) -> tuple[Scenario, Path, set[tuple[str, i
         target = f"{IQN}continuation-01-" + "long" * 20
         results: dict[str, Any] = {"chap_algorithms": []}
         with capturing(pcap, [daemon.host], daemon.port):
-            for number, offer in enumerate(("5", "6", "7", "8", "7,5"), start=1):
+            offers = (
+                ("5", "md5"),
+                ("5", "sha1"),
+                ("6", None),
+                ("7", "sha1"),
+                ("7", "sha256"),
+                ("8", None),
+                ("7,5", None),
+            )
+            for number, (offer, answer_with) in enumerate(offers, start=1):
                 isid = bytes([0x80, 0x12, 0x34, 0x56, 0x00, number])
                 results["chap_algorithms"].append(
-                    probe_chap_algorithm(daemon.host, daemon.port, target, offer, isid)
+                    probe_chap_algorithm(daemon.host, daemon.port, target, offer, isid, answer_with)
                 )
             results["text_continuation"] = probe_text_continuation(
                 daemon.host, daemon.port, bytes([0x80, 0x12, 0x34, 0x56, 0x01, 0x00])
@@ -698,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
             document = {
                 "scenario": scenario.name,
                 "description": scenario.description,
+                "requests_from": scenario.requests_from,
                 "captured_at": provenance["captured_at"],
                 "versions": provenance["versions"],
                 "commands": scenario.commands,

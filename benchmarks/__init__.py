@@ -1,0 +1,1 @@
+"""Benchmarks for pyiscsi-failover, run with ``nox -s bench`` (never part of CI gating)."""

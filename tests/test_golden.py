@@ -1,0 +1,402 @@
+"""Golden vectors: PDUs captured from tgt and libiscsi decode as tshark read them, byte for byte.
+
+The vectors in ``tests/vectors/*.json`` were captured on loopback by ``tests/vectors/capture.py``
+(provenance in ``tests/vectors/README.md``). Each stored PDU carries the raw bytes and tshark's
+own decoding of it. Here every PDU must
+
+* decode, with every field tshark reported equal to ours (a field tshark shows that this file
+  neither checks nor lists as ignored fails the test, so a re-capture cannot hide a new field);
+* re-encode to exactly the captured bytes. That holds for every vector: tgt and libiscsi zero
+  all reserved bits and bytes and pad with zeros, which is what our encoder writes, so no byte
+  that RFC 7143 lets differ (reserved fields, padding) actually differs here.
+
+Scenario tests pin what the real target does at the points the failover logic depends on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyiscsi_failover.errors import TextError
+from pyiscsi_failover.protocol.pdu import (
+    ISID,
+    PDU,
+    RESERVED_TAG,
+    LoginRequest,
+    LoginResponse,
+    LoginStatus,
+    LogoutReason,
+    LogoutRequest,
+    LogoutResponse,
+    LogoutResponseCode,
+    NopIn,
+    NopOut,
+    Opcode,
+    Reject,
+    Stage,
+    TextRequest,
+    TextResponse,
+)
+from pyiscsi_failover.protocol.text import TextReassembler, decode_text
+from pyiscsi_failover.protocol.wire import decode_pdu, encode_pdu
+
+VECTORS = Path(__file__).parent / "vectors"
+SCENARIOS = ("discovery", "chap_login", "auth_failure", "redirect", "tgt_probes")
+
+OPCODE_OF: dict[type[Any], Opcode] = {
+    LoginRequest: Opcode.LOGIN_REQUEST,
+    LoginResponse: Opcode.LOGIN_RESPONSE,
+    TextRequest: Opcode.TEXT_REQUEST,
+    TextResponse: Opcode.TEXT_RESPONSE,
+    LogoutRequest: Opcode.LOGOUT_REQUEST,
+    LogoutResponse: Opcode.LOGOUT_RESPONSE,
+    Reject: Opcode.REJECT,
+    NopOut: Opcode.NOP_OUT,
+    NopIn: Opcode.NOP_IN,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Vector:
+    scenario: str
+    session: int
+    sender: str
+    frame: int
+    raw: bytes
+    tshark: dict[str, Any] | None
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario}-s{self.session}-f{self.frame}-{self.sender}"
+
+
+def _document(scenario: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((VECTORS / f"{scenario}.json").read_text())
+    return loaded
+
+
+def _vectors(scenario: str) -> list[Vector]:
+    return [
+        Vector(
+            scenario=scenario,
+            session=record["session"],
+            sender=record["sender"],
+            frame=record["frame"],
+            raw=bytes.fromhex(record["hex"]),
+            tshark=record["tshark"],
+        )
+        for record in _document(scenario)["pdus"]
+    ]
+
+
+ALL = [vector for scenario in SCENARIOS for vector in _vectors(scenario)]
+DISSECTED = [vector for vector in ALL if vector.tshark is not None]
+
+
+def _fragments() -> set[str]:
+    """Ids of Text Responses that carry part of a text tgt split over several PDUs.
+
+    tgt continues a long answer with F=0 and cuts it anywhere, mid-pair, without setting C
+    (see test_tgt_continues_sendtargets_with_f0_and_a_ttt_but_never_c), so these segments
+    only parse once joined; tshark splits each at NULs (and gives up at the first piece
+    without "=").
+    """
+    fragments: set[str] = set()
+    continuing: dict[tuple[str, int], bool] = {}
+    for vector in ALL:
+        pdu = decode_pdu(vector.raw)
+        if isinstance(pdu, TextResponse):
+            key = (vector.scenario, vector.session)
+            if not pdu.final or continuing.get(key, False):
+                fragments.add(vector.id)
+            continuing[key] = not pdu.final
+    return fragments
+
+
+FRAGMENTS = _fragments()
+
+
+def _decoded(vectors: list[Vector]) -> list[tuple[Vector, PDU]]:
+    return [(vector, decode_pdu(vector.raw)) for vector in vectors]
+
+
+# --------------------------------------------------------------------------------------------
+# every vector
+
+
+def test_vectors_are_present_with_provenance() -> None:
+    assert (VECTORS / "README.md").is_file()
+    for scenario in SCENARIOS:
+        document = _document(scenario)
+        assert document["versions"]["tgt"], scenario
+        assert document["versions"]["libiscsi-bin"], scenario
+        assert document["commands"], scenario
+        assert document["pdus"], scenario
+    # Both directions and every PDU type the login path meets are covered.
+    kinds = {type(decode_pdu(vector.raw)) for vector in ALL}
+    assert {LoginRequest, LoginResponse, TextRequest, TextResponse} <= kinds
+    assert {LogoutRequest, LogoutResponse} <= kinds
+
+
+@pytest.mark.parametrize("vector", ALL, ids=lambda vector: vector.id)
+def test_reencodes_byte_for_byte(vector: Vector) -> None:
+    assert encode_pdu(decode_pdu(vector.raw)) == vector.raw
+
+
+def _number(text: str) -> int:
+    return int(text, 16) if text.startswith("0x") else int(text)
+
+
+def _flag(text: str) -> bool:
+    assert text in ("0", "1"), text
+    return text == "1"
+
+
+def _lun(pdu: PDU) -> int:
+    # tshark shows a single-level LUN's 14-bit number from the first two bytes of the field.
+    lun: int = getattr(pdu, "lun", 0)
+    return (lun >> 48) & 0x3FFF
+
+
+def _isid(pdu: PDU) -> ISID:
+    assert isinstance(pdu, (LoginRequest, LoginResponse))
+    return pdu.isid
+
+
+# tshark field -> what our model says it should be, read from (pdu, raw bytes).
+CHECKS: dict[str, tuple[Callable[[str], object], Callable[[PDU, bytes], object]]] = {
+    "iscsi.opcode": (_number, lambda pdu, raw: OPCODE_OF[type(pdu)]),
+    "iscsi.I": (_flag, lambda pdu, raw: getattr(pdu, "immediate", None)),
+    "iscsi.login.T": (_flag, lambda pdu, raw: getattr(pdu, "transit", None)),
+    "iscsi.login.C": (_flag, lambda pdu, raw: getattr(pdu, "cont", None)),
+    "iscsi.login.csg": (_number, lambda pdu, raw: getattr(pdu, "csg", None)),
+    "iscsi.login.nsg": (_number, lambda pdu, raw: getattr(pdu, "nsg", None)),
+    "iscsi.login.status": (
+        _number,
+        lambda pdu, raw: getattr(pdu, "status_class", -1) << 8 | getattr(pdu, "status_detail", 0),
+    ),
+    "iscsi.text.F": (_flag, lambda pdu, raw: getattr(pdu, "final", None)),
+    "iscsi.text.C": (_flag, lambda pdu, raw: getattr(pdu, "cont", None)),
+    "iscsi.versionmax": (_number, lambda pdu, raw: getattr(pdu, "version_max", None)),
+    "iscsi.versionmin": (_number, lambda pdu, raw: getattr(pdu, "version_min", None)),
+    "iscsi.versionactive": (_number, lambda pdu, raw: getattr(pdu, "version_active", None)),
+    "iscsi.totalahslength": (_number, lambda pdu, raw: 0),  # none of these PDUs has an AHS
+    "iscsi.datasegmentlength": (_number, lambda pdu, raw: len(getattr(pdu, "data", b""))),
+    "iscsi.isid": (
+        lambda text: bytes.fromhex(text.replace(":", "")),
+        lambda pdu, raw: _isid(pdu).to_bytes(),
+    ),
+    "iscsi.isid.t": (_number, lambda pdu, raw: _isid(pdu).t),
+    "iscsi.isid.a": (_number, lambda pdu, raw: _isid(pdu).a),
+    "iscsi.isid.b": (_number, lambda pdu, raw: _isid(pdu).b),
+    "iscsi.isid.c": (_number, lambda pdu, raw: _isid(pdu).c),
+    "iscsi.isid.d": (_number, lambda pdu, raw: _isid(pdu).d),
+    "iscsi.tsih": (_number, lambda pdu, raw: getattr(pdu, "tsih", None)),
+    "iscsi.cid": (_number, lambda pdu, raw: getattr(pdu, "cid", None)),
+    "iscsi.initiatortasktag": (_number, lambda pdu, raw: getattr(pdu, "itt", None)),
+    "iscsi.targettransfertag": (_number, lambda pdu, raw: getattr(pdu, "ttt", None)),
+    "iscsi.cmdsn": (_number, lambda pdu, raw: getattr(pdu, "cmdsn", None)),
+    "iscsi.expstatsn": (_number, lambda pdu, raw: getattr(pdu, "expstatsn", None)),
+    "iscsi.statsn": (_number, lambda pdu, raw: getattr(pdu, "statsn", None)),
+    "iscsi.expcmdsn": (_number, lambda pdu, raw: getattr(pdu, "expcmdsn", None)),
+    "iscsi.maxcmdsn": (_number, lambda pdu, raw: getattr(pdu, "maxcmdsn", None)),
+    "iscsi.logout.reason": (_number, lambda pdu, raw: getattr(pdu, "reason", None)),
+    "iscsi.logout.response": (_number, lambda pdu, raw: getattr(pdu, "response", None)),
+    "iscsi.time2wait": (_number, lambda pdu, raw: getattr(pdu, "time2wait", None)),
+    "iscsi.time2retain": (_number, lambda pdu, raw: getattr(pdu, "time2retain", None)),
+    "iscsi.flags": (_number, lambda pdu, raw: raw[1]),
+    "scsi.lun": (_number, lambda pdu, raw: _lun(pdu)),
+    "iscsi.keyvalue": (
+        list,
+        lambda pdu, raw: [f"{k}={v}" for k, v in decode_text(getattr(pdu, "data", b""))],
+    ),
+    "iscsi.padding": (
+        lambda text: bytes.fromhex(text.replace(":", "")),
+        lambda pdu, raw: bytes(-len(getattr(pdu, "data", b"")) % 4),
+    ),
+}
+# Fields tshark adds that are about the capture, not the PDU, or restate a checked field.
+IGNORED = frozenset(
+    {
+        "iscsi.request_frame",  # frame numbers linking requests and responses
+        "iscsi.response_frame",
+        "scsi.lun.address_mode",  # part of the LUN checked as scsi.lun
+    }
+)
+
+
+@pytest.mark.parametrize("vector", DISSECTED, ids=lambda vector: vector.id)
+def test_fields_match_tshark(vector: Vector) -> None:
+    assert vector.tshark is not None
+    pdu = decode_pdu(vector.raw)
+    unknown = set(vector.tshark) - set(CHECKS) - IGNORED
+    assert not unknown, f"tshark reported fields this test does not check: {sorted(unknown)}"
+    for name, value in vector.tshark.items():
+        if name in IGNORED:
+            continue
+        if name == "iscsi.keyvalue" and vector.id in FRAGMENTS:
+            data = getattr(pdu, "data", b"")
+            pieces = [piece.decode() for piece in data.split(b"\0") if piece]
+            # tshark stops listing at the first piece without "=" (a cut pair), so its list is
+            # a prefix of the NUL-separated pieces.
+            assert pieces[: len(value)] == value
+            with pytest.raises(TextError):
+                decode_text(data)
+            continue
+        parse, ours = CHECKS[name]
+        assert ours(pdu, vector.raw) == parse(value), name
+
+
+# --------------------------------------------------------------------------------------------
+# what tgt and libiscsi did, read through our decoder
+
+
+def _login_responses(scenario: str) -> list[LoginResponse]:
+    return [pdu for _, pdu in _decoded(_vectors(scenario)) if isinstance(pdu, LoginResponse)]
+
+
+def _text_keys(pdu: PDU) -> list[tuple[str, str]]:
+    return decode_text(getattr(pdu, "data", b""))
+
+
+def test_discovery_lists_every_target_with_tgt_portal_group_1() -> None:
+    pdus = [pdu for _, pdu in _decoded(_vectors("discovery"))]
+    login_request, login_response, text_request, text_response, logout, logout_response = pdus
+    assert isinstance(login_request, LoginRequest)
+    assert (login_request.csg, login_request.nsg, login_request.transit) == (
+        Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+        Stage.FULL_FEATURE_PHASE,
+        True,
+    )
+    assert ("SessionType", "Discovery") in _text_keys(login_request)
+    assert isinstance(login_response, LoginResponse)
+    assert login_response.status is LoginStatus.SUCCESS
+    assert login_response.tsih != 0
+    assert ("TargetPortalGroupTag", "1") in _text_keys(login_response)
+    assert isinstance(text_request, TextRequest)
+    assert _text_keys(text_request) == [("SendTargets", "All")]
+    assert text_request.ttt == RESERVED_TAG
+    assert isinstance(text_response, TextResponse)
+    assert (text_response.final, text_response.cont, text_response.ttt) == (
+        True,
+        False,
+        RESERVED_TAG,
+    )
+    names = [value for key, value in _text_keys(text_response) if key == "TargetName"]
+    assert sorted(name.rsplit(":", 1)[1] for name in names) == ["alpha", "beta", "gamma"]
+    addresses = {value for key, value in _text_keys(text_response) if key == "TargetAddress"}
+    assert len(addresses) == 1
+    assert addresses.pop().endswith(":3260,1")  # only the portal we connected to
+    assert isinstance(logout, LogoutRequest)
+    assert logout.reason is LogoutReason.CLOSE_SESSION
+    assert isinstance(logout_response, LogoutResponse)
+    assert logout_response.response is LogoutResponseCode.CLOSED
+    assert logout_response.itt == logout.itt
+
+
+def test_chap_login_uses_md5_with_a_50_byte_challenge_then_logs_out() -> None:
+    pdus = [pdu for _, pdu in _decoded(_vectors("chap_login"))]
+    responses = [pdu for pdu in pdus if isinstance(pdu, LoginResponse)]
+    keys = [dict(_text_keys(pdu)) for pdu in responses]
+    assert keys[0] == {"TargetPortalGroupTag": "1", "AuthMethod": "None"}  # discovery: no CHAP
+    normal = next(index for index, found in enumerate(keys) if found.get("AuthMethod") == "CHAP")
+    assert keys[normal]["TargetPortalGroupTag"] == "1"
+    assert responses[normal].transit is False  # tgt waits for CHAP_A before moving on
+    challenge = keys[normal + 1]
+    assert challenge["CHAP_A"] == "5"
+    assert len(bytes.fromhex(challenge["CHAP_C"].removeprefix("0x"))) == 50
+    assert all(r.status is LoginStatus.SUCCESS for r in responses)
+    assert responses[-1].transit
+    assert responses[-1].nsg is Stage.FULL_FEATURE_PHASE
+    assert any(isinstance(pdu, LogoutResponse) for pdu in pdus)
+
+
+def test_auth_failures_are_status_0201_with_a_zeroed_isid() -> None:
+    failures = [r for r in _login_responses("auth_failure") if r.status is not LoginStatus.SUCCESS]
+    assert [r.status for r in failures] == [LoginStatus.AUTHENTICATION_FAILURE] * 2
+    assert not any(LoginStatus.AUTHENTICATION_FAILURE.retryable for _ in failures)
+    # tgt does not echo the ISID in a failed Login Response.
+    assert {r.isid.to_bytes() for r in failures} == {bytes(6)}
+
+
+def test_redirects_carry_target_address_without_portal_group_tag() -> None:
+    vectors = _vectors("redirect")
+    sessions = {v.session: v for v in vectors}
+    redirects = [r for r in _login_responses("redirect") if r.status_class == 1]
+    assert [r.status for r in redirects] == [
+        LoginStatus.TARGET_MOVED_TEMPORARILY,
+        LoginStatus.TARGET_MOVED_PERMANENTLY,
+    ]
+    document = _document("redirect")
+    back = document["sessions"][2]["target"]  # the session iscsi-ls opened after the 0x0101
+    for response in redirects:
+        assert response.transit is False
+        assert response.isid.to_bytes() == bytes(6)
+        assert _text_keys(response) == [("TargetAddress", back)]
+    assert len(sessions) == 5
+
+
+def test_tgt_continues_sendtargets_with_f0_and_a_ttt_but_never_c() -> None:
+    document = _document("tgt_probes")
+    session = next(
+        record["session"]
+        for record in document["pdus"]
+        if record["sender"] == "initiator" and record["hex"].startswith("04")
+    )
+    vectors = [v for v in _vectors("tgt_probes") if v.session == session]
+    responses = [pdu for _, pdu in _decoded(vectors) if isinstance(pdu, TextResponse)]
+    assert [(r.final, r.cont) for r in responses] == [(False, False)] * (len(responses) - 1) + [
+        (True, False)
+    ]
+    assert all(r.ttt != RESERVED_TAG for r in responses[:-1])
+    assert responses[-1].ttt == RESERVED_TAG
+    # The pieces are cut at 512 bytes (the MaxRecvDataSegmentLength we declared), mid-pair
+    # although C=0, so only the joined text parses.
+    assert all(len(r.data) == 512 for r in responses[:-1])
+    assert not responses[0].data.endswith(b"\0")
+    joined = TextReassembler()
+    whole = None
+    for response in responses:
+        whole = joined.feed(response.data, more=not response.final)
+    assert whole is not None
+    pairs = decode_text(whole)
+    assert [key for key, _ in pairs] == ["TargetName", "TargetAddress"] * 8
+
+
+def test_tgt_chap_algorithms() -> None:
+    """What tgt 1.0.85 does with CHAP_A offers libiscsi never makes (capture.py's probes).
+
+    Each probe session offers CHAP_A, and some answer the challenge with a digest whose
+    length shows the hash used (16 MD5, 20 SHA-1, 32 SHA-256).
+    """
+    outcomes: list[tuple[str, str | None, int | None, str, int | None]] = []
+    vectors = _vectors("tgt_probes")
+    for session in sorted({v.session for v in vectors}):
+        pdus = [pdu for _, pdu in _decoded([v for v in vectors if v.session == session])]
+        requests = [dict(_text_keys(p)) for p in pdus if isinstance(p, LoginRequest)]
+        responses = [p for p in pdus if isinstance(p, LoginResponse)]
+        if len(requests) < 2 or "CHAP_A" not in requests[1]:
+            continue  # the discovery probe
+        chosen = dict(_text_keys(responses[1])).get("CHAP_A")
+        digest = None
+        status_after = None
+        if len(requests) > 2:
+            digest = len(bytes.fromhex(requests[2]["CHAP_R"].removeprefix("0x")))
+            status_after = responses[2].status_class << 8 | responses[2].status_detail
+        status = responses[1].status_class << 8 | responses[1].status_detail
+        outcomes.append((requests[1]["CHAP_A"], chosen, digest, f"{status:#06x}", status_after))
+    assert outcomes == [
+        ("5", "5", 16, "0x0000", 0x0000),  # MD5 answered with MD5: accepted
+        ("5", "5", 20, "0x0000", 0x0200),  # a 20-byte answer to MD5: initiator error, not 0x0201
+        ("6", None, None, "0x0200", None),  # 6 is not known to tgt
+        ("7", "7", 20, "0x0000", 0x0000),  # tgt's 7 is SHA-1 ...
+        ("7", "7", 32, "0x0000", 0x0200),  # ... not SHA-256
+        ("8", None, None, "0x0200", None),  # no SHA3-256
+        ("7,5", "7", None, "0x0000", None),  # the first of our list that it knows
+    ]
