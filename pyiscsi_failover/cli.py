@@ -2,20 +2,23 @@
 
 ``run(argv) -> int`` does everything so tests can call it directly; only ``main`` exits. Exit
 status: 0 success, 1 a target or network failure, 2 bad usage or input, each with a one-line
-reason on stderr. CHAP secrets are read from files or the environment, never from argv, and are
-printed nowhere. This module is the only one that configures logging.
+reason on stderr and never a traceback. CHAP secrets are read from files or the environment, never
+from argv, and are printed nowhere (not in output, errors, JSON or debug logs). This module is the
+only one that configures logging, and ``run`` puts the logging configuration back as it found it,
+so calling it from tests or other programs leaves no handler behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Final, NoReturn
 
@@ -23,6 +26,7 @@ import trio
 
 from pyiscsi_failover import __version__
 from pyiscsi_failover.connection_info import (
+    MAX_LUN,
     Candidate,
     ConnectionInfo,
     parse_connection_info,
@@ -40,6 +44,7 @@ from pyiscsi_failover.initiator import LoginConfig, LoginRejected, LoginSucceede
 from pyiscsi_failover.iscsiadm import Iscsiadm, NodeTarget, attach, detach, dry_run_plan
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 from pyiscsi_failover.prober import (
+    DEFAULT_STAGGER,
     Attempt,
     AttemptFinished,
     AttemptStarted,
@@ -67,8 +72,11 @@ EXIT_USAGE: Final = 2
 
 SECRET_ENV: Final = "PYISCSI_CHAP_SECRET"  # noqa: S105 (a variable name, not a secret)
 TARGET_SECRET_ENV: Final = "PYISCSI_TARGET_CHAP_SECRET"  # noqa: S105
+_DEV_ROOT: Final = Path("/dev/disk/by-path")
 
-logger = logging.getLogger("pyiscsi_failover")
+#: The package's logger: the CLI configures it (and only it) for the duration of ``run``.
+_package_logger = logging.getLogger("pyiscsi_failover")
+logger = logging.getLogger(__name__)
 
 
 class _UsageError(Exception):
@@ -113,6 +121,23 @@ def _count(text: str) -> int:
     return value
 
 
+def _lun(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_LUN:
+        raise argparse.ArgumentTypeError(f"LUN {value} is not in 0..{MAX_LUN}")
+    return value
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
+    # Accepted before and after the subcommand; the subcommand's copy only counts when given.
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default, help="log more (-vv: debug)"
+    )
+
+
 def _add_credentials(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "CHAP",
@@ -153,10 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and hand it to open-iscsi.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    _add_verbose(parser, 0)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("discover", help="SendTargets discovery: list targets and their portals")
+    _add_verbose(p, argparse.SUPPRESS)
     p.add_argument("portal", nargs="?", help="HOST[:PORT] (default port 3260)")
     p.add_argument(
         "-c", "--connection-info", metavar="FILE", help="use its main portal (- = stdin)"
@@ -166,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timeouts(p)
 
     p = sub.add_parser("login", help="one full login and logout; report outcome and parameters")
+    _add_verbose(p, argparse.SUPPRESS)
     p.add_argument("portal", help="HOST[:PORT]")
     p.add_argument("iqn", help="target name")
     p.add_argument("--json", action="store_true")
@@ -173,26 +200,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timeouts(p)
 
     p = sub.add_parser("probe", help="probe a volume's portals in order and choose one")
+    _add_verbose(p, argparse.SUPPRESS)
     _add_candidates(p)
     _add_probe_options(p)
     _add_credentials(p)
 
     p = sub.add_parser("attach", help="probe, then log in with open-iscsi (iscsiadm)")
-    p.add_argument("-c", "--connection-info", metavar="FILE", required=True)
+    _add_verbose(p, argparse.SUPPRESS)
+    p.add_argument("-c", "--connection-info", metavar="FILE", required=True, help="(- = stdin)")
     p.add_argument("--dry-run", action="store_true", help="print the iscsiadm commands, run none")
     p.add_argument("--iscsiadm", default="iscsiadm", help="iscsiadm binary (default: from PATH)")
-    p.add_argument("--device-timeout", type=_positive, default=20.0, metavar="S")
+    p.add_argument(
+        "--device-timeout",
+        type=_positive,
+        default=20.0,
+        metavar="S",
+        help="how long to wait for the disk to appear (default 20)",
+    )
+    p.add_argument(
+        "--dev-root",
+        type=Path,
+        default=_DEV_ROOT,
+        metavar="DIR",
+        help=f"where udev links disks by path (default {_DEV_ROOT})",
+    )
     _add_probe_options(p)
     _add_credentials(p)
 
-    p = sub.add_parser("detach", help="log out of the chosen target and delete its node record")
-    p.add_argument("-c", "--connection-info", metavar="FILE", required=True)
+    p = sub.add_parser("detach", help="log out of the volume's targets and delete their records")
+    _add_verbose(p, argparse.SUPPRESS)
+    p.add_argument("-c", "--connection-info", metavar="FILE", required=True, help="(- = stdin)")
     p.add_argument("--iscsiadm", default="iscsiadm")
     p.add_argument("--keep-record", action="store_true", help="log out only")
     p.add_argument("--json", action="store_true")
     _add_credentials(p)
 
     p = sub.add_parser("demo", help="a self-contained failover demo on loopback (no root)")
+    _add_verbose(p, argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.add_argument("--initiator-name", help="InitiatorName (default: open-iscsi's, if any)")
     p.add_argument("--policy", choices=[x.value for x in Policy], default=Policy.ORDERED.value)
@@ -210,7 +254,7 @@ def _add_candidates(parser: argparse.ArgumentParser) -> None:
         "--iqn", action="append", default=[], help="target name; one, or one per --portal"
     )
     parser.add_argument(
-        "--lun", action="append", type=int, default=[], help="LUN; one, or one per --portal"
+        "--lun", action="append", type=_lun, default=[], help="LUN; one, or one per --portal"
     )
 
 
@@ -232,15 +276,18 @@ def _read_secret(path: Path | None, env: str, what: str) -> Secret | None:
         try:
             text = path.read_bytes()
         except OSError as exc:
-            raise _UsageError(
-                f"cannot read {what} secret file {str(path)!r}: {exc.strerror}"
-            ) from None
+            reason = exc.strerror or type(exc).__name__
+            raise _UsageError(f"cannot read {what} secret file {str(path)!r}: {reason}") from None
         secret = text.rstrip(b"\r\n")
         if not secret:
             raise _UsageError(f"{what} secret file {str(path)!r} is empty")
+        logger.debug("%s secret read from %s (%d bytes)", what, path, len(secret))
         return Secret(secret)
     value = os.environ.get(env)
-    return Secret(value) if value else None
+    if not value:
+        return None
+    logger.debug("%s secret taken from $%s", what, env)
+    return Secret(value)
 
 
 def _credentials(args: argparse.Namespace) -> tuple[ChapCredentials | None, ChapCredentials | None]:
@@ -261,6 +308,8 @@ def _credentials(args: argparse.Namespace) -> tuple[ChapCredentials | None, Chap
                 f"--target-chap-user needs --target-chap-secret-file or ${TARGET_SECRET_ENV}"
             )
         target_chap = ChapCredentials(args.target_chap_user, secret)
+    elif args.target_chap_secret_file:
+        raise _UsageError("--target-chap-secret-file needs --target-chap-user")
     return chap, target_chap
 
 
@@ -270,7 +319,9 @@ def _initiator_name(args: argparse.Namespace) -> str:
             return validate_iscsi_name(args.initiator_name)
         except InvalidName as exc:
             raise _UsageError(f"--initiator-name: {exc}") from None
-    return default_initiator_name()
+    name = default_initiator_name()
+    logger.debug("using InitiatorName %s", name)
+    return name
 
 
 def _portal(text: str, what: str = "portal") -> Portal:
@@ -280,17 +331,37 @@ def _portal(text: str, what: str = "portal") -> Portal:
         raise _UsageError(f"{what}: {exc}") from None
 
 
+def _iqn(text: str, what: str) -> str:
+    try:
+        return validate_iscsi_name(text)
+    except InvalidName as exc:
+        raise _UsageError(f"{what}: {exc}") from None
+
+
 def _load_connection_info(source: str, stdin: IO[str]) -> ConnectionInfo:
+    raw: str | bytes
     if source == "-":
-        text = stdin.read()
-    else:
         try:
-            text = Path(source).read_text(encoding="utf-8")
+            raw = stdin.read()
+        except UnicodeDecodeError as exc:
+            raise _UsageError(
+                f"connection_info on stdin is not UTF-8 text (bad byte at offset {exc.start})"
+            ) from None
         except OSError as exc:
-            raise _UsageError(f"cannot read connection_info {source!r}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise _UsageError(f"connection_info {source!r} is not UTF-8 text") from None
-    return parse_connection_info(text)
+            reason = exc.strerror or type(exc).__name__
+            raise _UsageError(f"cannot read connection_info from stdin: {reason}") from None
+        where = "stdin"
+    else:
+        # Bytes: the parser decodes them itself (UTF-8, BOM allowed) and names a bad byte.
+        try:
+            raw = Path(source).read_bytes()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise _UsageError(f"cannot read connection_info {source!r}: {reason}") from None
+        where = repr(source)
+    info = parse_connection_info(raw)
+    logger.debug("connection_info from %s: %r", where, info)
+    return info
 
 
 def _candidates_from_args(args: argparse.Namespace, stdin: IO[str]) -> ConnectionInfo:
@@ -305,21 +376,26 @@ def _candidates_from_args(args: argparse.Namespace, stdin: IO[str]) -> Connectio
         for name, values in (("--iqn", args.iqn), ("--lun", args.lun)):
             if len(values) not in (0, 1, n):
                 raise _UsageError(f"{name} must be given once or once per --portal ({n})")
-        iqns = args.iqn * n if len(args.iqn) == 1 else args.iqn
+        # Checked here so that the message names the option, not a connection_info key.
+        portals = [str(_portal(text, "--portal")) for text in args.portal]
+        iqns = [_iqn(text, "--iqn") for text in args.iqn]
+        iqns = iqns * n if len(iqns) == 1 else iqns
         luns = (args.lun * n if len(args.lun) == 1 else args.lun) or [0] * n
         data: dict[str, object] = {
-            "target_portal": args.portal[0],
+            "target_portal": portals[0],
             "target_iqn": iqns[0],
             "target_lun": luns[0],
         }
         if n > 1:
-            data["target_alternative_portals"] = args.portal[1:]
+            data["target_alternative_portals"] = portals[1:]
             data["target_alternative_iqns"] = iqns[1:]
             data["target_alternative_luns"] = luns[1:]
         info = parse_connection_info(data)
     chap, target_chap = _credentials(args)
     if chap is not None:
+        # The command line replaces the file's credentials as a whole (mutual ones included).
         info = dataclasses.replace(info, chap=chap, target_chap=target_chap)
+    logger.debug("candidates: %r", info)
     return info
 
 
@@ -350,8 +426,6 @@ def _jsonable(value: object) -> object:
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
-    if isinstance(value, Portal | Path):
-        return str(value)
     return value
 
 
@@ -408,7 +482,23 @@ class _Output:
         return bool(isatty and isatty())
 
 
-_OUTCOME_MARK: Final = {Outcome.OK: "ok", Outcome.NOT_TRIED: "-", Outcome.CANCELLED: "cancelled"}
+def _detail(attempt: Attempt) -> str:
+    """The attempt's detail without a leading "PORTAL: ", which the table already shows."""
+    prefix = f"{attempt.candidate.portal}: "
+    detail = attempt.detail
+    return detail[len(prefix) :] if detail.startswith(prefix) else detail
+
+
+def _none_works(result: ProbeResult) -> str:
+    """One line naming every candidate's outcome (and the reason, when there is only one)."""
+    attempts = result.attempts
+    if len(attempts) == 1:
+        a = attempts[0]
+        return f"the only candidate does not work: #0 {a.candidate.portal}: {_detail(a)}"
+    parts = ", ".join(
+        f"#{a.candidate.index} {a.candidate.portal} {a.outcome.value}" for a in attempts
+    )
+    return f"none of the {len(attempts)} candidates works: {parts}"
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -424,7 +514,7 @@ def _probe_table(result: ProbeResult) -> list[str]:
     for a in result.attempts:
         c = a.candidate
         mark = "*" if result.chosen is not None and a is result.chosen else " "
-        detail = a.detail
+        detail = _detail(a)
         if a.redirected_to is not None:
             detail = f"via {a.redirected_to}; {detail}"
         rows.append(
@@ -453,13 +543,31 @@ def _probe_table(result: ProbeResult) -> list[str]:
     return lines
 
 
-def _progress_printer(output: _Output) -> Callable[[ProgressEvent], None] | None:
-    """Live progress, on a terminal only: piped output stays a clean table."""
-    return _progress(output) if output.live else None
+def _log_progress(event: ProgressEvent) -> None:
+    match event:
+        case AttemptStarted(candidate=c, at=at):
+            logger.debug(
+                "#%d %s %s lun %d: probe started at %.3f s", c.index, c.portal, c.iqn, c.lun, at
+            )
+        case AttemptFinished(attempt=a):
+            c = a.candidate
+            logger.debug(
+                "#%d %s: %s after %.3f s: %s",
+                c.index,
+                c.portal,
+                a.outcome.value,
+                a.elapsed_s,
+                a.detail,
+            )
 
 
-def _progress(output: _Output) -> Callable[[ProgressEvent], None]:
+def _progress_printer(output: _Output, *, live: bool) -> Callable[[ProgressEvent], None]:
+    """Progress goes to the debug log always, and to stdout when ``live`` (a terminal)."""
+
     def show(event: ProgressEvent) -> None:
+        _log_progress(event)
+        if not live:
+            return
         match event:
             case AttemptStarted(candidate=c, at=at):
                 output.out(f"  [{at * 1000:7.0f} ms] #{c.index} {c.portal} {c.iqn}: probing...")
@@ -467,7 +575,7 @@ def _progress(output: _Output) -> Callable[[ProgressEvent], None]:
                 c = a.candidate
                 at = (a.started_at or 0.0) + a.elapsed_s
                 output.out(
-                    f"  [{at * 1000:7.0f} ms] #{c.index} {c.portal}: {a.outcome.value} {a.detail}"
+                    f"  [{at * 1000:7.0f} ms] #{c.index} {c.portal}: {a.outcome.value} {_detail(a)}"
                 )
 
     return show
@@ -524,10 +632,7 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
 
 async def _cmd_login(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
     portal = _portal(args.portal)
-    try:
-        iqn = validate_iscsi_name(args.iqn)
-    except InvalidName as exc:
-        raise _UsageError(f"iqn: {exc}") from None
+    iqn = _iqn(args.iqn, "iqn")
     chap, target_chap = _credentials(args)
     config = LoginConfig(
         initiator_name=_initiator_name(args), target_name=iqn, chap=chap, target_chap=target_chap
@@ -568,13 +673,14 @@ async def _cmd_login(args: argparse.Namespace, output: _Output, stdin: IO[str]) 
 async def _run_probe(
     info: ConnectionInfo, options: ProbeOptions, output: _Output, as_json: bool
 ) -> ProbeResult:
-    progress = None if as_json else _progress_printer(output)
-    if progress is not None:
+    live = output.live and not as_json  # piped output stays a clean table, --json one object
+    if live:
         output.out(
             f"probing {len(info.candidates)} candidate(s), policy {options.policy.value}, "
             f"check {options.check.value}"
         )
-    return await probe(info, options, on_progress=progress)
+    logger.debug("probe options: %r", options)
+    return await probe(info, options, on_progress=_progress_printer(output, live=live))
 
 
 async def _cmd_probe(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
@@ -586,7 +692,7 @@ async def _cmd_probe(args: argparse.Namespace, output: _Output, stdin: IO[str]) 
         for line in _probe_table(result):
             output.out(line)
     if result.chosen is None:
-        output.error(f"none of the {len(info.candidates)} candidate(s) works")
+        output.error(_none_works(result))
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -612,7 +718,7 @@ async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str])
         else:
             for line in _probe_table(result):
                 output.out(line)
-        output.error(f"none of the {len(info.candidates)} candidate(s) works; nothing attached")
+        output.error(f"{_none_works(result)}; nothing attached")
         return EXIT_FAILURE
     node = _chosen_node(info, result.chosen)
     if args.dry_run:
@@ -627,7 +733,10 @@ async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str])
                 output.out(f"    {command}")
         return EXIT_OK
     attached = await attach(
-        node, iscsiadm=Iscsiadm(binary=args.iscsiadm), device_timeout=args.device_timeout
+        node,
+        iscsiadm=Iscsiadm(binary=args.iscsiadm),
+        device_timeout=args.device_timeout,
+        dev_root=args.dev_root,
     )
     if args.json:
         output.json({"probe": result.to_json(), "attach": _jsonable(attached)})
@@ -654,6 +763,14 @@ async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str])
     return EXIT_OK
 
 
+_POLICY_WORDS: Final = {
+    Policy.SEQUENTIAL: "policy sequential (one candidate after another)",
+    Policy.ORDERED: "policy ordered (concurrently, but the first working one in order wins)",
+    Policy.STAGGERED: f"policy staggered (a new candidate every {DEFAULT_STAGGER:g} s, the first "
+    "to succeed wins)",
+}
+
+
 async def _cmd_demo(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
     from pyiscsi_failover.demo import demo_target, explain, shown_connection_info
 
@@ -670,10 +787,10 @@ async def _cmd_demo(args: argparse.Namespace, output: _Output, stdin: IO[str]) -
             for line in json.dumps(shown_connection_info(running), indent=2).splitlines():
                 output.out(f"    {line}")
             output.out(
-                f"probing in the given order, policy {options.policy.value}, connect timeout "
+                f"probing in the given order, {_POLICY_WORDS[options.policy]}; connect timeout "
                 f"{options.connect_timeout:g} s, login timeout {options.login_timeout:g} s:"
             )
-            result = await probe(info, options, on_progress=_progress(output))
+            result = await probe(info, options, on_progress=_progress_printer(output, live=True))
             output.out()
             for line in _probe_table(result):
                 output.out(line)
@@ -693,13 +810,68 @@ _COMMANDS: Final = {
 }
 
 
-def _configure_logging(verbosity: int, stderr: IO[str]) -> None:
+@contextlib.contextmanager
+def _logging_to(verbosity: int, stderr: IO[str]) -> Iterator[None]:
+    """Send the package's log records to ``stderr`` while the command runs, then undo it.
+
+    Records still propagate, so an embedding program (or pytest's ``caplog``) sees them too.
+    """
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handler = logging.StreamHandler(stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logger.handlers[:] = [handler]
-    logger.setLevel(level)
-    logger.propagate = False
+    handler.setFormatter(logging.Formatter("pyiscsi-failover: %(levelname)s %(name)s: %(message)s"))
+    saved_level = _package_logger.level
+    _package_logger.addHandler(handler)
+    _package_logger.setLevel(level)
+    try:
+        yield
+    finally:
+        _package_logger.removeHandler(handler)
+        _package_logger.setLevel(saved_level)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups, else ``exc`` itself."""
+    # Duck-typed: the builtin BaseExceptionGroup only exists from Python 3.11 on.
+    while True:
+        inner = getattr(exc, "exceptions", None)
+        if not (isinstance(inner, tuple) and len(inner) == 1):
+            return exc
+        if not isinstance(inner[0], BaseException):
+            return exc
+        exc = inner[0]
+
+
+#: Errors that mean the input (argv, a file, stdin) was wrong: exit status 2.
+_USAGE_ERRORS: Final = (
+    _UsageError,
+    ConnectionInfoError,
+    LocalProtocolError,
+    InvalidName,
+    InvalidPortal,
+)
+
+
+def _failure(output: _Output, exc: BaseException) -> int:
+    """Map an exception that ended a command to its exit status and one line on stderr."""
+    leaf = _leaf(exc)
+    if isinstance(leaf, KeyboardInterrupt):
+        output.error("interrupted")
+        return 130
+    if isinstance(leaf, BrokenPipeError):
+        return EXIT_FAILURE  # stdout or stderr went away: there is no one left to tell
+    if isinstance(leaf, _USAGE_ERRORS):
+        output.error(str(leaf))
+        return EXIT_USAGE
+    if isinstance(leaf, ISCSIError):
+        output.error(str(leaf))
+        return EXIT_FAILURE
+    if not isinstance(leaf, Exception):
+        raise exc  # SystemExit, GeneratorExit and the like are not ours to swallow
+    # A bug of ours. Its message might quote a value we did not mean to print (a secret), so
+    # stderr gets only its type; -vv logs the traceback.
+    logger.debug("internal error", exc_info=exc)
+    output.error(f"internal error ({type(leaf).__name__}); run with -vv for details")
+    return EXIT_FAILURE
 
 
 def run(
@@ -709,32 +881,40 @@ def run(
     stderr: IO[str] | None = None,
     stdin: IO[str] | None = None,
 ) -> int:
-    """Run the CLI and return its exit status (never raises for bad input or a failing target)."""
-    output = _Output(stdout or sys.stdout, stderr or sys.stderr)
+    """Run the CLI and return its exit status; never raises for bad input or a failing target.
+
+    ``--help`` and ``--version`` are written to ``stdout`` too, so tests can capture them.
+    """
+    output = _Output(
+        sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr
+    )
     try:
-        args = build_parser().parse_args(argv)
+        with contextlib.redirect_stdout(output.stdout):  # argparse prints help to sys.stdout
+            args = build_parser().parse_args(argv)
     except _UsageError as exc:
         output.error(str(exc))
         return EXIT_USAGE
     except SystemExit as exc:  # --help and --version
-        return int(exc.code or 0)
-    _configure_logging(args.verbose, output.stderr)
-    command = _COMMANDS[args.command]
-    try:
-        return trio.run(command, args, output, stdin or sys.stdin)
-    except _UsageError as exc:
-        output.error(str(exc))
-        return EXIT_USAGE
-    except (ConnectionInfoError, LocalProtocolError, InvalidName, InvalidPortal) as exc:
-        output.error(str(exc))
-        return EXIT_USAGE
-    except ISCSIError as exc:
-        output.error(str(exc))
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except BrokenPipeError:
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        output.error("interrupted")
-        return 130
+    command = _COMMANDS[args.command]
+    with _logging_to(args.verbose, output.stderr):
+        logger.debug("pyiscsi-failover %s, command %s", __version__, args.command)
+        try:
+            return trio.run(command, args, output, sys.stdin if stdin is None else stdin)
+        except BaseException as exc:
+            return _failure(output, exc)
 
 
 def main() -> NoReturn:
-    sys.exit(run())
+    code = run()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (``| head``): point stdout at /dev/null so the interpreter's own
+        # flush at exit does not print a second error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = code or EXIT_FAILURE
+    sys.exit(code)

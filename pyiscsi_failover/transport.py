@@ -23,6 +23,7 @@ from pyiscsi_failover.errors import (
     ConnectionLost,
     ConnectRefused,
     ConnectTimeout,
+    ISCSIError,
     ISCSITimeout,
     LocalProtocolError,
     NetworkError,
@@ -39,6 +40,7 @@ from pyiscsi_failover.initiator import (
     LoginRedirected,
     LoginRejected,
     LoginSucceeded,
+    State,
     TargetsDiscovered,
 )
 from pyiscsi_failover.names import Portal
@@ -113,16 +115,31 @@ async def _connected(portal: Portal, connect_timeout: float) -> AsyncIterator[tr
         yield stream
 
 
+@dataclass(slots=True)
+class _Sending:
+    """Whether our last request is wholly on the wire (it is not when a send was cancelled)."""
+
+    done: bool = True
+
+
 async def _next_event(
-    stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal
+    stream: trio.SocketStream,
+    conn: InitiatorConnection,
+    portal: Portal,
+    sending: _Sending | None = None,
 ) -> Event:
     """Pump bytes both ways until the connection yields its next event."""
+    sending = sending or _Sending()
     try:
         while True:
             event = conn.next_event()
             out = conn.data_to_send()
             if out:
+                # trio raises Cancelled from send_all only before the first byte, or after a
+                # partial send when the socket buffer was full: either way not wholly sent.
+                sending.done = False
                 await stream.send_all(out)
+                sending.done = True
             if event is not NEED_DATA:
                 return event
             data = await stream.receive_some(_RECEIVE_SIZE)
@@ -210,9 +227,10 @@ async def login(
             connect_s += connected_at - hop_start
             conn = InitiatorConnection(config)
             conn.start_login()
+            sending = _Sending()
             try:
                 with trio.fail_after(login_timeout):
-                    event = await _next_event(stream, conn, current)
+                    event = await _next_event(stream, conn, current, sending)
                     targets: tuple[DiscoveredTarget, ...] = ()
                     if isinstance(event, LoginSucceeded) and send_targets is not None:
                         conn.send_targets(send_targets)
@@ -224,6 +242,14 @@ async def login(
                 raise ISCSITimeout(
                     f"{current}: {conn.state.value} did not finish within {login_timeout:g} s"
                 ) from exc
+            except trio.Cancelled:
+                # Cancelled by our caller (the prober chose another candidate). Once our request
+                # to enter the full feature phase is on the wire, the target may be logging us
+                # in: closing now would leave a session nobody logged out. Finish, shielded.
+                if conn.state is State.OPERATIONAL_NEGOTIATION and sending.done:
+                    with trio.CancelScope(shield=True):
+                        await _finish_abandoned_login(stream, conn, current, logout_timeout)
+                raise
             login_s += time.monotonic() - connected_at
             if isinstance(event, LoginRedirected):
                 redirects.append(
@@ -245,7 +271,9 @@ async def login(
             logout: LoggedOut | None = None
             notes: list[str] = []
             if isinstance(event, LoginSucceeded):
-                logout, note = await _logout(stream, conn, current, logout_timeout)
+                # Shielded (and bounded by logout_timeout): a cancelled caller still logs out.
+                with trio.CancelScope(shield=True):
+                    logout, note = await _logout(stream, conn, current, logout_timeout)
                 if note:
                     notes.append(note)
             return LoginReport(
@@ -277,6 +305,22 @@ async def _logout(
     if not isinstance(event, LoggedOut):
         return None, f"unexpected {type(event).__name__} instead of a Logout Response"
     return event, None
+
+
+async def _finish_abandoned_login(
+    stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal, deadline_s: float
+) -> None:
+    """Best effort for a cancelled login: read the target's answer, log out if it let us in."""
+    with trio.move_on_after(deadline_s):
+        try:
+            while conn.state is State.OPERATIONAL_NEGOTIATION:
+                await _next_event(stream, conn, portal)
+        except ISCSIError:
+            return  # the target failed the login or broke the connection: nothing to clean up
+        if conn.state is State.FULL_FEATURE:
+            _, note = await _logout(stream, conn, portal, deadline_s)
+            if note:
+                logger.debug("%s: cancelled login: %s", portal, note)
 
 
 async def discover(

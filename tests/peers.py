@@ -152,12 +152,12 @@ _loopback_counter = itertools.count(1)
 def unique_loopback() -> str:
     """A fresh 127.A.B.C address: A.B from this process's pid, C counts 1..254 per process.
 
-    Never 127.0.0.1 (A is at least 1), never a network or broadcast-looking octet, and never
-    handed out twice in one process. Linux routes all of 127/8 to ``lo`` with no setup.
+    Never 127.0.0.1 (A is at least 1) and never a 0 or 255 octet. Any 254 consecutive calls in
+    one process return distinct addresses; after that C wraps round, which is safe once the
+    earlier users closed their sockets (a clash shows as EADDRINUSE, and :class:`Tgtd` then
+    moves on by itself). Linux routes all of 127/8 to ``lo`` with no setup.
     """
-    index = next(_loopback_counter)
-    if index > 254:
-        raise PeerError("unique_loopback: this process used all 254 of its loopback addresses")
+    index = (next(_loopback_counter) - 1) % 254 + 1
     high, low = _loopback_prefix(os.getpid())
     return f"127.{high}.{low}.{index}"
 

@@ -338,6 +338,8 @@ def test_redirects_carry_target_address_without_portal_group_tag() -> None:
     for response in redirects:
         assert response.transit is False
         assert response.isid.to_bytes() == bytes(6)
+        # No sequence numbers either: an initiator must not check StatSN on such an answer.
+        assert (response.statsn, response.expcmdsn, response.maxcmdsn) == (0, 0, 0)
         assert _text_keys(response) == [("TargetAddress", back)]
     assert len(sessions) == 5
 

@@ -1,0 +1,101 @@
+"""The trio boundary: OS errors become ours, deadlines hold, redirects are bounded."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+import trio
+
+from pyiscsi_failover.errors import (
+    ConnectionLost,
+    ConnectRefused,
+    ConnectTimeout,
+    LocalProtocolError,
+    RedirectLoopError,
+    Unreachable,
+)
+from pyiscsi_failover.initiator import LoginConfig, LoginSucceeded
+from pyiscsi_failover.names import Portal
+from pyiscsi_failover.testing import (
+    Blackhole,
+    PortalConfig,
+    Redirect,
+    RedirectLoop,
+    TargetConfig,
+    TargetSpec,
+    serve_target,
+)
+from pyiscsi_failover.transport import _network_error, discover, login, open_connection
+
+IQN = "iqn.2026-11.test.pyiscsi:transport"
+INITIATOR = "iqn.2026-11.test.pyiscsi:initiator"
+HERE = Portal(host="127.0.0.1", port=3260)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), ConnectRefused),
+        (OSError(errno.ENETUNREACH, "unreachable"), Unreachable),
+        (OSError(errno.EHOSTUNREACH, "no route"), Unreachable),
+        (OSError(errno.EADDRNOTAVAIL, "not available"), Unreachable),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), ConnectionLost),
+    ],
+)
+def test_os_errors_map_to_ours(exc: OSError, expected: type[Exception]) -> None:
+    mapped = _network_error(exc, HERE, "login")
+    assert type(mapped) is expected
+    assert str(HERE) in str(mapped)
+
+
+async def test_refused_port() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))  # bound, never listening: connects get RST
+        port = holder.getsockname()[1]
+        with trio.fail_after(5), pytest.raises(ConnectRefused):
+            await open_connection(Portal(host="127.0.0.1", port=port))
+
+
+async def test_blackholed_portal_hits_the_connect_deadline() -> None:
+    config = TargetConfig(
+        portals=(PortalConfig(host="127.0.0.1", port=0, faults=(Blackhole(),)),),
+        targets=(TargetSpec(name=IQN),),
+    )
+    async with serve_target(config) as running:
+        start = trio.current_time()
+        with trio.fail_after(5), pytest.raises(ConnectTimeout, match="0.2 s"):
+            await login(
+                running.portals[0],
+                LoginConfig(initiator_name=INITIATOR, target_name=IQN),
+                connect_timeout=0.2,
+            )
+        assert 0.2 <= trio.current_time() - start < 2
+
+
+async def test_redirect_is_followed_and_loops_are_errors() -> None:
+    config = TargetConfig(
+        portals=(
+            PortalConfig(host="127.0.0.1", port=0, name="old", faults=(Redirect(to="new"),)),
+            PortalConfig(host="127.0.0.1", port=0, name="new"),
+            PortalConfig(host="127.0.0.1", port=0, name="loop", faults=(RedirectLoop(),)),
+        ),
+        targets=(TargetSpec(name=IQN),),
+    )
+    async with serve_target(config) as running:
+        old, new, loop = running.portals
+        with trio.fail_after(5):
+            report = await login(old, LoginConfig(initiator_name=INITIATOR, target_name=IQN))
+        assert isinstance(report.outcome, LoginSucceeded)
+        assert (report.final_portal.host, report.final_portal.port) == (new.host, new.port)
+        assert report.handoff_portal == old  # temporary: keep the original address
+        with trio.fail_after(5), pytest.raises(RedirectLoopError, match="redirect loop"):
+            await login(loop, LoginConfig(initiator_name=INITIATOR, target_name=IQN))
+        await running.wait_idle()
+        assert not running.lingering_sessions
+
+
+async def test_discover_needs_a_discovery_config() -> None:
+    with pytest.raises(LocalProtocolError):
+        await discover(HERE, LoginConfig(initiator_name=INITIATOR, target_name=IQN))
