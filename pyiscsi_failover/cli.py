@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Final, NoReturn
+from typing import IO, TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
 
@@ -64,6 +66,9 @@ from pyiscsi_failover.transport import (
     login,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
 __all__ = ["build_parser", "main", "run"]
 
 EXIT_OK: Final = 0
@@ -83,9 +88,55 @@ class _UsageError(Exception):
     """Bad command-line usage; becomes exit status 2 with its message."""
 
 
+#: Where ``--help``/``--version`` go during ``run``: its ``stdout``. A context variable rather
+#: than ``redirect_stdout``, which swaps ``sys.stdout`` for every thread at once.
+_help_out: contextvars.ContextVar[IO[str] | None] = contextvars.ContextVar(
+    "_help_out", default=None
+)
+
+
 class _Parser(argparse.ArgumentParser):
+    """Raises instead of exiting, prints help to ``run``'s stdout, and takes no abbreviations.
+
+    With abbreviations, ``--chap-secret VALUE`` would silently mean ``--chap-secret-file VALUE``
+    and the "cannot read" error would then print the secret.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        super().print_help(file if file is not None else _help_out.get())
+
     def error(self, message: str) -> NoReturn:
         raise _UsageError(message)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, written where ``--help`` goes (argparse's own always uses sys.stdout)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show the version and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        out = _help_out.get() or sys.stdout
+        # As argparse does for --help: a reader that went away is not worth an error.
+        with contextlib.suppress(OSError):
+            out.write(f"{parser.prog} {__version__}\n")
+        parser.exit()
 
 
 # -- argument parsing ------------------------------------------------------------------------------
@@ -138,6 +189,16 @@ def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
     )
 
 
+def _refuse_secret(file_option: str, env: str) -> Callable[[str], str]:
+    def refuse(_value: str) -> str:
+        raise argparse.ArgumentTypeError(
+            f"a secret on the command line is visible to every local user (ps); "
+            f"use {file_option} or ${env}"
+        )
+
+    return refuse
+
+
 def _add_credentials(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "CHAP",
@@ -150,6 +211,12 @@ def _add_credentials(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--target-chap-secret-file", type=Path, help="file holding the target's secret"
     )
+    # The obvious spellings of a secret on argv are refused without echoing the value.
+    for option, file_option, env in (
+        ("--chap-secret", "--chap-secret-file", SECRET_ENV),
+        ("--target-chap-secret", "--target-chap-secret-file", TARGET_SECRET_ENV),
+    ):
+        group.add_argument(option, type=_refuse_secret(file_option, env), help=argparse.SUPPRESS)
 
 
 def _add_timeouts(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find the first working iSCSI portal/target among a volume's alternatives "
         "and hand it to open-iscsi.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     _add_verbose(parser, 0)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -474,7 +541,9 @@ class _Output:
         print(json.dumps(obj, indent=2, sort_keys=False), file=self.stdout, flush=True)
 
     def error(self, text: str) -> None:
-        print(f"pyiscsi-failover: {text}", file=self.stderr, flush=True)
+        # A stderr that is gone cannot be told about it; the exit status still says it.
+        with contextlib.suppress(OSError):
+            print(f"pyiscsi-failover: {text}", file=self.stderr, flush=True)
 
     @property
     def live(self) -> bool:
@@ -810,23 +879,63 @@ _COMMANDS: Final = {
 }
 
 
+class _LoggingState:
+    """The package logger's level while CLI runs are active, shared by concurrent runs.
+
+    Each run adds its own handler (filtered to its own thread: trio runs a command's tasks on the
+    thread that called ``run``), the logger's level is lowered (never raised: an embedding
+    program may want more) to the lowest any active run asked for, and the original level comes
+    back when the last run ends, whatever the order they end in.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.levels: list[int] = []
+        self.saved = logging.NOTSET
+        self.effective = logging.WARNING
+
+    def _apply(self) -> None:
+        if self.levels:
+            _package_logger.setLevel(min(*self.levels, self.effective))
+        else:
+            _package_logger.setLevel(self.saved)
+
+    def enter(self, handler: logging.Handler, level: int) -> None:
+        with self.lock:
+            if not self.levels:
+                self.saved = _package_logger.level
+                self.effective = _package_logger.getEffectiveLevel()
+            self.levels.append(level)
+            self._apply()
+            _package_logger.addHandler(handler)
+
+    def exit(self, handler: logging.Handler, level: int) -> None:
+        with self.lock:
+            _package_logger.removeHandler(handler)
+            self.levels.remove(level)
+            self._apply()
+
+
+_logging_state: Final = _LoggingState()
+
+
 @contextlib.contextmanager
 def _logging_to(verbosity: int, stderr: IO[str]) -> Iterator[None]:
-    """Send the package's log records to ``stderr`` while the command runs, then undo it.
+    """Send this run's log records to ``stderr`` while the command runs, then undo it.
 
     Records still propagate, so an embedding program (or pytest's ``caplog``) sees them too.
     """
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handler = logging.StreamHandler(stderr)
+    handler.setLevel(level)
     handler.setFormatter(logging.Formatter("pyiscsi-failover: %(levelname)s %(name)s: %(message)s"))
-    saved_level = _package_logger.level
-    _package_logger.addHandler(handler)
-    _package_logger.setLevel(level)
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)
+    _logging_state.enter(handler, level)
     try:
         yield
     finally:
-        _package_logger.removeHandler(handler)
-        _package_logger.setLevel(saved_level)
+        _logging_state.exit(handler, level)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -874,6 +983,16 @@ def _failure(output: _Output, exc: BaseException) -> int:
     return EXIT_FAILURE
 
 
+def _unrecognized(extra: Sequence[str]) -> str:
+    """Name unknown options but not the values around them: one might be a mistyped secret."""
+    options = [word.partition("=")[0] for word in extra if word.startswith("-")]
+    values = len(extra) - len(options)
+    parts = [f"unrecognized option(s) {' '.join(options)}"] if options else []
+    if values:
+        parts.append(f"{values} unexpected argument(s), not shown")
+    return "; ".join(parts)
+
+
 def run(
     argv: Sequence[str] | None = None,
     *,
@@ -888,9 +1007,9 @@ def run(
     output = _Output(
         sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr
     )
+    token = _help_out.set(output.stdout)
     try:
-        with contextlib.redirect_stdout(output.stdout):  # argparse prints help to sys.stdout
-            args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
     except _UsageError as exc:
         output.error(str(exc))
         return EXIT_USAGE
@@ -898,6 +1017,11 @@ def run(
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except BrokenPipeError:
         return EXIT_FAILURE
+    finally:
+        _help_out.reset(token)
+    if extra:
+        output.error(_unrecognized(extra))
+        return EXIT_USAGE
     command = _COMMANDS[args.command]
     with _logging_to(args.verbose, output.stderr):
         logger.debug("pyiscsi-failover %s, command %s", __version__, args.command)

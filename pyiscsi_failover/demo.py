@@ -20,7 +20,7 @@ from pyiscsi_failover.connection_info import (
     redacted,
 )
 from pyiscsi_failover.credentials import ChapCredentials, Secret
-from pyiscsi_failover.prober import Outcome, ProbeResult
+from pyiscsi_failover.prober import Outcome, Policy, ProbeResult
 from pyiscsi_failover.testing import (
     Blackhole,
     ChapSettings,
@@ -49,7 +49,7 @@ _WHY: Final = {
     Outcome.TIMEOUT: "no answer to our SYN within the connect deadline: a blackholed portal",
     Outcome.REFUSED: "the host answered with a reset: nothing listens on that port",
     Outcome.OK: "TCP connected, CHAP login succeeded, logged out cleanly",
-    Outcome.CANCELLED: "abandoned once a candidate earlier in the list could win",
+    Outcome.CANCELLED: "abandoned: another candidate was chosen before it finished",
     Outcome.NOT_TRIED: "not needed: an earlier candidate already won",
 }
 
@@ -95,12 +95,19 @@ def explain(result: ProbeResult) -> list[str]:
         index = attempt.candidate.index
         role = _ROLES[index] if index < len(_ROLES) else f"candidate {index}"
         why = _WHY.get(attempt.outcome, attempt.detail)
+        if attempt.outcome is Outcome.CANCELLED and result.policy is Policy.STAGGERED:
+            why = "abandoned: a later candidate succeeded first (staggered: first success wins)"
         lines.append(f"#{index} {role}: {attempt.outcome.value} - {why}")
     if result.chosen is not None:
         c = result.chosen.candidate
+        rule = (
+            "the first candidate to succeed, each started one stagger after the previous"
+            if result.policy is Policy.STAGGERED
+            else "the first candidate in the given order that works"
+        )
         lines.append(
-            f"=> chosen #{c.index} {c.portal} {c.iqn} lun {c.lun}: the first candidate in the "
-            f"given order that works, found in {result.elapsed_s * 1000:.0f} ms"
+            f"=> chosen #{c.index} {c.portal} {c.iqn} lun {c.lun}: {rule}, "
+            f"found in {result.elapsed_s * 1000:.0f} ms"
         )
     else:
         lines.append("=> no candidate works")

@@ -1,0 +1,1369 @@
+"""The ``pyiscsi-failover`` command line, end to end against real targets on loopback.
+
+Most tests call :func:`pyiscsi_failover.cli.run` directly with ``io.StringIO`` streams. ``run``
+starts its own trio loop, so these are plain ``def`` tests and the targets live in other
+processes: our scriptable test target (``python -m pyiscsi_failover.testing``, started once per
+module and awaited on its ``ready`` line) and, for the ``peer`` tests, Debian's tgtd. Every
+network wait is bounded by the CLI's own ``--connect-timeout``/``--login-timeout``; the tests
+use short ones so that a hang fails fast instead of stalling the suite.
+
+Contract under test: exit 0 success, 1 target or network failure, 2 bad usage or input, each
+failure with exactly one ``pyiscsi-failover: ...`` line on stderr and never a traceback; ``--json``
+prints one object; CHAP secrets never appear in any output or log record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import select
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+import trio
+from peers import TgtdStarter
+
+from pyiscsi_failover import __version__, cli
+from pyiscsi_failover.demo import DEMO_IQN
+from pyiscsi_failover.errors import ConnectRefused, ISCSIError
+
+INITIATOR: Final = "iqn.2024-01.com.example:cli-test-initiator"
+OPEN_IQN: Final = "iqn.2024-01.com.example:cli-open"
+OTHER_IQN: Final = "iqn.2024-01.com.example:cli-other"
+CHAP_IQN: Final = "iqn.2024-01.com.example:cli-chap"
+USER: Final = "cli-user"
+TARGET_USER: Final = "cli-target"
+# Recognisable, long enough (>= 12 bytes) not to draw the weak-secret warning, and distinct.
+SECRET: Final = "Zq7-CLI-SECRET-must-never-show"
+TARGET_SECRET: Final = "Wk4-CLI-TARGET-SECRET-never-shows"
+WRONG_SECRET: Final = "Xy9-CLI-WRONG-SECRET-never-shows"
+ALL_SECRETS: Final = (SECRET, TARGET_SECRET, WRONG_SECRET)
+
+READY_TIMEOUT: Final = 20.0
+FAST: Final = ("--connect-timeout", "2", "--login-timeout", "5")
+NAME: Final = ("--initiator-name", INITIATOR)
+
+DATA: Final = Path(__file__).parent / "data"
+BAD_DIR: Final = DATA / "bad_connection_info"
+BAD_EXPECTED: Final[dict[str, str]] = json.loads((BAD_DIR / "expected.json").read_text())
+FAKE_ISCSIADM: Final = Path(__file__).parent / "fake_iscsiadm" / "iscsiadm"
+
+ATTEMPT_KEYS: Final = {
+    "index",
+    "portal",
+    "iqn",
+    "lun",
+    "outcome",
+    "detail",
+    "elapsed_ms",
+    "redirected_to",
+}
+OUTCOMES: Final = {
+    "ok",
+    "refused",
+    "timeout",
+    "unreachable",
+    "auth_failed",
+    "authorization_failed",
+    "not_found",
+    "target_error",
+    "protocol_error",
+    "redirect_loop",
+    "not_tried",
+    "cancelled",
+}
+#: Loopback's broadcast address: connect() fails at once with ENETUNREACH, sending nothing.
+UNREACHABLE: Final = "127.255.255.255:3260"
+
+
+# --------------------------------------------------------------------------------------------
+# Running the CLI in-process
+
+
+class TerminalIO(io.StringIO):
+    """A stdout that says it is a terminal, to exercise the live-progress path."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Ran:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)  # the whole stdout must be one JSON document
+
+    @property
+    def err_lines(self) -> list[str]:
+        return self.err.splitlines()
+
+
+def cli_run(*argv: str, stdin: str = "", tty: bool = False) -> Ran:
+    out: io.StringIO = TerminalIO() if tty else io.StringIO()
+    err = io.StringIO()
+    code = cli.run(list(argv), stdout=out, stderr=err, stdin=io.StringIO(stdin))
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def assert_fails(ran: Ran, code: int, *fragments: str) -> str:
+    """Exit ``code`` with exactly one prefixed line on stderr holding every fragment."""
+    assert ran.code == code, ran
+    assert "Traceback" not in ran.err
+    assert len(ran.err_lines) == 1, ran.err
+    line = ran.err_lines[0]
+    assert line.startswith("pyiscsi-failover: "), line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    return line
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for secret in ALL_SECRETS:
+            assert secret not in text
+
+
+@pytest.fixture(autouse=True)
+def _clean_secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A secret in the developer's environment must not leak into (or satisfy) these tests.
+    monkeypatch.delenv(cli.SECRET_ENV, raising=False)
+    monkeypatch.delenv(cli.TARGET_SECRET_ENV, raising=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The targets: our test target as processes, started once per module
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """A running test-target process and its bound portals by name (``HOST:PORT``)."""
+
+    process: subprocess.Popen[str]
+    portals: dict[str, str]
+    announced: dict[str, str]  # HOST:PORT,TPGT as SendTargets lists it
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    open: Served  # no CHAP: portals ok, refused, blackhole, redirect (-> ok); two targets
+    chap: Served  # CHAP (mutual available) for logins and discovery; only INITIATOR allowed
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyiscsi_failover.testing", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _await_ready(process: subprocess.Popen[str], *names: str) -> Served:
+    """Wait (bounded, no sleep) for ``ready``; read the portal lines printed before it."""
+    assert process.stdout is not None and process.stderr is not None
+    readable, _, _ = select.select([process.stdout], [], [], READY_TIMEOUT)
+    line = process.stdout.readline() if readable else ""
+    if line != "ready\n":
+        process.kill()
+        _, err = process.communicate()
+        raise AssertionError(f"test target not ready (got {line!r}): {err}")
+    portals, announced = {}, {}
+    for name in names:
+        kind, got_name, address, *_faults = process.stderr.readline().split()
+        assert (kind, got_name) == ("portal", name)
+        announced[name] = address
+        portals[name] = address.rpartition(",")[0]
+    return Served(process, portals, announced)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Targets]:
+    chap_file = tmp_path_factory.mktemp("cli-target") / "chap"
+    chap_file.write_text(f"chap {USER}:{SECRET}\nmutual-chap {TARGET_USER}:{TARGET_SECRET}\n")
+    processes = [
+        _spawn(
+            *("--portal", "ok=127.0.0.1:0", "--portal", "refused=127.0.0.1:0"),
+            *("--portal", "blackhole=127.0.0.1:0", "--portal", "redirect=127.0.0.1:0"),
+            *("--target", OPEN_IQN, "--target", OTHER_IQN),
+            *("--fault", "refused=refuse", "--fault", "blackhole=blackhole"),
+            *("--fault", "redirect=redirect-permanent:ok"),
+        ),
+        _spawn(
+            *("--portal", "chap=127.0.0.1:0", "--target", CHAP_IQN),
+            *("--chap-file", str(chap_file), "--allow-initiator", INITIATOR),
+        ),
+    ]
+    try:
+        # Both start at once; each is awaited on its own ready line.
+        open_ = _await_ready(processes[0], "ok", "refused", "blackhole", "redirect")
+        chap = _await_ready(processes[1], "chap")
+        yield Targets(open=open_, chap=chap)
+    finally:
+        for process in processes:
+            _stop(process)
+    assert [p.returncode for p in processes] == [0, 0]  # SIGTERM is a clean stop
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "chap-secret"
+    path.write_text(SECRET + "\n")  # a trailing newline, as an editor leaves it
+    return path
+
+
+@pytest.fixture
+def target_secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "target-chap-secret"
+    path.write_text(TARGET_SECRET)
+    return path
+
+
+def write_json(path: Path, document: object) -> Path:
+    path.write_text(json.dumps(document))
+    return path
+
+
+def chap_info(targets: Targets, *, portals: list[str] | None = None, **extra: object) -> object:
+    """A whole Cinder connection_info for the CHAP target, refused portal first by default."""
+    portals = portals or [targets.open.portals["refused"], targets.chap.portals["chap"]]
+    data: dict[str, object] = {
+        "target_portal": portals[0],
+        "target_iqn": CHAP_IQN,
+        "target_lun": 3,
+        "target_alternative_portals": portals[1:],
+        "target_alternative_iqns": [CHAP_IQN] * (len(portals) - 1),
+        "target_alternative_luns": [3] * (len(portals) - 1),
+        "auth_method": "CHAP",
+        "auth_username": USER,
+        "auth_password": SECRET,
+        **extra,
+    }
+    return {"driver_volume_type": "iscsi", "data": data}
+
+
+# --------------------------------------------------------------------------------------------
+# --help, --version, parsing
+
+
+def test_help_goes_to_the_given_stdout() -> None:
+    ran = cli_run("--help")
+    assert ran.code == 0
+    assert ran.err == ""
+    assert ran.out.startswith("usage: pyiscsi-failover")
+    for command in ("discover", "login", "probe", "attach", "detach", "demo"):
+        assert command in ran.out
+
+
+@pytest.mark.parametrize("command", ["discover", "login", "probe", "attach", "detach", "demo"])
+def test_subcommand_help(command: str) -> None:
+    ran = cli_run(command, "--help")
+    assert ran.code == 0
+    assert ran.out.startswith(f"usage: pyiscsi-failover {command}")
+    assert ran.err == ""
+
+
+def test_version() -> None:
+    ran = cli_run("--version")
+    assert (ran.code, ran.out, ran.err) == (0, f"pyiscsi-failover {__version__}\n", "")
+
+
+def test_help_from_many_threads_at_once_leaves_sys_stdout_alone() -> None:
+    # run() is called from worker threads by embedding programs (and tests): help output must
+    # go to each call's own stdout, and sys.stdout must never be swapped under other threads.
+    real = sys.stdout
+    outs = [io.StringIO() for _ in range(16)]
+    barrier = threading.Barrier(len(outs))
+
+    def one(out: io.StringIO) -> None:
+        barrier.wait()
+        assert cli.run(["--version"] if outs.index(out) % 2 else ["--help"], stdout=out) == 0
+
+    threads = [threading.Thread(target=one, args=(out,)) for out in outs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sys.stdout is real
+    for index, out in enumerate(outs):
+        text = out.getvalue()
+        if index % 2:
+            assert text == f"pyiscsi-failover {__version__}\n"
+        else:
+            assert text.startswith("usage: pyiscsi-failover")
+            assert text.count("usage:") == 1
+
+
+def test_timeout_is_an_alias_of_login_timeout_and_verbose_works_after_the_command() -> None:
+    args = cli.build_parser().parse_args(["login", "h", OPEN_IQN, "--timeout", "7", "-vv"])
+    assert args.login_timeout == 7.0
+    assert args.verbose == 2
+    defaults = cli.build_parser().parse_args(["probe", "--portal", "h", "--iqn", OPEN_IQN])
+    assert (defaults.connect_timeout, defaults.login_timeout, defaults.verbose) == (3.0, 10.0, 0)
+    assert (defaults.policy, defaults.check, defaults.stagger) == ("ordered", "login", 0.25)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        ([], "required: command"),
+        (["frobnicate"], "invalid choice"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--policy", "bogus"], "--policy"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--check", "ping"], "--check"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--connect-timeout", "0"], "positive"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--login-timeout", "nan"], "positive"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--timeout", "inf"], "positive"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--stagger", "-1"], ">= 0"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--concurrency", "0"], "at least 1"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--lun", "16384"], "16383"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--lun", "x"], "--lun"),
+        (["probe", "--portal", "h", "--iqn", OPEN_IQN, "--frobnicate"], "--frobnicate"),
+        (["login", "127.0.0.1"], "required"),
+        (["attach", "--dry-run"], "--connection-info"),
+    ],
+)
+def test_bad_command_lines_exit_2(argv: list[str], fragment: str) -> None:
+    assert_fails(cli_run(*argv), 2, fragment)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        # Refused outright, with a pointer to the right way.
+        (["--chap-secret", SECRET], "use --chap-secret-file or $PYISCSI_CHAP_SECRET"),
+        (["--target-chap-secret", SECRET], "--target-chap-secret-file"),
+        (["--chap-secret=" + SECRET], "visible to every local user"),
+        # No abbreviations: this must not be read as --chap-secret-file (and echoed back).
+        (["--chap-secret-fi", SECRET], "unrecognized option(s) --chap-secret-fi"),
+        (["--password", SECRET], "1 unexpected argument(s), not shown"),
+        (["--password=" + SECRET], "unrecognized option(s) --password"),
+        ([SECRET], "not shown"),
+    ],
+)
+def test_a_secret_on_argv_is_refused_and_not_echoed(argv: list[str], fragment: str) -> None:
+    base = ["login", "127.0.0.1", OPEN_IQN, "--chap-user", USER]
+    ran = cli_run(*base, *argv)
+    assert_fails(ran, 2, fragment)
+    assert_no_secret(ran.out, ran.err)
+
+
+# --------------------------------------------------------------------------------------------
+# discover
+
+
+def test_discover_lists_every_target_with_its_portals(targets: Targets) -> None:
+    served = targets.open
+    ran = cli_run("discover", served.portals["ok"], *NAME, *FAST)
+    assert ran.code == 0, ran
+    assert ran.err == ""
+    lines = ran.out.splitlines()
+    assert lines[0].startswith(f"2 target(s) at {served.portals['ok']} (")
+    every_portal = sorted(f"    {address}" for address in served.announced.values())
+    for iqn in (OPEN_IQN, OTHER_IQN):
+        start = lines.index(iqn)
+        assert sorted(lines[start + 1 : start + 1 + len(every_portal)]) == every_portal
+
+
+def test_discover_json(targets: Targets) -> None:
+    served = targets.open
+    ran = cli_run("discover", served.portals["ok"], "--json", *NAME, *FAST)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert body["outcome"] == "ok"
+    assert body["portal"] == body["final_portal"] == served.portals["ok"]
+    assert body["redirects"] == []
+    assert body["logged_out"] is True
+    assert body["auth_method"] == "None"
+    assert body["tsih"] > 0
+    assert body["target_portal_group_tag"] == 1
+    assert all(body[k] >= 0 for k in ("connect_ms", "login_ms", "elapsed_ms"))
+    assert sorted(t["iqn"] for t in body["targets"]) == sorted([OPEN_IQN, OTHER_IQN])
+    for target in body["targets"]:
+        assert sorted(target["portals"]) == sorted(served.announced.values())
+
+
+def test_discover_with_connection_info_uses_its_main_portal_and_discovery_chap(
+    targets: Targets, tmp_path: Path
+) -> None:
+    document = chap_info(
+        targets,
+        portals=[targets.chap.portals["chap"], targets.open.portals["refused"]],
+        discovery_auth_method="CHAP",
+        discovery_auth_username=USER,
+        discovery_auth_password=SECRET,
+    )
+    path = write_json(tmp_path / "ci.json", document)
+    ran = cli_run("discover", "-c", str(path), "--json", *NAME, *FAST)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert body["portal"] == targets.chap.portals["chap"]
+    assert body["auth_method"] == "CHAP"
+    assert [t["iqn"] for t in body["targets"]] == [CHAP_IQN]
+    assert_no_secret(ran.out, ran.err)
+
+
+def test_discover_with_connection_info_without_discovery_chap_is_refused(
+    targets: Targets, tmp_path: Path
+) -> None:
+    path = write_json(
+        tmp_path / "ci.json", chap_info(targets, portals=[targets.chap.portals["chap"]])
+    )
+    ran = cli_run("discover", "-c", str(path), *NAME, *FAST)
+    assert_fails(ran, 1, targets.chap.portals["chap"], "discovery login refused")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["discover"], "give a portal"),
+        (["discover", "127.0.0.1", "-c", "x.json"], "not both"),
+        (["discover", "127.0.0.1:99999"], "port"),
+        (["discover", "127.0.0.1", "--initiator-name", "bogus"], "--initiator-name"),
+    ],
+)
+def test_discover_usage_errors(argv: list[str], fragment: str) -> None:
+    assert_fails(cli_run(*argv), 2, fragment)
+
+
+# --------------------------------------------------------------------------------------------
+# login
+
+
+def test_login_reports_outcome_parameters_and_timings(targets: Targets) -> None:
+    portal = targets.open.portals["ok"]
+    ran = cli_run("login", portal, OPEN_IQN, *NAME, *FAST)
+    assert ran.code == 0, ran
+    assert ran.err == ""
+    lines = ran.out.splitlines()
+    assert lines[0].startswith(f"login ok: {OPEN_IQN} at {portal} (TSIH ")
+    assert lines[0].endswith("AuthMethod None); logged out")
+    assert lines[1].startswith("timings: connect ")
+    assert lines[2] == "negotiated:"
+    assert "    header_digest = None" in lines
+    assert "    target_portal_group_tag = 1" in lines
+
+
+def test_login_json(targets: Targets) -> None:
+    portal = targets.open.portals["ok"]
+    ran = cli_run("login", portal, OTHER_IQN, "--json", *NAME, *FAST)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert body["outcome"] == "ok"
+    assert body["portal"] == body["final_portal"] == portal
+    assert body["logged_out"] is True
+    assert body["notes"] == []
+    assert body["tsih"] > 0
+    negotiated = body["negotiated"]
+    assert negotiated["header_digest"] == "None"
+    assert negotiated["target_max_recv_data_segment_length"] == 8192  # the target's default
+    assert negotiated["target_portal_group_tag"] == 1
+
+
+def test_login_follows_a_permanent_redirect(targets: Targets) -> None:
+    served = targets.open
+    ran = cli_run("login", served.portals["redirect"], OPEN_IQN, "--json", *NAME, *FAST)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert body["final_portal"] == served.portals["ok"]
+    assert body["redirects"] == [
+        {"from": served.portals["redirect"], "to": served.portals["ok"], "permanent": True}
+    ]
+    text = cli_run("login", served.portals["redirect"], OPEN_IQN, *NAME, *FAST)
+    assert text.out.splitlines()[0] == (
+        f"redirected permanently: {served.portals['redirect']} -> {served.portals['ok']}"
+    )
+
+
+def test_login_with_mutual_chap_secret_from_env_and_file(
+    targets: Targets, target_secret_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cli.SECRET_ENV, SECRET)
+    argv = ["login", targets.chap.portals["chap"], CHAP_IQN, "--json", "--chap-user", USER]
+    argv += [
+        "--target-chap-user",
+        TARGET_USER,
+        "--target-chap-secret-file",
+        str(target_secret_file),
+    ]
+    ran = cli_run(*argv, *NAME, *FAST)
+    assert ran.code == 0, ran
+    assert ran.json()["auth_method"] == "CHAP"
+    assert_no_secret(ran.out, ran.err)
+
+
+def test_login_with_a_wrong_chap_secret_exits_1(
+    targets: Targets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cli.SECRET_ENV, WRONG_SECRET)
+    portal = targets.chap.portals["chap"]
+    ran = cli_run("login", portal, CHAP_IQN, "--chap-user", USER, *NAME, *FAST)
+    assert_fails(ran, 1, f"{portal}: login refused: authentication failure (0x0201)")
+    assert ran.out == ""
+    assert_no_secret(ran.err)
+
+
+def test_login_rejected_json_still_describes_the_refusal(targets: Targets) -> None:
+    portal = targets.open.portals["ok"]
+    ran = cli_run("login", portal, "iqn.2024-01.com.example:nope", "--json", *NAME, *FAST)
+    assert_fails(ran, 1, "target not found")
+    body = ran.json()
+    assert (body["outcome"], body["status"], body["retryable"]) == ("rejected", "0x0203", False)
+
+
+@pytest.mark.parametrize(
+    ("where", "argv", "fragment"),
+    [
+        ("refused", [], "connection refused"),
+        ("blackhole", ["--connect-timeout", "0.2"], "no TCP connection within 0.2 s"),
+        ("unreachable", [], "unreachable"),
+        ("ok", [], "target not found (0x0203)"),
+    ],
+)
+def test_login_failures_exit_1(
+    targets: Targets, where: str, argv: list[str], fragment: str
+) -> None:
+    portal = UNREACHABLE if where == "unreachable" else targets.open.portals[where]
+    iqn = "iqn.2024-01.com.example:unknown" if where == "ok" else OPEN_IQN
+    ran = cli_run("login", portal, iqn, *NAME, *FAST, *argv)
+    assert_fails(ran, 1, portal, fragment)
+
+
+def test_login_as_an_initiator_the_acl_does_not_allow_exits_1(
+    targets: Targets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cli.SECRET_ENV, SECRET)
+    stranger = ("--initiator-name", "iqn.2024-01.com.example:stranger")
+    ran = cli_run("login", targets.chap.portals["chap"], CHAP_IQN, "--chap-user", USER, *stranger)
+    assert_fails(ran, 1, "authorization failure")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: exit 2, one line, no traceback
+
+
+@pytest.fixture
+def bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    empty = tmp_path / "empty-secret"
+    empty.write_text("\n")
+    unreadable = tmp_path / "a-directory"
+    unreadable.mkdir()
+    return {"empty": empty, "dir": unreadable, "missing": tmp_path / "missing"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["login", "127.0.0.1:99999", OPEN_IQN], "port '99999'"),
+        (["login", "not a portal", OPEN_IQN], "portal: invalid portal 'not a portal'"),
+        (["login", "[::1", OPEN_IQN], "portal:"),
+        (["login", "127.0.0.1", "iqn.bad"], "iqn: invalid iSCSI name"),
+        (["login", "127.0.0.1", OPEN_IQN, "--chap-user", USER], "--chap-user needs"),
+        (["login", "127.0.0.1", OPEN_IQN, "--chap-secret-file", "{empty}"], "needs --chap-user"),
+        (
+            [
+                "login",
+                "127.0.0.1",
+                OPEN_IQN,
+                "--chap-user",
+                USER,
+                "--chap-secret-file",
+                "{missing}",
+            ],
+            "cannot read CHAP secret file",
+        ),
+        (
+            ["login", "127.0.0.1", OPEN_IQN, "--chap-user", USER, "--chap-secret-file", "{dir}"],
+            "Is a directory",
+        ),
+        (
+            ["login", "127.0.0.1", OPEN_IQN, "--chap-user", USER, "--chap-secret-file", "{empty}"],
+            "is empty",
+        ),
+        (["login", "127.0.0.1", OPEN_IQN, "--target-chap-user", "t"], "needs --chap-user too"),
+        (
+            ["login", "127.0.0.1", OPEN_IQN, "--target-chap-secret-file", "{empty}"],
+            "needs --target-chap-user",
+        ),
+        (["probe", "--portal", "bad portal", "--iqn", OPEN_IQN], "--portal: invalid portal"),
+        (["probe", "--portal", "127.0.0.1", "--iqn", "iqn.nope"], "--iqn: invalid iSCSI name"),
+        (["probe", "--portal", "127.0.0.1"], "at least one --portal and one --iqn"),
+        (["probe", "--iqn", OPEN_IQN], "at least one --portal and one --iqn"),
+        (
+            [
+                *("probe", "--portal", "127.0.0.1", "--portal", "127.0.0.2", "--iqn", OPEN_IQN),
+                "--lun",
+                "1",
+                "--lun",
+                "2",
+                "--lun",
+                "3",
+            ],
+            "--lun must be given once or once per --portal (2)",
+        ),
+        (["probe", "-c", "{missing}"], "cannot read connection_info"),
+        (["probe", "-c", "{dir}"], "cannot read connection_info"),
+        (["probe", "-c", "{empty}", "--portal", "127.0.0.1"], "not both"),
+        (["probe", "-c", "{empty}", "--iqn", OPEN_IQN], "not both"),
+        (["probe", "-c", "{empty}"], "connection_info: invalid JSON"),
+        (["attach", "-c", "{missing}", "--dry-run"], "cannot read connection_info"),
+        (["detach", "-c", "{missing}"], "cannot read connection_info"),
+    ],
+)
+def test_bad_input_exits_2(argv: list[str], fragment: str, bad_inputs: dict[str, Path]) -> None:
+    filled = [a.format(**{k: str(v) for k, v in bad_inputs.items()}) for a in argv]
+    assert_fails(cli_run(*filled, *NAME), 2, fragment)
+
+
+def test_the_whole_bad_connection_info_corpus_exits_2(tmp_path: Path) -> None:
+    files = sorted(p.name for p in BAD_DIR.glob("*.json") if p.name != "expected.json")
+    assert files == sorted(BAD_EXPECTED)  # every file is covered, and only those
+    # The corpus's own passwords must not be echoed back either.
+    corpus_secrets = {"S3cr3t-Corpus-Pa55", "Anoth3r-Corpus-Pa55"}
+    for name in files:
+        path = BAD_DIR / name
+        key = BAD_EXPECTED[name]
+        for argv in (
+            ["probe", "-c", str(path)],
+            ["attach", "-c", str(path), "--dry-run"],
+            ["detach", "-c", str(path), "--iscsiadm", str(tmp_path / "never-run")],
+            ["discover", "-c", str(path)],
+        ):
+            ran = cli_run(*argv, *NAME)
+            line = assert_fails(ran, 2, key)
+            assert ran.out == "", (name, argv)
+            assert not any(s in line for s in corpus_secrets), line
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # a text stdin cannot carry it; covered by the file path above
+        # The same answer through "-c -".
+        assert_fails(cli_run("probe", "-c", "-", *NAME, stdin=text), 2, key)
+
+
+def test_non_utf8_connection_info_file_names_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"target_portal": "h\xe9"}')
+    assert_fails(cli_run("probe", "-c", str(path)), 2, "UTF-8", "offset 20")
+
+
+def test_unreadable_stdin_exits_2() -> None:
+    class BadStdin(io.StringIO):
+        def read(self, size: int | None = -1) -> str:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    err = io.StringIO()
+    code = cli.run(["probe", "-c", "-"], stdout=io.StringIO(), stderr=err, stdin=BadStdin())
+    assert code == 2
+    assert err.getvalue() == (
+        "pyiscsi-failover: connection_info on stdin is not UTF-8 text (bad byte at offset 0)\n"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# probe
+
+
+@pytest.mark.parametrize("policy", ["ordered", "staggered", "sequential"])
+def test_probe_json_chooses_the_first_working_candidate(targets: Targets, policy: str) -> None:
+    served = targets.open
+    portals = [served.portals["refused"], served.portals["ok"]]
+    argv = ["probe", "--portal", portals[0], "--portal", portals[1], "--iqn", OPEN_IQN]
+    ran = cli_run(*argv, "--lun", "7", "--policy", policy, "--json", *NAME, *FAST)
+    assert ran.code == 0, ran
+    assert ran.err == ""
+    body = ran.json()
+    assert set(body) >= {"chosen", "policy", "elapsed_ms", "attempts"}
+    assert body["chosen"] == {"portal": served.portals["ok"], "iqn": OPEN_IQN, "lun": 7}
+    assert body["policy"] == policy
+    assert body["check"] == "login"
+    assert body["elapsed_ms"] >= 0
+    for index, attempt in enumerate(body["attempts"]):
+        assert set(attempt) == ATTEMPT_KEYS
+        assert attempt["outcome"] in OUTCOMES
+        assert (attempt["index"], attempt["portal"]) == (index, portals[index])
+        assert (attempt["iqn"], attempt["lun"]) == (OPEN_IQN, 7)
+        assert attempt["redirected_to"] is None
+    assert [a["outcome"] for a in body["attempts"]] == ["refused", "ok"]
+    assert body["attempts"][0]["detail"] == f"{portals[0]}: connection refused"
+    assert body["attempts"][1]["detail"] == "login and logout succeeded"
+
+
+def test_probe_all_reports_every_candidate(targets: Targets) -> None:
+    served = targets.open
+    order = ["refused", "ok", "blackhole", "redirect"]
+    argv = ["probe", "--all", "--json", "--iqn", OPEN_IQN, "--connect-timeout", "0.3"]
+    for name in order:
+        argv += ["--portal", served.portals[name]]
+    ran = cli_run(*argv, *NAME)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert [a["portal"] for a in body["attempts"]] == [served.portals[n] for n in order]
+    assert [a["outcome"] for a in body["attempts"]] == ["refused", "ok", "timeout", "ok"]
+    assert body["attempts"][3]["redirected_to"] == served.portals["ok"]
+    assert body["chosen"]["portal"] == served.portals["ok"]
+
+
+def test_probe_without_all_stops_after_the_winner(targets: Targets) -> None:
+    served = targets.open
+    argv = ["probe", "--json", "--iqn", OPEN_IQN, "--policy", "sequential"]
+    argv += ["--portal", served.portals["ok"], "--portal", served.portals["blackhole"]]
+    body = cli_run(*argv, *NAME, *FAST).json()
+    assert [a["outcome"] for a in body["attempts"]] == ["ok", "not_tried"]
+
+
+def test_probe_permanent_redirect_hands_off_the_new_address(targets: Targets) -> None:
+    served = targets.open
+    argv = ["probe", "--json", "--iqn", OPEN_IQN, "--portal", served.portals["redirect"]]
+    body = cli_run(*argv, *NAME, *FAST).json()
+    assert body["chosen"]["portal"] == served.portals["ok"]
+    assert body["attempts"][0]["redirected_to"] == served.portals["ok"]
+
+
+def test_probe_tcp_check(targets: Targets) -> None:
+    served = targets.open
+    argv = ["probe", "--check", "tcp", "--json", "--iqn", "iqn.2024-01.com.example:any"]
+    argv += ["--portal", served.portals["refused"], "--portal", served.portals["ok"]]
+    body = cli_run(*argv, *NAME, *FAST).json()
+    assert body["check"] == "tcp"
+    assert [a["outcome"] for a in body["attempts"]] == ["refused", "ok"]
+
+
+def test_probe_reads_connection_info_from_stdin(targets: Targets) -> None:
+    document = json.dumps(chap_info(targets))
+    ran = cli_run("probe", "-c", "-", "--json", *NAME, *FAST, stdin=document)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert body["chosen"] == {"portal": targets.chap.portals["chap"], "iqn": CHAP_IQN, "lun": 3}
+    assert [a["outcome"] for a in body["attempts"]] == ["refused", "ok"]
+    assert_no_secret(ran.out, ran.err)
+
+
+def test_probe_command_line_credentials_replace_the_files(
+    targets: Targets, tmp_path: Path, secret_file: Path
+) -> None:
+    # The file carries a wrong password; --chap-user/--chap-secret-file win.
+    document = chap_info(targets, auth_password=WRONG_SECRET)
+    path = write_json(tmp_path / "ci.json", document)
+    ran = cli_run("probe", "-c", str(path), "--json", *NAME, *FAST)
+    assert_fails(ran, 1, "none of the 2 candidates works", "#1", "auth_failed")
+    assert [a["outcome"] for a in ran.json()["attempts"]] == ["refused", "auth_failed"]
+    fixed = ["--chap-user", USER, "--chap-secret-file", str(secret_file)]
+    ran = cli_run("probe", "-c", str(path), "--json", *fixed, *NAME, *FAST)
+    assert ran.code == 0, ran
+    assert ran.json()["chosen"]["portal"] == targets.chap.portals["chap"]
+    assert_no_secret(ran.out, ran.err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "outcome"),
+    [
+        (["--portal", UNREACHABLE, "--iqn", OPEN_IQN], "unreachable"),
+        (["--portal", "{refused}", "--iqn", OPEN_IQN], "refused"),
+        (["--portal", "{blackhole}", "--iqn", OPEN_IQN, "--connect-timeout", "0.2"], "timeout"),
+        (["--portal", "{ok}", "--iqn", "iqn.2024-01.com.example:unknown"], "not_found"),
+        (["--portal", "{chap}", "--iqn", CHAP_IQN], "auth_failed"),  # no credentials given
+        (
+            [
+                "--portal",
+                "{chap}",
+                "--iqn",
+                CHAP_IQN,
+                "--chap-user",
+                USER,
+                "--initiator-name",
+                "iqn.2024-01.com.example:stranger",
+            ],
+            "authorization_failed",
+        ),
+    ],
+)
+def test_probe_none_works_exits_1_with_json_and_one_line(
+    targets: Targets, argv: list[str], outcome: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cli.SECRET_ENV, SECRET)
+    names = {**targets.open.portals, **targets.chap.portals}
+    filled = [a.format(**names) for a in argv]
+    if "--initiator-name" not in filled:
+        filled += NAME
+    ran = cli_run("probe", "--json", *FAST, *filled)
+    line = assert_fails(ran, 1, "the only candidate does not work: #0")
+    body = ran.json()
+    assert body["chosen"] is None
+    assert [a["outcome"] for a in body["attempts"]] == [outcome]
+    assert body["attempts"][0]["detail"].split(": ")[-1] in line
+
+
+def test_probe_on_a_terminal_shows_live_progress_then_a_table(targets: Targets) -> None:
+    served = targets.open
+    argv = ["probe", "--iqn", OPEN_IQN, "--portal", served.portals["refused"]]
+    argv += ["--portal", served.portals["ok"], "--policy", "sequential"]
+    ran = cli_run(*argv, *NAME, *FAST, tty=True)
+    assert ran.code == 0, ran
+    lines = ran.out.splitlines()
+    assert lines[0] == "probing 2 candidate(s), policy sequential, check login"
+    progress = lines[1:5]
+    assert progress[0].endswith(f"#0 {served.portals['refused']} {OPEN_IQN}: probing...")
+    assert progress[1].endswith(f"#0 {served.portals['refused']}: refused connection refused")
+    assert progress[2].endswith(f"#1 {served.portals['ok']} {OPEN_IQN}: probing...")
+    assert progress[3].endswith(f"#1 {served.portals['ok']}: ok login and logout succeeded")
+    assert all(line.startswith("  [") for line in progress)
+    table = lines[5:]
+    assert table[0].split() == ["#", "portal", "iqn", "lun", "outcome", "ms", "detail"]
+    assert table[1].split()[:5] == ["0", served.portals["refused"], OPEN_IQN, "0", "refused"]
+    assert table[2].split()[:5] == ["*1", served.portals["ok"], OPEN_IQN, "0", "ok"]
+    assert table[3].startswith(f"chosen: #1 {served.portals['ok']} {OPEN_IQN} lun 0 (sequential")
+
+
+def test_probe_piped_prints_only_the_table(targets: Targets) -> None:
+    served = targets.open
+    ran = cli_run("probe", "--iqn", OPEN_IQN, "--portal", served.portals["ok"], *NAME, *FAST)
+    assert ran.code == 0
+    lines = ran.out.splitlines()
+    assert lines[0].split()[0] == "#"
+    assert len(lines) == 3
+    assert "probing" not in ran.out
+
+
+def test_probe_json_on_a_terminal_is_still_only_json(targets: Targets) -> None:
+    served = targets.open
+    argv = ["probe", "--iqn", OPEN_IQN, "--portal", served.portals["ok"], "--json"]
+    ran = cli_run(*argv, *NAME, *FAST, tty=True)
+    assert ran.json()["chosen"]["portal"] == served.portals["ok"]
+
+
+# --------------------------------------------------------------------------------------------
+# attach and detach, with the fake iscsiadm
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeIscsiadm:
+    binary: Path
+    log: Path
+    state: Path
+    dev_root: Path
+
+    def ops(self) -> list[str]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line)["op"] for line in self.log.read_text().splitlines()]
+
+    def argvs(self) -> list[list[str]]:
+        return [json.loads(line)["argv"] for line in self.log.read_text().splitlines()]
+
+    def saved(self) -> Any:
+        return json.loads((self.state / "state.json").read_text())
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeIscsiadm:
+    # A wrapper runs the fake with this interpreter, whatever python3 is on PATH.
+    binary = tmp_path / "bin" / "iscsiadm"
+    binary.parent.mkdir()
+    binary.write_text(
+        f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_ISCSIADM))} "$@"\n'
+    )
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    fake = FakeIscsiadm(binary, tmp_path / "calls.jsonl", tmp_path / "state", tmp_path / "by-path")
+    fake.state.mkdir()
+    fake.dev_root.mkdir()
+    monkeypatch.setenv("FAKE_ISCSIADM_LOG", str(fake.log))
+    monkeypatch.setenv("FAKE_ISCSIADM_STATE", str(fake.state))
+    return fake
+
+
+def test_attach_dry_run_prints_masked_commands_and_runs_none(
+    targets: Targets, tmp_path: Path, fake: FakeIscsiadm
+) -> None:
+    path = write_json(tmp_path / "ci.json", chap_info(targets))
+    chap = targets.chap.portals["chap"]
+    base = ["attach", "-c", str(path), "--dry-run", "--iscsiadm", str(fake.binary), *NAME, *FAST]
+    ran = cli_run(*base)
+    assert ran.code == 0, ran
+    lines = ran.out.splitlines()
+    plan = lines[lines.index("would run:") + 1 :]
+    node = f"iscsiadm -m node -T {CHAP_IQN} -p {chap}"
+    assert plan == [
+        f"    {node} -o new",
+        f"    {node} -o update -n node.startup -v manual",
+        f"    {node} -o update -n node.session.auth.authmethod -v CHAP",
+        f"    {node} -o update -n node.session.auth.username -v {USER}",
+        f"    {node} -o update -n node.session.auth.password -v ***",
+        f"    {node} --login",
+    ]
+    as_json = cli_run(*base, "--json")
+    assert as_json.code == 0, as_json
+    body = as_json.json()
+    assert body["probe"]["chosen"] == {"portal": chap, "iqn": CHAP_IQN, "lun": 3}
+    assert body["dry_run"] == [line.strip() for line in plan]
+    assert fake.ops() == []  # nothing was run
+    assert_no_secret(ran.out, ran.err, as_json.out, as_json.err)
+
+
+def test_attach_runs_iscsiadm_and_finds_the_disk(
+    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chap = targets.chap.portals["chap"]
+    device = fake.dev_root / f"ip-{chap}-iscsi-{CHAP_IQN}-lun-3"
+    monkeypatch.setenv("FAKE_ISCSIADM_DEVICE", str(device))
+    path = write_json(tmp_path / "ci.json", chap_info(targets))
+    argv = ["attach", "-c", str(path), "--iscsiadm", str(fake.binary), "--json"]
+    ran = cli_run(*argv, "--dev-root", str(fake.dev_root), "--device-timeout", "5", *NAME, *FAST)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert body["probe"]["chosen"]["portal"] == chap
+    attached = body["attach"]
+    assert attached["device"] == str(device)
+    assert (attached["created_record"], attached["session_existed"]) == (True, False)
+    assert attached["commands"][-1] == f"iscsiadm -m node -T {CHAP_IQN} -p {chap} --login"
+    assert fake.ops() == ["show", "new", "update", "update", "update", "update", "login"]
+    # iscsiadm got the real secret (the fake logs only its hash); we printed none.
+    digest = "sha256:" + hashlib.sha256(SECRET.encode()).hexdigest()
+    assert fake.argvs()[5][-1] == digest
+    assert fake.saved()["sessions"] == [f"{CHAP_IQN} {chap}"]
+    assert_no_secret(ran.out, ran.err, json.dumps(body))
+
+
+def test_attach_failure_exits_1_masked_and_undoes_the_record(
+    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_ISCSIADM_EXIT", json.dumps({"login": 24}))
+    monkeypatch.setenv("FAKE_ISCSIADM_ECHO", "1")  # the fake echoes its argv, secret included
+    path = write_json(tmp_path / "ci.json", chap_info(targets))
+    argv = ["attach", "-c", str(path), "--iscsiadm", str(fake.binary), *NAME, *FAST]
+    ran = cli_run(*argv, "--dev-root", str(fake.dev_root))
+    assert_fails(ran, 1, "LOGIN_AUTH_FAILED", "--login")
+    assert fake.ops()[-2:] == ["logout", "delete"]  # a record we created is deleted again
+    assert fake.saved()["records"] == []
+    assert_no_secret(ran.out, ran.err)
+
+
+def test_attach_with_a_missing_iscsiadm_exits_1(targets: Targets, tmp_path: Path) -> None:
+    path = write_json(tmp_path / "ci.json", chap_info(targets))
+    argv = ["attach", "-c", str(path), "--iscsiadm", str(tmp_path / "no-such-iscsiadm")]
+    assert_fails(cli_run(*argv, *NAME, *FAST), 1, "cannot run", "No such file")
+
+
+def test_attach_when_no_candidate_works_runs_nothing(
+    targets: Targets, tmp_path: Path, fake: FakeIscsiadm
+) -> None:
+    document = chap_info(targets, portals=[targets.open.portals["refused"]])
+    path = write_json(tmp_path / "ci.json", document)
+    argv = ["attach", "-c", str(path), "--iscsiadm", str(fake.binary), "--json"]
+    ran = cli_run(*argv, *NAME, *FAST)
+    assert_fails(ran, 1, "nothing attached")
+    assert ran.json()["attach"] is None
+    assert fake.ops() == []
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_detach_logs_out_of_every_candidate(
+    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, keep: bool
+) -> None:
+    refused, chap = targets.open.portals["refused"], targets.chap.portals["chap"]
+    (fake.state / "state.json").write_text(
+        json.dumps({"records": [f"{CHAP_IQN} {chap}"], "sessions": [f"{CHAP_IQN} {chap}"]})
+    )
+    path = write_json(tmp_path / "ci.json", chap_info(targets))
+    argv = ["detach", "-c", str(path), "--iscsiadm", str(fake.binary), "--json"]
+    ran = cli_run(*argv, *(["--keep-record"] if keep else []))
+    assert ran.code == 0, ran
+    assert ran.json() == {
+        "detached": [{"portal": refused, "iqn": CHAP_IQN}, {"portal": chap, "iqn": CHAP_IQN}]
+    }
+    per_candidate = ["logout"] if keep else ["logout", "delete"]
+    assert fake.ops() == per_candidate * 2
+    assert fake.saved() == {"records": [f"{CHAP_IQN} {chap}"] if keep else [], "sessions": []}
+    text = cli_run(*argv[:-1])
+    assert text.out.splitlines()[-1] == f"detached {CHAP_IQN} at {chap}"
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets never show, whatever the command, verbosity or output format
+
+
+def test_no_secret_in_any_output_or_log_record(
+    targets: Targets,
+    tmp_path: Path,
+    secret_file: Path,
+    target_secret_file: Path,
+    fake: FakeIscsiadm,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    chap = targets.chap.portals["chap"]
+    monkeypatch.setenv("FAKE_ISCSIADM_DEVICE", str(fake.dev_root / "any"))
+    monkeypatch.setenv("FAKE_ISCSIADM_ECHO", "1")
+    ci = write_json(
+        tmp_path / "ci.json",
+        chap_info(
+            targets,
+            discovery_auth_method="CHAP",
+            discovery_auth_username=USER,
+            discovery_auth_password=SECRET,
+        ),
+    )
+    wrong = write_json(tmp_path / "wrong.json", chap_info(targets, auth_password=WRONG_SECRET))
+    # A bad file that holds a secret: its error must name the key, not the value.
+    broken = write_json(
+        tmp_path / "broken.json",
+        {
+            "target_portal": chap,
+            "target_iqn": CHAP_IQN,
+            "auth_method": "CHAP",
+            "auth_password": SECRET,
+        },
+    )
+    from_file = ["--chap-user", USER, "--chap-secret-file", str(secret_file)]
+    mutual = [
+        "--target-chap-user",
+        TARGET_USER,
+        "--target-chap-secret-file",
+        str(target_secret_file),
+    ]
+    runs: list[tuple[list[str], dict[str, str], bool]] = [
+        (["-vv", "login", chap, CHAP_IQN, "--chap-user", USER], {cli.SECRET_ENV: SECRET}, False),
+        (["login", chap, CHAP_IQN, "-vv", "--json", *from_file, *mutual], {}, False),
+        (
+            ["-vv", "login", chap, CHAP_IQN, "--chap-user", USER],
+            {cli.SECRET_ENV: WRONG_SECRET},
+            False,
+        ),
+        (["-vv", "discover", "-c", str(ci), "--json"], {}, False),
+        (["-vv", "discover", chap, *from_file], {}, False),
+        (["-vv", "probe", "-c", str(ci), "--json"], {}, False),
+        (["-vv", "probe", "-c", str(ci), "--all"], {}, True),
+        (["-vv", "probe", "-c", str(wrong), "--json"], {}, False),
+        (["-vv", "probe", "--portal", chap, "--iqn", CHAP_IQN, *from_file, *mutual], {}, True),
+        (
+            [
+                "-vv",
+                "probe",
+                "--portal",
+                chap,
+                "--iqn",
+                CHAP_IQN,
+                "--chap-user",
+                USER,
+                "--target-chap-user",
+                TARGET_USER,
+            ],
+            {cli.SECRET_ENV: SECRET, cli.TARGET_SECRET_ENV: TARGET_SECRET},
+            False,
+        ),
+        (["-vv", "probe", "-c", str(broken)], {}, False),
+        (["-vv", "attach", "-c", str(ci), "--dry-run"], {}, False),
+        (["-vv", "attach", "-c", str(ci), "--dry-run", "--json", *from_file, *mutual], {}, False),
+        (
+            [
+                "-vv",
+                "attach",
+                "-c",
+                str(ci),
+                "--iscsiadm",
+                str(fake.binary),
+                "--dev-root",
+                str(fake.dev_root),
+                "--device-timeout",
+                "0.1",
+            ],
+            {},
+            False,
+        ),
+    ]
+    codes = []
+    with caplog.at_level(logging.DEBUG):
+        for argv, env, tty in runs:
+            with monkeypatch.context() as mp:
+                for key, value in env.items():
+                    mp.setenv(key, value)
+                ran = cli_run(*argv, *NAME, *FAST, tty=tty)
+            codes.append(ran.code)
+            assert "Traceback" not in ran.err
+            assert_no_secret(ran.out, ran.err)
+    # The battery really ran: successes, target failures and bad input alike...
+    assert set(codes) == {0, 1, 2}, codes
+    # ...and logging was really captured at debug level, secrets and all checked.
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("CHAP secret read from" in m for m in messages)
+    assert any("taken from $PYISCSI_TARGET_CHAP_SECRET" in m for m in messages)
+    assert any("running iscsiadm" in m for m in messages)
+    assert_no_secret(caplog.text, *messages)
+
+
+def test_logging_is_restored_after_a_run(targets: Targets) -> None:
+    package = logging.getLogger("pyiscsi_failover")
+    before = (list(package.handlers), package.level, package.propagate)
+    ran = cli_run("-vv", "probe", "--iqn", OPEN_IQN, "--portal", targets.open.portals["ok"], *NAME)
+    assert ran.code == 0
+    assert "DEBUG pyiscsi_failover.cli" in ran.err  # -vv did log, to the stderr we gave
+    assert (list(package.handlers), package.level, package.propagate) == before
+
+
+def test_concurrent_runs_keep_their_logs_apart_and_restore_the_level(targets: Targets) -> None:
+    package = logging.getLogger("pyiscsi_failover")
+    before = (list(package.handlers), package.level)
+    served = targets.open
+    argvs = [
+        ["-vv", "probe", "--check", "tcp", "--iqn", OPEN_IQN, "--portal", served.portals["ok"]],
+        ["probe", "--check", "tcp", "--iqn", OPEN_IQN, "--portal", served.portals["refused"]],
+    ] * 4
+    results: list[Ran | None] = [None] * len(argvs)
+    barrier = threading.Barrier(len(argvs))
+
+    def one(index: int) -> None:
+        barrier.wait()
+        results[index] = cli_run(*argvs[index], *NAME, *FAST)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(argvs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for index, ran in enumerate(results):
+        assert ran is not None
+        if index % 2 == 0:  # verbose and successful: its own debug lines, nobody else's
+            assert ran.code == 0
+            assert "DEBUG" in ran.err
+            assert served.portals["refused"] not in ran.err
+        else:  # quiet and failing: exactly its one line
+            assert_fails(ran, 1, served.portals["refused"])
+    assert (list(package.handlers), package.level) == before
+
+
+def test_warnings_are_shown_without_verbose(
+    targets: Targets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = "Qz8-tiny"  # RFC 7143 wants >= 12 bytes
+    monkeypatch.setenv(cli.SECRET_ENV, tiny)
+    argv = ["login", targets.chap.portals["chap"], CHAP_IQN, "--chap-user", USER]
+    ran = cli_run(*argv, *NAME, *FAST)
+    assert ran.code == 1
+    assert ran.err_lines[0].startswith("pyiscsi-failover: WARNING ")
+    assert "shorter than 12 bytes" in ran.err_lines[0]
+    assert ran.err_lines[1].startswith("pyiscsi-failover: ")
+    assert tiny not in ran.err
+
+
+# --------------------------------------------------------------------------------------------
+# Unexpected failures still end in one line, never a traceback
+
+
+def _raising(exc: BaseException, *, in_nursery: bool = False) -> Any:
+    async def fail() -> None:
+        raise exc
+
+    async def command(*_: object) -> int:
+        if in_nursery:  # trio wraps a child task's error in a (nested) exception group
+            async with trio.open_nursery() as outer:
+                outer.start_soon(trio.lowlevel.checkpoint)
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(fail)
+        await fail()
+        return 0
+
+    return command
+
+
+@pytest.mark.parametrize(
+    ("exc", "in_nursery", "code", "line"),
+    [
+        (RuntimeError(f"bug {SECRET}"), False, 1, "internal error (RuntimeError); run with -vv"),
+        (ValueError(SECRET), True, 1, "internal error (ValueError)"),
+        (ConnectRefused("h:1: connection refused"), True, 1, "h:1: connection refused"),
+        (ISCSIError("plain failure"), False, 1, "plain failure"),
+        (KeyboardInterrupt(), False, 130, "interrupted"),
+    ],
+)
+def test_unexpected_errors_become_one_line(
+    monkeypatch: pytest.MonkeyPatch, exc: BaseException, in_nursery: bool, code: int, line: str
+) -> None:
+    monkeypatch.setitem(cli._COMMANDS, "probe", _raising(exc, in_nursery=in_nursery))
+    ran = cli_run("probe", "--portal", "h", "--iqn", OPEN_IQN)
+    assert_fails(ran, code, line)
+    assert_no_secret(ran.err)
+
+
+def test_a_vanished_stdout_is_exit_1_without_output(targets: Targets) -> None:
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    err = io.StringIO()
+    argv = ["probe", "--check", "tcp", "--iqn", OPEN_IQN, "--portal", targets.open.portals["ok"]]
+    assert cli.run(argv, stdout=Closed(), stderr=err) == 1
+    # --help and --version ignore a reader that went away, as argparse does, and exit 0.
+    assert cli.run(["--version"], stdout=Closed(), stderr=err) == 0
+    assert cli.run(["probe", "--help"], stdout=Closed(), stderr=err) == 0
+    assert err.getvalue() == ""
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+def test_demo_default_policy_explains_the_choice() -> None:
+    started = time.monotonic()
+    ran = cli_run("demo", *NAME)
+    assert ran.code == 0, ran
+    assert time.monotonic() - started < 10  # one 3 s connect timeout, not one per dead portal
+    lines = ran.out.splitlines()
+    assert "policy ordered" in ran.out
+    progress = [line for line in lines if line.startswith("  [")]
+    assert len(progress) == 6  # three started, three finished
+    rows = {line.split()[0]: line.split() for line in lines if line[:2] in (" 0", " 1", "*2")}
+    assert rows["0"][4] == "timeout"
+    assert rows["1"][4] == "refused"
+    assert rows["*2"][4] == "ok"
+    assert lines[-1].startswith("=> chosen #2 127.0.0.1:")
+    assert '"auth_password": "***"' in ran.out
+
+
+def test_demo_json_staggered() -> None:
+    ran = cli_run("demo", "--json", "--policy", "staggered", *NAME)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert body["policy"] == "staggered"
+    assert (body["chosen"]["iqn"], body["chosen"]["lun"]) == (DEMO_IQN, 1)
+    outcomes = [a["outcome"] for a in body["attempts"]]
+    assert outcomes[1:] == ["refused", "ok"]
+    assert outcomes[0] in {"cancelled", "timeout"}
+    assert body["chosen"]["portal"] == body["attempts"][2]["portal"]
+
+
+# --------------------------------------------------------------------------------------------
+# The real command, as a process
+
+
+def _command(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "pyiscsi_failover", *argv]
+
+
+def test_end_to_end_as_a_process(targets: Targets, secret_file: Path) -> None:
+    served = targets.open
+    env = {**os.environ, cli.TARGET_SECRET_ENV: TARGET_SECRET}
+    argv = ["probe", "--json", "--iqn", CHAP_IQN, *NAME, *FAST]
+    argv += ["--portal", served.portals["refused"], "--portal", targets.chap.portals["chap"]]
+    argv += ["--chap-user", USER, "--chap-secret-file", str(secret_file)]
+    argv += ["--target-chap-user", TARGET_USER]
+    done = subprocess.run(
+        _command(*argv), capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    body = json.loads(done.stdout)
+    assert body["chosen"] == {"portal": targets.chap.portals["chap"], "iqn": CHAP_IQN, "lun": 0}
+    assert_no_secret(done.stdout, done.stderr)
+
+    bad = subprocess.run(
+        _command("login", "127.0.0.1:70000", OPEN_IQN),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    assert bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("pyiscsi-failover: portal: invalid portal '127.0.0.1:70000'")
+
+
+def test_a_closed_pipe_is_not_a_traceback(targets: Targets) -> None:
+    # As in `pyiscsi-failover probe ... | head -0`: the reader is gone before we write.
+    argv = ["probe", "--check", "tcp", "--iqn", OPEN_IQN, "--portal", targets.open.portals["ok"]]
+    process = subprocess.Popen(
+        _command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    err = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(timeout=60) == 1
+    assert err == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Against Debian's tgtd
+
+
+TGT_OPEN: Final = "iqn.2026-11.test.pyiscsi:cli-open"
+TGT_CHAP: Final = "iqn.2026-11.test.pyiscsi:cli-chap"
+TGT_USER: Final = "cliuser"
+
+
+@pytest.fixture
+def tgtd_portal(tgtd_factory: TgtdStarter) -> str:
+    daemon = tgtd_factory()
+    daemon.add_target(1, TGT_OPEN, luns=1)
+    daemon.allow(1)
+    daemon.add_target(2, TGT_CHAP, luns=2)
+    daemon.allow(2)
+    daemon.add_account(TGT_USER, SECRET)
+    daemon.bind_account(2, TGT_USER)
+    return daemon.portal
+
+
+@pytest.mark.peer
+def test_tgtd_discover_json(tgtd_portal: str) -> None:
+    ran = cli_run("discover", tgtd_portal, "--json", *NAME, *FAST)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert body["outcome"] == "ok"
+    assert {t["iqn"]: t["portals"] for t in body["targets"]} == {
+        TGT_OPEN: [f"{tgtd_portal},1"],
+        TGT_CHAP: [f"{tgtd_portal},1"],
+    }
+
+
+@pytest.mark.peer
+def test_tgtd_login_with_chap_from_a_file_and_a_wrong_one(
+    tgtd_portal: str, secret_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["login", tgtd_portal, TGT_CHAP, "--chap-user", TGT_USER, *NAME, *FAST]
+    ran = cli_run(*argv, "--json", "--chap-secret-file", str(secret_file))
+    assert ran.code == 0, ran
+    assert (ran.json()["outcome"], ran.json()["auth_method"]) == ("ok", "CHAP")
+    monkeypatch.setenv(cli.SECRET_ENV, WRONG_SECRET)
+    wrong = cli_run(*argv)
+    assert_fails(wrong, 1, "login refused: authentication failure (0x0201)")
+    assert_no_secret(ran.out, ran.err, wrong.out, wrong.err)
+
+
+@pytest.mark.peer
+def test_tgtd_probe_fails_over_from_our_refusing_portal(tgtd_portal: str, targets: Targets) -> None:
+    refused = targets.open.portals["refused"]
+    argv = ["probe", "--json", "--iqn", TGT_OPEN, "--lun", "1", *NAME, *FAST]
+    ran = cli_run(*argv, "--portal", refused, "--portal", tgtd_portal, "--portal", UNREACHABLE)
+    assert ran.code == 0, ran
+    body = ran.json()
+    assert body["chosen"] == {"portal": tgtd_portal, "iqn": TGT_OPEN, "lun": 1}
+    assert [a["outcome"] for a in body["attempts"]][:2] == ["refused", "ok"]
+    assert body["attempts"][2]["outcome"] in {"cancelled", "not_tried", "unreachable"}
