@@ -129,7 +129,8 @@ async def _next_event(
     sending: _Sending | None = None,
 ) -> Event:
     """Pump bytes both ways until the connection yields its next event."""
-    sending = sending or _Sending()
+    if sending is None:
+        sending = _Sending()
     try:
         while True:
             event = conn.next_event()
@@ -149,10 +150,11 @@ async def _next_event(
         if isinstance(cause, OSError):
             raise _network_error(cause, portal, conn.state.value) from exc
         raise ConnectionLost(f"{portal}: connection lost during {conn.state.value}") from exc
+    except ConnectionLost as exc:
+        # Before OSError, which it subclasses: the state machine already said what was lost.
+        raise ConnectionLost(f"{portal}: {exc}") from exc
     except OSError as exc:
         raise _network_error(exc, portal, conn.state.value) from exc
-    except ConnectionLost as exc:
-        raise ConnectionLost(f"{portal}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -239,16 +241,14 @@ async def login(
                             raise ProtocolError(f"expected a SendTargets answer, got {discovered}")
                         targets = discovered.targets
             except trio.TooSlowError as exc:
+                stage = conn.state.value
+                await _abandon_login(stream, conn, current, sending, logout_timeout)
                 raise ISCSITimeout(
-                    f"{current}: {conn.state.value} did not finish within {login_timeout:g} s"
+                    f"{current}: {stage} did not finish within {login_timeout:g} s"
                 ) from exc
             except trio.Cancelled:
-                # Cancelled by our caller (the prober chose another candidate). Once our request
-                # to enter the full feature phase is on the wire, the target may be logging us
-                # in: closing now would leave a session nobody logged out. Finish, shielded.
-                if conn.state is State.OPERATIONAL_NEGOTIATION and sending.done:
-                    with trio.CancelScope(shield=True):
-                        await _finish_abandoned_login(stream, conn, current, logout_timeout)
+                # Our caller gave up on us (the prober chose another candidate).
+                await _abandon_login(stream, conn, current, sending, logout_timeout)
                 raise
             login_s += time.monotonic() - connected_at
             if isinstance(event, LoginRedirected):
@@ -307,20 +307,32 @@ async def _logout(
     return event, None
 
 
-async def _finish_abandoned_login(
-    stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal, deadline_s: float
+async def _abandon_login(
+    stream: trio.SocketStream,
+    conn: InitiatorConnection,
+    portal: Portal,
+    sending: _Sending,
+    deadline_s: float,
 ) -> None:
-    """Best effort for a cancelled login: read the target's answer, log out if it let us in."""
-    with trio.move_on_after(deadline_s):
+    """Stop a login (deadline or cancellation) without leaving a session on the target.
+
+    Once our request to enter the full feature phase is wholly on the wire, the target may be
+    logging us in; closing now would leave a session nobody logged out. So read its answer and
+    log out if it let us in: best effort, shielded from cancellation, within ``deadline_s``.
+    Earlier than that the target cannot have logged us in, and closing is enough.
+    """
+    if conn.state is not State.OPERATIONAL_NEGOTIATION or not sending.done:
+        return
+    with trio.CancelScope(shield=True), trio.move_on_after(deadline_s):
         try:
-            while conn.state is State.OPERATIONAL_NEGOTIATION:
-                await _next_event(stream, conn, portal)
+            # Further negotiation rounds happen inside; it returns with the login's end.
+            event = await _next_event(stream, conn, portal)
         except ISCSIError:
-            return  # the target failed the login or broke the connection: nothing to clean up
-        if conn.state is State.FULL_FEATURE:
+            return  # the target broke the connection or the protocol: nothing to log out of
+        if isinstance(event, LoginSucceeded):
             _, note = await _logout(stream, conn, portal, deadline_s)
             if note:
-                logger.debug("%s: cancelled login: %s", portal, note)
+                logger.debug("%s: abandoned login: %s", portal, note)
 
 
 async def discover(

@@ -31,6 +31,10 @@ fire early) and above (with slack for scheduling) by the same model.
 
 The three policies run concurrently against one target, each under its own InitiatorName, so
 the target's login records can be told apart per policy.
+
+Attempts that the prober abandons (cancelled because another candidate won, or out of time)
+must not leave a session either: the target may have accepted the final login request already.
+Dedicated tests pin those races down with a target that holds every PDU back.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import trio
@@ -58,9 +63,9 @@ from pyiscsi_failover.connection_info import (
     parse_connection_info,
 )
 from pyiscsi_failover.credentials import ChapCredentials, Secret
+from pyiscsi_failover.initiator import LoginConfig
 from pyiscsi_failover.names import Portal
 from pyiscsi_failover.prober import (
-    Attempt,
     Check,
     Outcome,
     Policy,
@@ -72,6 +77,7 @@ from pyiscsi_failover.prober import (
 from pyiscsi_failover.testing import (
     Blackhole,
     ChapSettings,
+    DelayPDUs,
     Fault,
     PortalConfig,
     Redirect,
@@ -82,13 +88,14 @@ from pyiscsi_failover.testing import (
     TargetSpec,
     serve_target,
 )
+from pyiscsi_failover.transport import LoginReport, login
 
 HOST = "127.0.0.1"
 CONNECT_TIMEOUT = 0.3
 LOGIN_TIMEOUT = 0.5
 STAGGER = 0.25
 #: Scheduling allowance on top of the model: once per run, and per attempt.
-SLACK = 0.25
+SLACK = 0.35
 SLACK_PER_ATTEMPT = 0.04
 #: Outer bound of one example (the model's worst case is 6 silent portals in sequence: 3 s).
 EXAMPLE_DEADLINE = 15.0
@@ -111,7 +118,7 @@ class Kind(enum.Enum):
     REDIRECT = "redirect"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Behaviour:
     kind: Kind
     permanent: bool = False  # redirects only: status 0x0102 instead of 0x0101
@@ -259,7 +266,7 @@ def assert_timing(
     upper = model + SLACK + SLACK_PER_ATTEMPT * tried
     assert model <= result.elapsed_s <= upper, (
         f"{result.policy.value}: took {result.elapsed_s:.3f} s, model {model:.3f} s "
-        f"(allowed up to {upper:.3f} s)"
+        f"(allowed up to {upper:.3f} s): {describe(result)}"
     )
     for attempt in result.attempts:
         if attempt.outcome is Outcome.NOT_TRIED:
@@ -268,7 +275,16 @@ def assert_timing(
         if attempt.outcome is not Outcome.CANCELLED:
             cost = behaviours[attempt.candidate.index].cost(check)
             # Each attempt is bounded by its own deadline (connect, then login).
-            assert cost <= attempt.elapsed_s <= cost + SLACK
+            assert cost <= attempt.elapsed_s <= cost + SLACK, describe(result)
+
+
+def describe(result: ProbeResult) -> str:
+    """One line per attempt, for failure messages."""
+    return "; ".join(
+        f"#{a.candidate.index} {a.outcome.value} at {a.started_at or 0:.3f}+{a.elapsed_s:.3f}s"
+        f" ({a.detail})"
+        for a in result.attempts
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,6 +538,102 @@ async def test_staggered_skips_a_blackholed_main_portal_after_one_stagger() -> N
 
 
 # --------------------------------------------------------------------------------------------
+# Cancelled attempts must not leave sessions behind
+
+
+async def test_ordered_logs_out_of_candidates_it_cancels() -> None:
+    # Six working portals: ordered starts them all, #0 wins, and the others are cancelled at
+    # whatever point their own logins have reached. Before the transport finished a cancelled
+    # login whose last request was on the wire, about one run in two left a session logged in.
+    behaviours = [Behaviour(Kind.OK)] * 6
+    with trio.fail_after(EXAMPLE_DEADLINE):
+        async with serve_target(target_config(behaviours)) as running:
+            info = connection_info(running, behaviours)
+            for _ in range(5):
+                result = await probe(
+                    info, options_for(Policy.ORDERED, Check.LOGIN, probe_all=False)
+                )
+                assert result.candidate is not None and result.candidate.index == 0
+                assert {a.outcome for a in result.attempts[1:]} <= {
+                    Outcome.OK,
+                    Outcome.CANCELLED,
+                    Outcome.NOT_TRIED,
+                }
+            await running.wait_idle()
+            assert [r for r in running.logins if r.succeeded], "some logins must have happened"
+            assert not running.lingering_sessions, running.lingering_sessions
+
+
+async def test_a_login_cancelled_after_its_last_request_still_logs_out() -> None:
+    # Deterministic version of the race above: every PDU of the target is held back 0.1 s, and
+    # the login is cancelled the moment the target has accepted it, i.e. while its final Login
+    # Response is on its way. The cancelled login must read it and log out, then stop.
+    delay = 0.1
+    config = TargetConfig(
+        portals=(PortalConfig(host=HOST, port=0, name="slow", faults=(DelayPDUs(seconds=delay),)),),
+        targets=(TargetSpec(name=GOOD, chap=ChapSettings(accounts=(OUR_CHAP,))),),
+    )
+    login_config = LoginConfig(
+        initiator_name=initiator_for(Policy.ORDERED), target_name=GOOD, chap=OUR_CHAP
+    )
+    with trio.fail_after(EXAMPLE_DEADLINE):
+        async with serve_target(config) as running:
+            reports: list[LoginReport] = []
+
+            async def log_in(cancel_scope: trio.CancelScope) -> None:
+                with cancel_scope:
+                    reports.append(await login(running.portals[0], login_config))
+
+            scope = trio.CancelScope()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(log_in, scope)
+                await running.wait_for(lambda r: any(c.login is not None for c in r.connections))
+                cancelled_at = trio.current_time()
+                scope.cancel()
+            finished_at = trio.current_time()
+            await running.wait_idle()
+    assert scope.cancelled_caught and not reports  # it was cancelled, not completed
+    (connection,) = running.connections
+    assert connection.login is not None and connection.login.succeeded
+    assert connection.logged_out
+    assert not running.lingering_sessions
+    # The clean-up waited for the rest of the final response and a Logout round trip, no more.
+    assert delay <= finished_at - cancelled_at <= 2 * delay + SLACK
+
+
+async def test_a_login_that_times_out_after_its_last_request_still_logs_out() -> None:
+    # Every PDU of the target is held back ``delay``: its four login answers (AuthMethod,
+    # CHAP challenge, CHAP result, operational keys) go out at about 1, 2, 3 and 4 delays, so a
+    # login deadline of 3.5 delays expires after the target has accepted our final request and
+    # before its answer arrives. The attempt is a timeout, and still logs out.
+    delay = 0.2
+    login_timeout = 3.5 * delay
+    behaviours = [Behaviour(Kind.OK)]
+    config = TargetConfig(
+        portals=(PortalConfig(host=HOST, port=0, name="slow", faults=(DelayPDUs(seconds=delay),)),),
+        targets=(TargetSpec(name=GOOD, chap=ChapSettings(accounts=(OUR_CHAP,))),),
+    )
+    with trio.fail_after(EXAMPLE_DEADLINE):
+        async with serve_target(config) as running:
+            info = connection_info(running, behaviours)
+            options = replace(
+                options_for(Policy.SEQUENTIAL, Check.LOGIN, probe_all=False),
+                login_timeout=login_timeout,
+            )
+            result = await probe(info, options)
+            await running.wait_idle()
+    (attempt,) = result.attempts
+    assert attempt.outcome is Outcome.TIMEOUT
+    assert "operational negotiation did not finish" in attempt.detail
+    (connection,) = running.connections
+    assert connection.login is not None and connection.login.succeeded
+    assert connection.logged_out
+    assert not running.lingering_sessions
+    # The clean-up cost the rest of the final answer and one Logout round trip.
+    assert login_timeout <= attempt.elapsed_s <= 5 * delay + SLACK
+
+
+# --------------------------------------------------------------------------------------------
 # probe_sync from plain synchronous code: the target runs in another process
 
 
@@ -533,41 +645,49 @@ SYNC_BEHAVIOURS = (
 )
 
 
-def _read_lines(stream: object, count: int, deadline: float) -> list[str]:
-    """``count`` lines from a pipe, or fail once ``deadline`` (monotonic) has passed."""
-    assert hasattr(stream, "fileno") and hasattr(stream, "readline")
-    lines: list[str] = []
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream.fileno(), selectors.EVENT_READ)
-        while len(lines) < count:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"target process said only {lines!r}"
-            if selector.select(remaining):
-                line = stream.readline()
-                assert line, f"target process closed its output after {lines!r}"
-                lines.append(line.decode().strip())
-    return lines
+class _LineReader:
+    """Lines from a pipe with a deadline, read with os.read so no buffer hides a line from
+    select()."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+
+    def lines(self, count: int, deadline: float) -> list[str]:
+        """``count`` lines, or fail once ``deadline`` (monotonic) has passed."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.fd, selectors.EVENT_READ)
+            while self.buffer.count(b"\n") < count:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"the target process said only {self.buffer!r}"
+                if selector.select(remaining):
+                    chunk = os.read(self.fd, 4096)
+                    assert chunk, f"the target process closed its output after {self.buffer!r}"
+                    self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n", count)
+        return [line.decode() for line in lines]
 
 
-def test_probe_sync_from_plain_sync_code() -> None:
+def test_probe_sync_from_plain_sync_code(tmp_path: Path) -> None:
+    # The secret goes in a file, not argv (ps would show it).
+    chap_file = tmp_path / "chap"
+    chap_file.write_text(f"chap {OUR_CHAP.username}:{OUR_CHAP.secret.reveal_str()}\n")
     argv = [sys.executable, "-m", "pyiscsi_failover.testing", "--verbose"]
-    argv += ["--target", GOOD, "--chap-file", "/dev/stdin"]
+    argv += ["--target", GOOD, "--chap-file", str(chap_file)]
     for name, fault, _ in SYNC_BEHAVIOURS:
         argv += ["--portal", f"{name}={HOST}:0"]
         if fault is not None:
             argv += ["--fault", f"{name}={fault}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
     try:
-        assert process.stdin is not None and process.stdout is not None
-        # The secret goes through a pipe, not argv (ps would show it).
-        process.stdin.write(f"chap {OUR_CHAP.username}:prober-secret-0123\n".encode())
-        process.stdin.close()
+        assert process.stdout is not None and process.stderr is not None
         deadline = time.monotonic() + 20
-        assert _read_lines(process.stdout, 1, deadline) == ["ready"]
-        portal_lines = _read_lines(process.stderr, len(SYNC_BEHAVIOURS), deadline)
+        assert _LineReader(process.stdout.fileno()).lines(1, deadline) == ["ready"]
+        errors = _LineReader(process.stderr.fileno())
+        portal_lines = errors.lines(len(SYNC_BEHAVIOURS), deadline)
         portals = [Portal.parse(line.split()[2]) for line in portal_lines]
         data = build_connection_info(
             [str(p) for p in portals], [iqn for _, _, iqn in SYNC_BEHAVIOURS], 0, auth=OUR_CHAP
@@ -600,11 +720,11 @@ def test_probe_sync_from_plain_sync_code() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    log = stderr.decode()
+    log = (errors.buffer + stderr).decode()
     # Four probes logged in once each at "good" (ordered's spare was cancelled before or after
     # its own login), and every successful login was followed by a Logout.
     successes = log.count(": SUCCESS")
-    assert log.count(f"portal good: login of") >= 4
+    assert log.count("portal good: login of") >= 4
     assert successes >= 4
     assert log.count("LogoutReceived") == successes
     assert "prober-secret-0123" not in log

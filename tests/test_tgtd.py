@@ -13,6 +13,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peers import Tgtd, TgtdStarter, unique_loopback
+from test_prober_tgtd import assert_no_session_left
 
 from pyiscsi_failover.credentials import ChapCredentials, Secret
 from pyiscsi_failover.errors import ChapReflectionError, TargetAuthenticationError
@@ -81,7 +82,7 @@ async def test_login_without_chap(tgtd: Tgtd) -> None:
     assert report.outcome.target_portal_group_tag == 1
     assert report.outcome.auth_method == "None"
     assert report.logout is not None  # logged out: nothing lingers on tgtd
-    assert "Session" not in _sessions(tgtd, 1)
+    await assert_no_session_left(tgtd)
 
 
 async def test_chap_required_but_not_given_is_an_authentication_failure(tgtd: Tgtd) -> None:
@@ -181,10 +182,6 @@ async def test_redirect_across_two_tgtd_instances(tgtd_factory: TgtdStarter, rea
     # Temporary: open-iscsi keeps the original address; permanent: the new one.
     expected = new.portal if reason == "Permanent" else old.portal
     assert str(report.handoff_portal) == expected
-
-
-def _sessions(daemon: Tgtd, tid: int) -> str:
-    return daemon.show(tid)
 
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,11}", fullmatch=True)
