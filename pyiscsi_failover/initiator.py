@@ -83,11 +83,13 @@ logger = logging.getLogger(__name__)
 
 #: The most a login data segment may hold before MaxRecvDataSegmentLength is negotiated.
 LOGIN_SEGMENT_LIMIT: Final = 8192
-#: Bound on login round trips, so a target that never sets T cannot keep us forever.
+#: Bound on login negotiation rounds (whole answers), so a target that never sets T cannot keep
+#: us forever. Continuation PDUs do not count: the reassembly byte limit bounds those.
 MAX_LOGIN_ROUNDS: Final = 32
-#: Bound on SendTargets continuation requests and on the reassembled answer.
-MAX_TEXT_ROUNDS: Final = 256
+#: Bound on SendTargets answers of no data at all; non-empty ones are bounded by the byte limit.
+MAX_EMPTY_CONTINUATIONS: Final = 16
 MAX_TEXT_BYTES: Final = 4 * 1024 * 1024
+_SERIAL_MASK: Final = 0xFFFFFFFF
 
 
 def probe_isid(token_bytes: Callable[[int], bytes] = secrets.token_bytes) -> ISID:
@@ -199,6 +201,12 @@ class InitiatorConnection:
     def __init__(
         self, config: LoginConfig, *, initial_cmdsn: int = 1, initial_itt: int = 1
     ) -> None:
+        if not 0 <= initial_cmdsn <= _SERIAL_MASK:
+            raise LocalProtocolError(f"initial_cmdsn must be 0..2**32-1, not {initial_cmdsn}")
+        if not 0 <= initial_itt < RESERVED_TAG:
+            raise LocalProtocolError(
+                f"initial_itt must be 0..0xfffffffe (0xffffffff is reserved), not {initial_itt}"
+            )
         self.config = config
         self.state = State.IDLE
         self._buffer = PDUBuffer(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
@@ -225,7 +233,7 @@ class InitiatorConnection:
         self._pending_csg = Stage.SECURITY_NEGOTIATION
         self._pending_nsg = Stage.SECURITY_NEGOTIATION
         self._text_in = TextReassembler(limit=MAX_TEXT_BYTES)
-        self._text_rounds = 0
+        self._empty_continuations = 0
         self._parameters: OperationalParameters | None = None
 
     def __repr__(self) -> str:
@@ -285,7 +293,6 @@ class InitiatorConnection:
         if which == "All" and self.config.target_name is not None:
             raise LocalProtocolError("SendTargets=All is only valid in a Discovery session")
         self.state = State.TEXT_EXCHANGE
-        self._text_rounds = 0
         self._send(
             TextRequest(
                 final=True,
@@ -296,7 +303,7 @@ class InitiatorConnection:
                 data=encode_text([("SendTargets", which)]),
             )
         )
-        self._cmdsn += 1
+        self._cmdsn = (self._cmdsn + 1) & _SERIAL_MASK
 
     def logout(self) -> None:
         """Close the session, so a probe leaves nothing behind on the target."""
@@ -366,6 +373,15 @@ class InitiatorConnection:
                     f"unexpected {type(pdu).__name__} from the target during {self._phase()}"
                 )
 
+    def _count_continuation(self, data: bytes, what: str) -> None:
+        """Empty continuations carry nothing the byte limit could bound; cap their number."""
+        if not data:
+            self._empty_continuations += 1
+            if self._empty_continuations > MAX_EMPTY_CONTINUATIONS:
+                raise ProtocolError(
+                    f"target sent more than {MAX_EMPTY_CONTINUATIONS} empty continued {what}s"
+                )
+
     def _check_itt(self, itt: int, what: str) -> None:
         if itt != self._itt:
             raise ProtocolError(f"{what} carries ITT 0x{itt:08x}, expected 0x{self._itt:08x}")
@@ -407,9 +423,12 @@ class InitiatorConnection:
 
     def _on_login_response(self, pdu: LoginResponse) -> None:
         self._check_itt(pdu.itt, "Login Response")
-        self._login_rounds += 1
-        if self._login_rounds > MAX_LOGIN_ROUNDS:
-            raise ProtocolError(f"login did not finish within {MAX_LOGIN_ROUNDS} round trips")
+        if pdu.cont:
+            self._count_continuation(pdu.data, "Login Response")
+        else:
+            self._login_rounds += 1
+            if self._login_rounds > MAX_LOGIN_ROUNDS:
+                raise ProtocolError(f"login did not finish within {MAX_LOGIN_ROUNDS} rounds")
         self._advance_statsn(pdu.statsn)
         if pdu.status_class is not StatusClass.SUCCESS:
             # Checked before the ISID: tgt zeroes the ISID in its error responses.
@@ -596,11 +615,10 @@ class InitiatorConnection:
     def _on_text_response(self, pdu: TextResponse) -> None:
         self._check_itt(pdu.itt, "Text Response")
         self._advance_statsn(pdu.statsn)
-        self._text_rounds += 1
-        if self._text_rounds > MAX_TEXT_ROUNDS:
-            raise ProtocolError(f"SendTargets answer did not end within {MAX_TEXT_ROUNDS} PDUs")
         # tgt sets F=0 with a TTT but not C; open-iscsi also ends on a reserved TTT.
         more = not pdu.final and pdu.ttt != RESERVED_TAG
+        if more:
+            self._count_continuation(pdu.data, "Text Response")
         if pdu.final and pdu.cont:
             raise ProtocolError("Text Response with both F and C set")
         text = self._text_in.feed(pdu.data, more=more)
@@ -615,7 +633,7 @@ class InitiatorConnection:
                     expstatsn=self._expstatsn,
                 )
             )
-            self._cmdsn += 1
+            self._cmdsn = (self._cmdsn + 1) & _SERIAL_MASK
             return
         self.state = State.FULL_FEATURE
         targets = parse_send_targets(decode_text(text))
