@@ -63,8 +63,8 @@ from pyiscsi_failover.errors import (
 )
 from pyiscsi_failover.initiator import (
     LOGIN_SEGMENT_LIMIT,
-    MAX_LOGIN_ROUNDS,
     MAX_EMPTY_CONTINUATIONS,
+    MAX_LOGIN_ROUNDS,
     NEED_DATA,
     Event,
     InitiatorConnection,
