@@ -685,9 +685,9 @@ def _chap_argument(value: object, key: str) -> ChapCredentials | None:
     if not isinstance(value, ChapCredentials):
         _fail(key, f"must be ChapCredentials or None, got {type(value).__name__}")
     _text(value.username, f"{key}.username")
-    try:
-        text = value.secret.reveal().decode("utf-8")
-    except UnicodeDecodeError:
+    # Decoded without raising: a UnicodeDecodeError would carry the secret in its context.
+    text = value.secret.reveal().decode("utf-8", errors="replace")
+    if "\ufffd" in text and "\ufffd".encode() not in value.secret.reveal():
         _fail(f"{key}.secret", "must be UTF-8 text to travel in JSON")
     _text(text, f"{key}.secret", secret=True)
     return value

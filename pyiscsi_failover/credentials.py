@@ -8,10 +8,17 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, field
 
+from pyiscsi_failover.errors import LocalProtocolError
+
 __all__ = ["MASK", "ChapCredentials", "Secret"]
 
 #: What a secret looks like wherever it would otherwise be printed.
 MASK = "***"
+
+
+def _encodable(text: str) -> bool:
+    """Whether UTF-8 with surrogateescape can encode ``text`` (no lone surrogate outside it)."""
+    return all(not "\ud800" <= ch <= "\udfff" or "\udc80" <= ch <= "\udcff" for ch in text)
 
 
 class Secret:
@@ -27,7 +34,13 @@ class Secret:
 
     def __init__(self, value: str | bytes | bytearray | memoryview) -> None:
         if isinstance(value, str):
-            self._value = value.encode("utf-8", errors="surrogateescape")
+            # Never let UnicodeEncodeError escape: it would carry the whole secret.
+            encoded = value.encode("utf-8", errors="surrogateescape") if _encodable(value) else None
+            if encoded is None:
+                raise LocalProtocolError(
+                    "a CHAP secret must be valid text: it has a lone surrogate"
+                )
+            self._value = encoded
         elif isinstance(value, (bytes, bytearray, memoryview)):
             self._value = bytes(value)
         else:
