@@ -192,6 +192,15 @@ class LoggedOut:
 
 Event: TypeAlias = LoginSucceeded | LoginRedirected | LoginRejected | TargetsDiscovered | LoggedOut
 
+class _ChapStep(enum.Enum):
+    """Where the CHAP exchange stands: what we sent last."""
+
+    AUTH_METHOD_SENT = enum.auto()
+    ALGORITHMS_SENT = enum.auto()
+    RESPONSE_SENT = enum.auto()
+    DONE = enum.auto()
+
+
 _LOGIN_STATES: Final = frozenset({State.SECURITY_NEGOTIATION, State.OPERATIONAL_NEGOTIATION})
 
 
@@ -225,7 +234,7 @@ class InitiatorConnection:
             )
         self._negotiator = Negotiator(config.proposal, session_type=config.session_type)
         self._auth_method = "None"
-        self._chap_step = 0  # 0: AuthMethod sent, 1: CHAP_A sent, 2: CHAP_R sent
+        self._chap_step = _ChapStep.AUTH_METHOD_SENT
         self._login_rounds = 0
         self._login_in = TextReassembler(limit=64 * 1024)
         self._login_pending: list[bytes] = []  # our request text still to send (C=1 splitting)
@@ -472,7 +481,7 @@ class InitiatorConnection:
         keys = decode_keys(text)
         if "TargetPortalGroupTag" in keys and self._tpgt is None:
             self._tpgt = _parse_tpgt(keys["TargetPortalGroupTag"])
-        if self._chap is not None and self._chap_step == 0:
+        if self._chap is not None and self._chap_step is _ChapStep.AUTH_METHOD_SENT:
             # A downgrade is the finding that matters, whatever else is wrong with the PDU.
             self._chap.check_auth_method(keys.get("AuthMethod", "None"))
         if pdu.transit:
@@ -525,23 +534,23 @@ class InitiatorConnection:
                 return
             self._enter_operational(pdu)
             return
-        if self._chap_step == 0:
+        if self._chap_step is _ChapStep.AUTH_METHOD_SENT:
             chap.check_auth_method(keys.get("AuthMethod", "None"))
             if pdu.transit:
                 raise AuthenticationError("target tried to end security negotiation without CHAP")
             self._auth_method = "CHAP"
-            self._chap_step = 1
+            self._chap_step = _ChapStep.ALGORITHMS_SENT
             self._queue_login(
                 chap.offer(),
                 transit=False,
                 csg=Stage.SECURITY_NEGOTIATION,
                 nsg=Stage.SECURITY_NEGOTIATION,
             )
-        elif self._chap_step == 1:
+        elif self._chap_step is _ChapStep.ALGORITHMS_SENT:
             if pdu.transit:
                 raise AuthenticationError("target tried to end security negotiation before CHAP")
             answer = chap.answer_challenge(keys)
-            self._chap_step = 2
+            self._chap_step = _ChapStep.RESPONSE_SENT
             self._queue_login(
                 answer,
                 transit=True,
@@ -553,7 +562,7 @@ class InitiatorConnection:
                 chap.verify_target(keys)
             if not pdu.transit:
                 raise ProtocolError("target accepted CHAP but did not let the login move on")
-            self._chap_step = 3
+            self._chap_step = _ChapStep.DONE
             self._enter_operational(pdu)
 
     def _enter_operational(self, pdu: LoginResponse) -> None:
