@@ -20,6 +20,7 @@ from pyiscsi_failover.errors import ChapReflectionError, TargetAuthenticationErr
 from pyiscsi_failover.initiator import LoginConfig, LoginRejected, LoginSucceeded
 from pyiscsi_failover.names import Portal
 from pyiscsi_failover.protocol.chap import ChapAlgorithm, ChapPolicy
+from pyiscsi_failover.protocol.negotiation import Digest, OperationalProposal
 from pyiscsi_failover.protocol.pdu import LoginStatus
 from pyiscsi_failover.transport import LoginReport, discover, login
 
@@ -253,3 +254,25 @@ def test_what_we_discover_and_log_into_is_what_tgtd_serves(
         trio.run(check)
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize(
+    ("header", "data"),
+    [(Digest.CRC32C, Digest.NONE), (Digest.NONE, Digest.CRC32C), (Digest.CRC32C, Digest.CRC32C)],
+)
+async def test_normal_session_with_negotiated_crc32c_digests(
+    tgtd: Tgtd, header: Digest, data: Digest
+) -> None:
+    # tgt negotiates digests per target (never in discovery), and answers no Text Request in a
+    # Normal session ("Cannot handle yet 4"), so the Logout after login is what carries them:
+    # tgt must accept our header digest and we must verify its.
+    tgtd.set_param(1, "HeaderDigest", "CRC32C,None")
+    tgtd.set_param(1, "DataDigest", "CRC32C,None")
+    proposal = OperationalProposal(header_digest=(header,), data_digest=(data,))
+    report = await run_login(
+        tgtd.portal, normal("iqn.2026-11.test.pyiscsi:open", proposal=proposal)
+    )
+    assert isinstance(report.outcome, LoginSucceeded)
+    assert report.outcome.parameters.header_digest is header
+    assert report.outcome.parameters.data_digest is data
+    assert report.logout is not None, report.notes

@@ -18,11 +18,13 @@ from pyiscsi_failover.errors import (
 )
 from pyiscsi_failover.initiator import LoginConfig, LoginSucceeded
 from pyiscsi_failover.names import Portal
+from pyiscsi_failover.protocol.negotiation import Digest, OperationalProposal
 from pyiscsi_failover.testing import (
     Blackhole,
     PortalConfig,
     Redirect,
     RedirectLoop,
+    SplitText,
     TargetConfig,
     TargetSpec,
     serve_target,
@@ -99,3 +101,25 @@ async def test_redirect_is_followed_and_loops_are_errors() -> None:
 async def test_discover_needs_a_discovery_config() -> None:
     with pytest.raises(LocalProtocolError):
         await discover(HERE, LoginConfig(initiator_name=INITIATOR, target_name=IQN))
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_discovery_with_crc32c_digests_on_the_wire(split: bool) -> None:
+    # SendTargets answers carry data, so both digests are exercised after login, also when
+    # the answer is split over several PDUs.
+    faults = (SplitText(chunk=40),) if split else ()
+    config = TargetConfig(
+        portals=(PortalConfig(host="127.0.0.1", port=0, faults=faults),),
+        targets=(TargetSpec(name=IQN), TargetSpec(name=IQN + "-2")),
+    )
+    proposal = OperationalProposal(header_digest=(Digest.CRC32C,), data_digest=(Digest.CRC32C,))
+    async with serve_target(config) as running:
+        with trio.fail_after(5):
+            report = await discover(
+                running.portals[0], LoginConfig(initiator_name=INITIATOR, proposal=proposal)
+            )
+        assert isinstance(report.outcome, LoginSucceeded)
+        assert report.outcome.parameters.header_digest is Digest.CRC32C
+        assert report.outcome.parameters.data_digest is Digest.CRC32C
+        assert sorted(t.iqn for t in report.targets) == [IQN, IQN + "-2"]
+        assert report.logout is not None
