@@ -17,12 +17,13 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final, NoReturn
+from typing import IO, TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 import trio
 
@@ -84,6 +85,9 @@ _package_logger = logging.getLogger("pyiscsi_failover")
 logger = logging.getLogger(__name__)
 
 
+_N = TypeVar("_N", int, float)
+
+
 class _UsageError(Exception):
     """Bad command-line usage; becomes exit status 2 with its message."""
 
@@ -142,44 +146,29 @@ class _VersionAction(argparse.Action):
 # -- argument parsing ------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
+def _checked(
+    cast: Callable[[str], _N], accept: Callable[[_N], bool], want: str
+) -> Callable[[str], _N]:
+    """An argparse type: ``cast`` the text, then require ``accept`` of the value."""
+    kind = "an integer" if cast is int else "a number"
+
+    def parse(text: str) -> _N:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {want}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _lun(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= MAX_LUN:
-        raise argparse.ArgumentTypeError(f"LUN {value} is not in 0..{MAX_LUN}")
-    return value
+# NaN fails every comparison, so it is refused along with the out-of-range values.
+_positive = _checked(float, lambda v: 0 < v < math.inf, "must be a positive number of seconds")
+_non_negative = _checked(float, lambda v: 0 <= v < math.inf, "must be a number of seconds >= 0")
+_count = _checked(int, lambda v: v >= 1, "must be at least 1")
+_lun = _checked(int, lambda v: 0 <= v <= MAX_LUN, f"is not a LUN in 0..{MAX_LUN}")
 
 
 def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
