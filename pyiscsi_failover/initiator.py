@@ -192,6 +192,7 @@ class LoggedOut:
 
 Event: TypeAlias = LoginSucceeded | LoginRedirected | LoginRejected | TargetsDiscovered | LoggedOut
 
+
 class _ChapStep(enum.Enum):
     """Where the CHAP exchange stands: what we sent last."""
 

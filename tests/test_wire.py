@@ -595,6 +595,118 @@ def test_error_messages_do_not_echo_data() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# flag bytes bit by bit, and which error wins when several fields are bad
+# ---------------------------------------------------------------------------------------------
+# The flag bytes are read as whole bytes and split with masks; these pin every bit against the
+# RFC 7143 layout, independently of how the codec splits them.
+
+
+@pytest.mark.parametrize("byte1", range(256))
+def test_every_login_byte1(byte1: int) -> None:
+    transit, cont, csg, nsg = bool(byte1 & 0x80), bool(byte1 & 0x40), byte1 >> 2 & 3, byte1 & 3
+    problem: tuple[str, object] | None = None
+    if transit and cont:
+        problem = ("C", True)
+    elif csg == 2:
+        problem = ("CSG", 2)
+    elif nsg == 2:
+        problem = ("NSG", 2)
+    for pdu in (login_request(), login_response()):
+        raw = patched(encode_pdu(pdu), 1, bytes([byte1]))
+        if problem is not None:
+            error = decode_error(raw)
+            assert (error.field, error.offset, error.value) == (problem[0], 1, problem[1])
+            continue
+        decoded = decode_pdu(raw)
+        assert isinstance(decoded, (LoginRequest, LoginResponse))
+        assert (decoded.transit, decoded.cont, decoded.csg, decoded.nsg) == (
+            transit,
+            cont,
+            Stage(csg),
+            Stage(nsg),
+        )
+        assert encode_pdu(decoded)[1] == byte1 & 0xCF  # reserved bits 5-4 come back zero
+
+
+@pytest.mark.parametrize("top", [0x00, 0x40, 0x80, 0xC0])
+@pytest.mark.parametrize("byte1", [0x00, 0x40, 0x80, 0xC0, 0x3F, 0xFF])
+def test_text_request_flag_bytes(top: int, byte1: int) -> None:
+    request = TextRequest(final=False, cont=False, itt=1, cmdsn=2, expstatsn=3)
+    raw = patched(encode_pdu(request), 0, bytes([top | Opcode.TEXT_REQUEST, byte1]))
+    decoded = decode_pdu(raw)
+    assert decoded == dataclasses.replace(
+        request, immediate=bool(top & 0x40), final=bool(byte1 & 0x80), cont=bool(byte1 & 0x40)
+    )
+    assert encode_pdu(decoded)[:2] == bytes([(top & 0x40) | Opcode.TEXT_REQUEST, byte1 & 0xC0])
+
+
+@pytest.mark.parametrize("byte8", range(256))
+def test_every_isid_byte0(byte8: int) -> None:
+    raw = patched(encode_pdu(login_request()), 8, bytes([byte8]))
+    decoded = decode_pdu(raw)
+    assert isinstance(decoded, LoginRequest)
+    assert (decoded.isid.t, decoded.isid.a) == (byte8 >> 6, byte8 & 0x3F)
+    assert encode_pdu(decoded) == raw
+
+
+def test_logout_request_reason_bits() -> None:
+    request = LogoutRequest(reason=LogoutReason.CLOSE_SESSION, itt=1, cmdsn=2, expstatsn=3)
+    for reason in LogoutReason:
+        raw = patched(encode_pdu(request), 1, bytes([0x80 | reason]))
+        assert decode_pdu(raw) == dataclasses.replace(request, reason=reason)
+    error = decode_error(patched(encode_pdu(request), 1, bytes([LogoutReason.CLOSE_CONNECTION])))
+    assert (error.field, error.offset, error.value) == ("F", 1, 0x01)  # the whole byte
+
+
+def test_fixed_bit_errors_name_the_flag_and_show_its_byte() -> None:
+    error = decode_error(patched(encode_pdu(login_request()), 0, b"\x83"))
+    assert (error.field, error.offset, error.value) == ("I", 0, 0x83)
+    assert str(error).startswith("I at byte 0: ")
+
+
+def test_decode_reports_the_first_problem_in_wire_order() -> None:
+    reject = Reject(
+        reason=RejectReason.PROTOCOL_ERROR, statsn=1, expcmdsn=2, maxcmdsn=3, data=b"abcd"
+    )
+    raw = encode_pdu(reject, data_digest=True)
+    bad_itt = patched(raw, 16, b"\x00")
+    bad_digest = patched(raw, len(raw) - 1, b"\x00" if raw[-1] else b"\x01")
+    # A fixed flag (byte 1) before a fixed field (byte 16) ...
+    assert decode_error(patched(bad_itt, 1, b"\x00"), data_digest=True).field == "F"
+    # ... BHS fields before the data digest ...
+    both = bad_itt[:-4] + bad_digest[-4:]
+    assert decode_error(both, data_digest=True).field == "InitiatorTaskTag"
+    # ... and the data digest before the meaning of field values.
+    bad_reason = patched(bad_digest, 2, b"\x00")
+    error = decode_error(bad_reason, data_digest=True)
+    assert (error.field, error.offset) == ("DataDigest", len(raw) - 4)
+    assert "wrong checksum" in str(error)
+    assert decode_error(patched(raw, 2, b"\x00"), data_digest=True).field == "Reason"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "value"),
+    [
+        # construct reports fields in wire order: VersionMax (byte 2) before ISID (byte 8) ...
+        ({"version_max": 256, "isid": ISID(t=4, a=0, b=0, c=0, d=0)}, "VersionMax", 256),
+        # ... and ISID (byte 8) before the ITT (byte 16).
+        ({"isid": ISID(t=4, a=0, b=0, c=0, d=0), "itt": 2**32}, "ISID.T", 4),
+        ({"isid": ISID(t=3, a=64, b=2**16, c=0, d=0)}, "ISID.A", 64),
+        # Values the model layer converts, and the data segment, are checked before any field.
+        ({"isid": ISID(t=4, a=0, b=0, c=0, d=0), "data": "text"}, "DataSegment", "str"),
+        ({"isid": ISID(t=0, a=99, b=0, c=0, d=0), "nsg": 2}, "NSG", 2),
+        ({"isid": ISID(t="x", a=0, b=0, c=0, d=0)}, "ISID.T", "x"),  # type: ignore[arg-type]
+        ({"isid": ISID(t=0, a=b"x", b=0, c=0, d=0)}, "ISID.A", None),  # type: ignore[arg-type]
+    ],
+)
+def test_encode_reports_the_first_problem(
+    changes: dict[str, Any], field: str, value: object
+) -> None:
+    error = encode_error(login_request(**changes))
+    assert (error.field, error.value) == (field, value)
+
+
+# ---------------------------------------------------------------------------------------------
 # totality: garbage and mutations raise PDUDecodeError and nothing else
 # ---------------------------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """The iSCSI PDU wire format: :mod:`~pyiscsi_failover.protocol.pdu` models to bytes and back.
 
-This is the only module that imports ``construct``. Each opcode has one ``Struct`` for the whole
-PDU (BHS, AHS, header digest, padded data segment, data digest) with fields named as in RFC 7143;
-decoding turns its raw integers at once into the frozen dataclasses and IntEnums of ``pdu``, and
-encoding goes the other way. Every failure leaves through one choke point per direction as
+This is the only module that imports ``construct``. Each opcode has one ``Struct`` for its
+48-byte Basic Header Segment with fields named as in RFC 7143; decoding turns its raw integers at
+once into the frozen dataclasses and IntEnums of ``pdu``, and encoding goes the other way. What
+surrounds the BHS (AHS, header digest, padded data segment, data digest) is placed by
+:func:`_layout`, which every PDU needs anyway to be framed, and sliced or joined in plain Python.
+Every failure leaves through one choke point per direction as
 :class:`~pyiscsi_failover.errors.PDUDecodeError` (naming field, byte offset and value) or
 :class:`~pyiscsi_failover.errors.PDUEncodeError`; nothing from construct, ``struct`` or the
 builtins escapes.
@@ -13,9 +15,9 @@ reserved *code value* in a defined field is a protocol error):
 
 * Reserved bits and bytes are written as zero and ignored on receipt, everywhere. tgt, the
   reference peer, zeroes them, but nothing is gained by dropping a login over one.
-* Fixed values are ``Const`` and checked on receipt: the opcode, ``I`` = 1 in a Login Request
-  (RFC 7143 11.12: "always 1"), ``F`` = 1 in the single-PDU types (Logout, NOP, Reject) and the
-  all-ones ITT of a Reject. Every target we know sets them; a peer that does not is confused.
+* Fixed values are checked on receipt: the opcode, ``I`` = 1 in a Login Request (RFC 7143
+  11.12: "always 1"), ``F`` = 1 in the single-PDU types (Logout, NOP, Reject) and the all-ones
+  ITT of a Reject. Every target we know sets them; a peer that does not is confused.
 * Reserved code values are errors: an unknown opcode, stage 2 in CSG or NSG (also when ``T`` = 0,
   since the model must hold a real stage), Status-Class above 3, an unknown logout reason,
   logout response or reject reason. ``T`` and ``C`` both set in a Login PDU is an error too.
@@ -27,11 +29,19 @@ reserved *code value* in a defined field is a protocol error):
 * The AHS is skipped on decode (no AHS type exists for these opcodes); the 8-bit
   TotalAHSLength bounds it to 1020 bytes. Logout PDUs carry no data segment, so one is an error.
 
+Speed (measured; see ``_FLAG_BITS``): the flag bytes are plain ``Int8ub`` fields unpacked with
+named masks rather than ``BitStruct`` s, and construct parses or builds the BHS alone, once,
+instead of a whole-PDU ``Struct`` that re-derived the lengths and digests ``_layout`` already
+knows. That made encode+decode about 2.7 times faster (a Login Response: 166 to 65 us) than the
+earlier whole-PDU ``Struct`` s with ``BitStruct`` flags, with the same error fields, offsets,
+values and messages, reported in the same order.
+
 Pure: never imports trio, socket or subprocess.
 """
 
 from __future__ import annotations
 
+import binascii
 import enum
 import struct
 from collections.abc import Callable, Sequence
@@ -39,30 +49,19 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 from construct import (
-    BitsInteger,
-    BitStruct,
-    Bytes,
-    Checksum,
     Const,
     Construct,
     ConstructError,
     Container,
-    Flag,
-    If,
+    ExprAdapter,
     Int8ub,
     Int16ub,
     Int24ub,
     Int32ub,
     Int64ub,
     Padding,
-    RawCopy,
-    Rebuild,
     Renamed,
-    SizeofError,
     Struct,
-    Terminated,
-    len_,
-    this,
 )
 
 from pyiscsi_failover.errors import PDUDecodeError, PDUEncodeError
@@ -104,7 +103,7 @@ MAX_DATA_SEGMENT_LENGTH: Final = 2**24 - 1
 #: The largest AHS the 8-bit TotalAHSLength (in 4-byte words) can announce.
 MAX_AHS_LENGTH: Final = 255 * 4
 
-# Names of construct levels that only group bits or hold the raw copy; they are left out of the
+# Names of construct levels that only hold bits or group the header; they are left out of the
 # field names our errors report ("ISID.A", not "Header.ISID.TA.A").
 _GROUPS: Final = frozenset({"Header", "Byte0", "Byte1", "TA"})
 
@@ -113,75 +112,72 @@ _GROUPS: Final = frozenset({"Header", "Byte0", "Byte1", "TA"})
 # construct definitions
 # --------------------------------------------------------------------------------------------
 
+# _FLAG_BITS: bytes 0 and 1 of the BHS and byte 0 of the ISID are bit fields. They are read and
+# written as whole bytes (Int8ub) and split with these masks in plain Python: a measured speed
+# choice. construct's BitStruct turns each such byte into eight one-byte "bits" and parses those
+# one by one; in a profile of a Login Response that was about 37% of decode and 38% of encode
+# time (construct 2.10.70, CPython 3.11). BHS bytes 0 and 1 are split in the conversion layer
+# below; ISID byte 0 in an ExprAdapter, so that a bad T or A is still reported in field order.
+# Bits not named here are reserved.
 
-def _opcode_byte(opcode: Opcode, *, immediate: Construct[Any, Any] | None) -> Construct[Any, Any]:
-    """Byte 0: reserved bit, ``I`` (initiator PDUs only; reserved in target PDUs), opcode."""
-    if immediate is None:
-        return BitStruct(Padding(2), "Opcode" / Const(int(opcode), BitsInteger(6)))
-    return BitStruct(Padding(1), "I" / immediate, "Opcode" / Const(int(opcode), BitsInteger(6)))
+#: Byte 0, ``I``: immediate delivery (initiator PDUs; reserved in target PDUs).
+_IMMEDIATE: Final = 0x40
+#: Byte 0: the opcode.
+_OPCODE: Final = 0x3F
+#: Byte 1, ``F``: final PDU of a sequence (Text, Logout Request, the single-PDU types).
+_FINAL: Final = 0x80
+#: Byte 1 of Login PDUs, ``T``: transit to the next stage.
+_TRANSIT: Final = 0x80
+#: Byte 1 of Login and Text PDUs, ``C``: the text continues in the next PDU.
+_CONTINUE: Final = 0x40
+#: Byte 1 of Login PDUs: ``CSG`` is bits 3-2, ``NSG`` bits 1-0.
+_CSG_SHIFT: Final = 2
+_STAGE: Final = 0x03
+#: Byte 1 of a Logout Request: the reason code below ``F``.
+_REASON_CODE: Final = 0x7F
+#: ISID byte 0: ``T`` (format) is bits 7-6, ``A`` bits 5-0.
+_ISID_T_SHIFT: Final = 6
+_ISID_T_WIDTH: Final = 2
+_ISID_A: Final = 0x3F
+_ISID_A_WIDTH: Final = 6
 
 
-#: Byte 1 of PDUs that are always final (Logout Response, Reject, NOP-Out, NOP-In).
-_FINAL_ONLY: Final = BitStruct("F" / Const(True, Flag), Padding(7))
-#: Byte 1 of Login PDUs.
-_LOGIN_FLAGS: Final = BitStruct(
-    "T" / Flag, "C" / Flag, Padding(2), "CSG" / BitsInteger(2), "NSG" / BitsInteger(2)
-)
-#: Byte 1 of Text PDUs.
-_TEXT_FLAGS: Final = BitStruct("F" / Flag, "C" / Flag, Padding(6))
+def _bhs(
+    bytes_2_3: Sequence[Construct[Any, Any]], bytes_8_47: Sequence[Construct[Any, Any]]
+) -> Struct:
+    """The 48-byte BHS; bytes 0, 1 and 4-7 are laid out the same for every opcode."""
+    return Struct(
+        "Byte0" / Int8ub,  # reserved bit, I, Opcode
+        "Byte1" / Int8ub,  # opcode-specific flags
+        *bytes_2_3,
+        "TotalAHSLength" / Int8ub,
+        "DataSegmentLength" / Int24ub,
+        *bytes_8_47,
+    )
+
+
+def _join_ta(ta: dict[str, Any], _context: object) -> int:
+    """ISID byte 0 from ``{"T": ..., "A": ...}``, range-checked as a BitsInteger pair would be.
+
+    Runs inside the build, so a bad T or A is reported in field order like any other field.
+    """
+    t = _bits(ta["T"], _ISID_T_WIDTH, ("ISID", "TA", "T"))
+    return t << _ISID_T_SHIFT | _bits(ta["A"], _ISID_A_WIDTH, ("ISID", "TA", "A"))
+
+
+def _split_ta(byte: int, _context: object) -> dict[str, int]:
+    return {"T": byte >> _ISID_T_SHIFT, "A": byte & _ISID_A}
+
 
 #: Bytes 8-13 of Login PDUs.
 _ISID: Final = Struct(
-    "TA" / BitStruct("T" / BitsInteger(2), "A" / BitsInteger(6)),
+    "TA" / ExprAdapter(Int8ub, _split_ta, _join_ta),  # T and A, see _FLAG_BITS
     "B" / Int16ub,
     "C" / Int8ub,
     "D" / Int16ub,
 )
 
-
-def _header(
-    byte0: Construct[Any, Any],
-    byte1: Construct[Any, Any],
-    bytes_2_3: Sequence[Construct[Any, Any]],
-    bytes_8_47: Sequence[Construct[Any, Any]],
-) -> Struct:
-    """BHS plus AHS: what the header digest covers."""
-    return Struct(
-        "Byte0" / byte0,
-        "Byte1" / byte1,
-        *bytes_2_3,
-        "TotalAHSLength" / Rebuild(Int8ub, len_(this.AHS) // 4),
-        # `_` is the whole PDU (RawCopy passes its context through), where DataSegment lives.
-        "DataSegmentLength" / Rebuild(Int24ub, len_(this._.DataSegment)),
-        *bytes_8_47,
-        "AHS" / Bytes(this.TotalAHSLength * 4),
-    )
-
-
-def _digest(over: Callable[[Any], bytes]) -> Construct[Any, Any]:
-    """A CRC32C digest field over the bytes ``over`` picks from the context."""
-    return Checksum(Bytes(DIGEST_LENGTH), crc32c, over)
-
-
-def _frame(header: Struct) -> Struct:
-    """The whole PDU around ``header``; digests are switched by the parse/build keywords."""
-    return Struct(
-        "Header" / RawCopy(header),
-        "HeaderDigest" / If(this._params.header_digest, _digest(this.Header.data)),
-        "DataSegment" / Bytes(this.Header.value.DataSegmentLength),
-        "Padding" / Bytes((4 - len_(this.DataSegment) % 4) % 4),
-        "DataDigest"
-        / If(
-            this._params.data_digest & (len_(this.DataSegment) > 0),
-            _digest(this.DataSegment + this.Padding),
-        ),
-        Terminated,
-    )
-
-
-_LOGIN_REQUEST: Final = _header(
-    _opcode_byte(Opcode.LOGIN_REQUEST, immediate=Const(True, Flag)),
-    _LOGIN_FLAGS,
+_LOGIN_REQUEST: Final = _bhs(
     ("VersionMax" / Int8ub, "VersionMin" / Int8ub),
     (
         "ISID" / _ISID,
@@ -194,9 +190,7 @@ _LOGIN_REQUEST: Final = _header(
         Padding(16),
     ),
 )
-_LOGIN_RESPONSE: Final = _header(
-    _opcode_byte(Opcode.LOGIN_RESPONSE, immediate=None),
-    _LOGIN_FLAGS,
+_LOGIN_RESPONSE: Final = _bhs(
     ("VersionMax" / Int8ub, "VersionActive" / Int8ub),
     (
         "ISID" / _ISID,
@@ -211,9 +205,7 @@ _LOGIN_RESPONSE: Final = _header(
         Padding(10),
     ),
 )
-_TEXT_REQUEST: Final = _header(
-    _opcode_byte(Opcode.TEXT_REQUEST, immediate=Flag),
-    _TEXT_FLAGS,
+_TEXT_REQUEST: Final = _bhs(
     (Padding(2),),
     (
         "LUN" / Int64ub,
@@ -224,9 +216,7 @@ _TEXT_REQUEST: Final = _header(
         Padding(16),
     ),
 )
-_TEXT_RESPONSE: Final = _header(
-    _opcode_byte(Opcode.TEXT_RESPONSE, immediate=None),
-    _TEXT_FLAGS,
+_TEXT_RESPONSE: Final = _bhs(
     (Padding(2),),
     (
         "LUN" / Int64ub,
@@ -238,9 +228,7 @@ _TEXT_RESPONSE: Final = _header(
         Padding(12),
     ),
 )
-_LOGOUT_REQUEST: Final = _header(
-    _opcode_byte(Opcode.LOGOUT_REQUEST, immediate=Flag),
-    BitStruct("F" / Const(True, Flag), "ReasonCode" / BitsInteger(7)),
+_LOGOUT_REQUEST: Final = _bhs(
     (Padding(2),),
     (
         Padding(8),
@@ -252,9 +240,7 @@ _LOGOUT_REQUEST: Final = _header(
         Padding(16),
     ),
 )
-_LOGOUT_RESPONSE: Final = _header(
-    _opcode_byte(Opcode.LOGOUT_RESPONSE, immediate=None),
-    _FINAL_ONLY,
+_LOGOUT_RESPONSE: Final = _bhs(
     ("Response" / Int8ub, Padding(1)),
     (
         Padding(8),
@@ -269,9 +255,7 @@ _LOGOUT_RESPONSE: Final = _header(
         Padding(4),
     ),
 )
-_REJECT: Final = _header(
-    _opcode_byte(Opcode.REJECT, immediate=None),
-    _FINAL_ONLY,
+_REJECT: Final = _bhs(
     ("Reason" / Int8ub, Padding(1)),
     (
         Padding(8),
@@ -284,9 +268,7 @@ _REJECT: Final = _header(
         Padding(8),
     ),
 )
-_NOP_OUT: Final = _header(
-    _opcode_byte(Opcode.NOP_OUT, immediate=Flag),
-    _FINAL_ONLY,
+_NOP_OUT: Final = _bhs(
     (Padding(2),),
     (
         "LUN" / Int64ub,
@@ -297,9 +279,7 @@ _NOP_OUT: Final = _header(
         Padding(16),
     ),
 )
-_NOP_IN: Final = _header(
-    _opcode_byte(Opcode.NOP_IN, immediate=None),
-    _FINAL_ONLY,
+_NOP_IN: Final = _bhs(
     (Padding(2),),
     (
         "LUN" / Int64ub,
@@ -311,6 +291,21 @@ _NOP_IN: Final = _header(
         Padding(12),
     ),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _FixedBit:
+    """A flag RFC 7143 fixes at 1; checked on receipt before any other BHS field."""
+
+    names: tuple[str, str]  # the byte's field and the flag's RFC name
+    offset: int
+    mask: int
+
+
+#: ``I`` of a Login Request.
+_ALWAYS_IMMEDIATE: Final = _FixedBit(("Byte0", "I"), 0, _IMMEDIATE)
+#: ``F`` of a Logout Request and of the single-PDU types.
+_ALWAYS_FINAL: Final = _FixedBit(("Byte1", "F"), 1, _FINAL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +327,22 @@ class _FieldProblem(Exception):
         self.reason = reason
 
 
+def _shown(value: object) -> object:
+    """``value`` for an error, unless it is bulk: never echo what could be a data segment."""
+    return None if isinstance(value, (dict, bytes, bytearray, memoryview)) else value
+
+
+def _bits(value: object, width: int, names: tuple[str, ...]) -> int:
+    """``value`` as an unsigned ``width``-bit field (messages as construct's BitsInteger)."""
+    if not isinstance(value, int):
+        raise _FieldProblem(names, _shown(value), f"value {value} is not an integer")
+    if not 0 <= value < 1 << width:
+        raise _FieldProblem(
+            names, value, f"number {value} is out of range (min=0, max={(1 << width) - 1})"
+        )
+    return value
+
+
 _E = TypeVar("_E", bound=enum.IntEnum)
 
 
@@ -343,26 +354,35 @@ def _to_enum(cls: type[_E], value: Any, names: tuple[str, ...]) -> _E:
         raise _FieldProblem(names, value, f"{value!r} is not a valid {cls.__name__}") from None
 
 
-def _login_flags_in(transit: bool, cont: bool, csg: object, nsg: object) -> dict[str, Any]:
+def _byte0(opcode: Opcode, *, immediate: object = False) -> int:
+    return (_IMMEDIATE if immediate else 0) | opcode
+
+
+def _login_byte1(transit: object, cont: object, csg: object, nsg: object) -> int:
     if transit and cont:
         raise _FieldProblem(("Byte1", "C"), cont, "T and C must not both be set")
-    return {
-        "T": transit,
-        "C": cont,
-        "CSG": int(_to_enum(Stage, csg, ("Byte1", "CSG"))),
-        "NSG": int(_to_enum(Stage, nsg, ("Byte1", "NSG"))),
-    }
+    return (
+        (_TRANSIT if transit else 0)
+        | (_CONTINUE if cont else 0)
+        | _to_enum(Stage, csg, ("Byte1", "CSG")) << _CSG_SHIFT
+        | _to_enum(Stage, nsg, ("Byte1", "NSG"))
+    )
 
 
-def _login_flags_out(flags: Container[Any]) -> tuple[bool, bool, Stage, Stage]:
-    if flags.T and flags.C:
+def _login_flags_out(byte1: int) -> tuple[bool, bool, Stage, Stage]:
+    transit, cont = bool(byte1 & _TRANSIT), bool(byte1 & _CONTINUE)
+    if transit and cont:
         raise _FieldProblem(("Byte1", "C"), True, "T and C must not both be set")
     return (
-        flags.T,
-        flags.C,
-        _to_enum(Stage, flags.CSG, ("Byte1", "CSG")),
-        _to_enum(Stage, flags.NSG, ("Byte1", "NSG")),
+        transit,
+        cont,
+        _to_enum(Stage, byte1 >> _CSG_SHIFT & _STAGE, ("Byte1", "CSG")),
+        _to_enum(Stage, byte1 & _STAGE, ("Byte1", "NSG")),
     )
+
+
+def _text_byte1(final: object, cont: object) -> int:
+    return (_FINAL if final else 0) | (_CONTINUE if cont else 0)
 
 
 def _isid_in(isid: ISID) -> dict[str, Any]:
@@ -372,7 +392,7 @@ def _isid_in(isid: ISID) -> dict[str, Any]:
 
 
 def _isid_out(raw: Container[Any]) -> ISID:
-    return ISID(t=raw.TA.T, a=raw.TA.A, b=raw.B, c=raw.C, d=raw.D)
+    return ISID(t=raw["TA"]["T"], a=raw["TA"]["A"], b=raw["B"], c=raw["C"], d=raw["D"])
 
 
 def _no_data(data: bytes, what: str) -> None:
@@ -382,8 +402,8 @@ def _no_data(data: bytes, what: str) -> None:
 
 def _login_request_in(p: LoginRequest) -> tuple[dict[str, Any], bytes]:
     return {
-        "Byte0": {},
-        "Byte1": _login_flags_in(p.transit, p.cont, p.csg, p.nsg),
+        "Byte0": _byte0(Opcode.LOGIN_REQUEST, immediate=True),
+        "Byte1": _login_byte1(p.transit, p.cont, p.csg, p.nsg),
         "VersionMax": p.version_max,
         "VersionMin": p.version_min,
         "ISID": _isid_in(p.isid),
@@ -395,29 +415,33 @@ def _login_request_in(p: LoginRequest) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
+# The *_out functions read parsed fields as h["Name"], not h.Name: Container's attribute access
+# runs a Python-level __getattr__, which cost about 15% of a decode.
+
+
 def _login_request_out(h: Container[Any], data: bytes) -> LoginRequest:
-    transit, cont, csg, nsg = _login_flags_out(h.Byte1)
+    transit, cont, csg, nsg = _login_flags_out(h["Byte1"])
     return LoginRequest(
         transit=transit,
         cont=cont,
         csg=csg,
         nsg=nsg,
-        isid=_isid_out(h.ISID),
-        itt=h.InitiatorTaskTag,
-        cmdsn=h.CmdSN,
-        expstatsn=h.ExpStatSN,
-        tsih=h.TSIH,
-        cid=h.CID,
-        version_max=h.VersionMax,
-        version_min=h.VersionMin,
+        isid=_isid_out(h["ISID"]),
+        itt=h["InitiatorTaskTag"],
+        cmdsn=h["CmdSN"],
+        expstatsn=h["ExpStatSN"],
+        tsih=h["TSIH"],
+        cid=h["CID"],
+        version_max=h["VersionMax"],
+        version_min=h["VersionMin"],
         data=data,
     )
 
 
 def _login_response_in(p: LoginResponse) -> tuple[dict[str, Any], bytes]:
     return {
-        "Byte0": {},
-        "Byte1": _login_flags_in(p.transit, p.cont, p.csg, p.nsg),
+        "Byte0": _byte0(Opcode.LOGIN_RESPONSE),
+        "Byte1": _login_byte1(p.transit, p.cont, p.csg, p.nsg),
         "VersionMax": p.version_max,
         "VersionActive": p.version_active,
         "ISID": _isid_in(p.isid),
@@ -432,30 +456,30 @@ def _login_response_in(p: LoginResponse) -> tuple[dict[str, Any], bytes]:
 
 
 def _login_response_out(h: Container[Any], data: bytes) -> LoginResponse:
-    transit, cont, csg, nsg = _login_flags_out(h.Byte1)
+    transit, cont, csg, nsg = _login_flags_out(h["Byte1"])
     return LoginResponse(
         transit=transit,
         cont=cont,
         csg=csg,
         nsg=nsg,
-        isid=_isid_out(h.ISID),
-        itt=h.InitiatorTaskTag,
-        statsn=h.StatSN,
-        expcmdsn=h.ExpCmdSN,
-        maxcmdsn=h.MaxCmdSN,
-        status_class=_to_enum(StatusClass, h.StatusClass, ("StatusClass",)),
-        status_detail=h.StatusDetail,
-        tsih=h.TSIH,
-        version_max=h.VersionMax,
-        version_active=h.VersionActive,
+        isid=_isid_out(h["ISID"]),
+        itt=h["InitiatorTaskTag"],
+        statsn=h["StatSN"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+        status_class=_to_enum(StatusClass, h["StatusClass"], ("StatusClass",)),
+        status_detail=h["StatusDetail"],
+        tsih=h["TSIH"],
+        version_max=h["VersionMax"],
+        version_active=h["VersionActive"],
         data=data,
     )
 
 
 def _text_request_in(p: TextRequest) -> tuple[dict[str, Any], bytes]:
     return {
-        "Byte0": {"I": p.immediate},
-        "Byte1": {"F": p.final, "C": p.cont},
+        "Byte0": _byte0(Opcode.TEXT_REQUEST, immediate=p.immediate),
+        "Byte1": _text_byte1(p.final, p.cont),
         "LUN": p.lun,
         "InitiatorTaskTag": p.itt,
         "TargetTransferTag": p.ttt,
@@ -466,22 +490,22 @@ def _text_request_in(p: TextRequest) -> tuple[dict[str, Any], bytes]:
 
 def _text_request_out(h: Container[Any], data: bytes) -> TextRequest:
     return TextRequest(
-        final=h.Byte1.F,
-        cont=h.Byte1.C,
-        itt=h.InitiatorTaskTag,
-        cmdsn=h.CmdSN,
-        expstatsn=h.ExpStatSN,
-        ttt=h.TargetTransferTag,
-        lun=h.LUN,
-        immediate=h.Byte0.I,
+        final=bool(h["Byte1"] & _FINAL),
+        cont=bool(h["Byte1"] & _CONTINUE),
+        itt=h["InitiatorTaskTag"],
+        cmdsn=h["CmdSN"],
+        expstatsn=h["ExpStatSN"],
+        ttt=h["TargetTransferTag"],
+        lun=h["LUN"],
+        immediate=bool(h["Byte0"] & _IMMEDIATE),
         data=data,
     )
 
 
 def _text_response_in(p: TextResponse) -> tuple[dict[str, Any], bytes]:
     return {
-        "Byte0": {},
-        "Byte1": {"F": p.final, "C": p.cont},
+        "Byte0": _byte0(Opcode.TEXT_RESPONSE),
+        "Byte1": _text_byte1(p.final, p.cont),
         "LUN": p.lun,
         "InitiatorTaskTag": p.itt,
         "TargetTransferTag": p.ttt,
@@ -493,22 +517,23 @@ def _text_response_in(p: TextResponse) -> tuple[dict[str, Any], bytes]:
 
 def _text_response_out(h: Container[Any], data: bytes) -> TextResponse:
     return TextResponse(
-        final=h.Byte1.F,
-        cont=h.Byte1.C,
-        itt=h.InitiatorTaskTag,
-        ttt=h.TargetTransferTag,
-        statsn=h.StatSN,
-        expcmdsn=h.ExpCmdSN,
-        maxcmdsn=h.MaxCmdSN,
-        lun=h.LUN,
+        final=bool(h["Byte1"] & _FINAL),
+        cont=bool(h["Byte1"] & _CONTINUE),
+        itt=h["InitiatorTaskTag"],
+        ttt=h["TargetTransferTag"],
+        statsn=h["StatSN"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+        lun=h["LUN"],
         data=data,
     )
 
 
 def _logout_request_in(p: LogoutRequest) -> tuple[dict[str, Any], bytes]:
+    reason = _to_enum(LogoutReason, p.reason, ("Byte1", "ReasonCode"))
     return {
-        "Byte0": {"I": p.immediate},
-        "Byte1": {"ReasonCode": int(_to_enum(LogoutReason, p.reason, ("Byte1", "ReasonCode")))},
+        "Byte0": _byte0(Opcode.LOGOUT_REQUEST, immediate=p.immediate),
+        "Byte1": _FINAL | reason,
         "InitiatorTaskTag": p.itt,
         "CID": p.cid,
         "CmdSN": p.cmdsn,
@@ -519,19 +544,19 @@ def _logout_request_in(p: LogoutRequest) -> tuple[dict[str, Any], bytes]:
 def _logout_request_out(h: Container[Any], data: bytes) -> LogoutRequest:
     _no_data(data, "Logout Request")
     return LogoutRequest(
-        reason=_to_enum(LogoutReason, h.Byte1.ReasonCode, ("Byte1", "ReasonCode")),
-        itt=h.InitiatorTaskTag,
-        cmdsn=h.CmdSN,
-        expstatsn=h.ExpStatSN,
-        cid=h.CID,
-        immediate=h.Byte0.I,
+        reason=_to_enum(LogoutReason, h["Byte1"] & _REASON_CODE, ("Byte1", "ReasonCode")),
+        itt=h["InitiatorTaskTag"],
+        cmdsn=h["CmdSN"],
+        expstatsn=h["ExpStatSN"],
+        cid=h["CID"],
+        immediate=bool(h["Byte0"] & _IMMEDIATE),
     )
 
 
 def _logout_response_in(p: LogoutResponse) -> tuple[dict[str, Any], bytes]:
     return {
-        "Byte0": {},
-        "Byte1": {},
+        "Byte0": _byte0(Opcode.LOGOUT_RESPONSE),
+        "Byte1": _FINAL,
         "Response": int(_to_enum(LogoutResponseCode, p.response, ("Response",))),
         "InitiatorTaskTag": p.itt,
         "StatSN": p.statsn,
@@ -545,20 +570,20 @@ def _logout_response_in(p: LogoutResponse) -> tuple[dict[str, Any], bytes]:
 def _logout_response_out(h: Container[Any], data: bytes) -> LogoutResponse:
     _no_data(data, "Logout Response")
     return LogoutResponse(
-        response=_to_enum(LogoutResponseCode, h.Response, ("Response",)),
-        itt=h.InitiatorTaskTag,
-        statsn=h.StatSN,
-        expcmdsn=h.ExpCmdSN,
-        maxcmdsn=h.MaxCmdSN,
-        time2wait=h.Time2Wait,
-        time2retain=h.Time2Retain,
+        response=_to_enum(LogoutResponseCode, h["Response"], ("Response",)),
+        itt=h["InitiatorTaskTag"],
+        statsn=h["StatSN"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+        time2wait=h["Time2Wait"],
+        time2retain=h["Time2Retain"],
     )
 
 
 def _reject_in(p: Reject) -> tuple[dict[str, Any], bytes]:
     return {
-        "Byte0": {},
-        "Byte1": {},
+        "Byte0": _byte0(Opcode.REJECT),
+        "Byte1": _FINAL,
         "Reason": int(_to_enum(RejectReason, p.reason, ("Reason",))),
         "StatSN": p.statsn,
         "ExpCmdSN": p.expcmdsn,
@@ -569,19 +594,19 @@ def _reject_in(p: Reject) -> tuple[dict[str, Any], bytes]:
 
 def _reject_out(h: Container[Any], data: bytes) -> Reject:
     return Reject(
-        reason=_to_enum(RejectReason, h.Reason, ("Reason",)),
-        statsn=h.StatSN,
-        expcmdsn=h.ExpCmdSN,
-        maxcmdsn=h.MaxCmdSN,
-        datasn=h.DataSN,
+        reason=_to_enum(RejectReason, h["Reason"], ("Reason",)),
+        statsn=h["StatSN"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+        datasn=h["DataSN"],
         data=data,
     )
 
 
 def _nop_out_in(p: NopOut) -> tuple[dict[str, Any], bytes]:
     return {
-        "Byte0": {"I": p.immediate},
-        "Byte1": {},
+        "Byte0": _byte0(Opcode.NOP_OUT, immediate=p.immediate),
+        "Byte1": _FINAL,
         "LUN": p.lun,
         "InitiatorTaskTag": p.itt,
         "TargetTransferTag": p.ttt,
@@ -592,20 +617,20 @@ def _nop_out_in(p: NopOut) -> tuple[dict[str, Any], bytes]:
 
 def _nop_out_out(h: Container[Any], data: bytes) -> NopOut:
     return NopOut(
-        itt=h.InitiatorTaskTag,
-        ttt=h.TargetTransferTag,
-        cmdsn=h.CmdSN,
-        expstatsn=h.ExpStatSN,
-        lun=h.LUN,
-        immediate=h.Byte0.I,
+        itt=h["InitiatorTaskTag"],
+        ttt=h["TargetTransferTag"],
+        cmdsn=h["CmdSN"],
+        expstatsn=h["ExpStatSN"],
+        lun=h["LUN"],
+        immediate=bool(h["Byte0"] & _IMMEDIATE),
         data=data,
     )
 
 
 def _nop_in_in(p: NopIn) -> tuple[dict[str, Any], bytes]:
     return {
-        "Byte0": {},
-        "Byte1": {},
+        "Byte0": _byte0(Opcode.NOP_IN),
+        "Byte1": _FINAL,
         "LUN": p.lun,
         "InitiatorTaskTag": p.itt,
         "TargetTransferTag": p.ttt,
@@ -617,12 +642,12 @@ def _nop_in_in(p: NopIn) -> tuple[dict[str, Any], bytes]:
 
 def _nop_in_out(h: Container[Any], data: bytes) -> NopIn:
     return NopIn(
-        itt=h.InitiatorTaskTag,
-        ttt=h.TargetTransferTag,
-        statsn=h.StatSN,
-        expcmdsn=h.ExpCmdSN,
-        maxcmdsn=h.MaxCmdSN,
-        lun=h.LUN,
+        itt=h["InitiatorTaskTag"],
+        ttt=h["TargetTransferTag"],
+        statsn=h["StatSN"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+        lun=h["LUN"],
         data=data,
     )
 
@@ -636,40 +661,45 @@ class _Codec(Generic[_P]):
 
     model: type[_P]
     header: Struct
-    frame: Struct
+    fixed_bits: tuple[_FixedBit, ...]
     fields_in: Callable[[_P], tuple[dict[str, Any], bytes]]
     fields_out: Callable[[Container[Any], bytes], _P]
 
 
-def _codec(
-    model: type[_P],
-    header: Struct,
-    fields_in: Callable[[_P], tuple[dict[str, Any], bytes]],
-    fields_out: Callable[[Container[Any], bytes], _P],
-) -> _Codec[_P]:
-    return _Codec(model, header, _frame(header), fields_in, fields_out)
-
-
 _BY_OPCODE: Final[dict[int, _Codec[Any]]] = {
-    Opcode.LOGIN_REQUEST: _codec(
-        LoginRequest, _LOGIN_REQUEST, _login_request_in, _login_request_out
+    Opcode.LOGIN_REQUEST: _Codec(
+        LoginRequest,
+        _LOGIN_REQUEST,
+        (_ALWAYS_IMMEDIATE,),
+        _login_request_in,
+        _login_request_out,
     ),
-    Opcode.LOGIN_RESPONSE: _codec(
-        LoginResponse, _LOGIN_RESPONSE, _login_response_in, _login_response_out
+    Opcode.LOGIN_RESPONSE: _Codec(
+        LoginResponse, _LOGIN_RESPONSE, (), _login_response_in, _login_response_out
     ),
-    Opcode.TEXT_REQUEST: _codec(TextRequest, _TEXT_REQUEST, _text_request_in, _text_request_out),
-    Opcode.TEXT_RESPONSE: _codec(
-        TextResponse, _TEXT_RESPONSE, _text_response_in, _text_response_out
+    Opcode.TEXT_REQUEST: _Codec(
+        TextRequest, _TEXT_REQUEST, (), _text_request_in, _text_request_out
     ),
-    Opcode.LOGOUT_REQUEST: _codec(
-        LogoutRequest, _LOGOUT_REQUEST, _logout_request_in, _logout_request_out
+    Opcode.TEXT_RESPONSE: _Codec(
+        TextResponse, _TEXT_RESPONSE, (), _text_response_in, _text_response_out
     ),
-    Opcode.LOGOUT_RESPONSE: _codec(
-        LogoutResponse, _LOGOUT_RESPONSE, _logout_response_in, _logout_response_out
+    Opcode.LOGOUT_REQUEST: _Codec(
+        LogoutRequest,
+        _LOGOUT_REQUEST,
+        (_ALWAYS_FINAL,),
+        _logout_request_in,
+        _logout_request_out,
     ),
-    Opcode.REJECT: _codec(Reject, _REJECT, _reject_in, _reject_out),
-    Opcode.NOP_OUT: _codec(NopOut, _NOP_OUT, _nop_out_in, _nop_out_out),
-    Opcode.NOP_IN: _codec(NopIn, _NOP_IN, _nop_in_in, _nop_in_out),
+    Opcode.LOGOUT_RESPONSE: _Codec(
+        LogoutResponse,
+        _LOGOUT_RESPONSE,
+        (_ALWAYS_FINAL,),
+        _logout_response_in,
+        _logout_response_out,
+    ),
+    Opcode.REJECT: _Codec(Reject, _REJECT, (_ALWAYS_FINAL,), _reject_in, _reject_out),
+    Opcode.NOP_OUT: _Codec(NopOut, _NOP_OUT, (_ALWAYS_FINAL,), _nop_out_in, _nop_out_out),
+    Opcode.NOP_IN: _Codec(NopIn, _NOP_IN, (_ALWAYS_FINAL,), _nop_in_in, _nop_in_out),
 }
 _BY_MODEL: Final[dict[type[Any], _Codec[Any]]] = {c.model: c for c in _BY_OPCODE.values()}
 
@@ -704,7 +734,7 @@ def _layout(bhs: bytes, *, header_digest: bool, data_digest: bool) -> _Layout:
             offset=len(bhs),
             value=len(bhs),
         )
-    opcode = bhs[0] & 0x3F
+    opcode = bhs[0] & _OPCODE
     if opcode not in _BY_OPCODE:
         raise PDUDecodeError(
             f"Opcode: unknown or unsupported opcode 0x{opcode:02x}",
@@ -733,20 +763,17 @@ def _check_data_cap(layout: _Layout, max_data_segment_length: int | None) -> Non
         )
 
 
-def _locate(header: Struct, names: Sequence[str]) -> tuple[int, int | None] | None:
-    """Byte offset and size of the header field at ``names``; bits give their byte."""
+def _locate(header: Struct, names: Sequence[str]) -> tuple[int, int] | None:
+    """Byte offset and size of the header field at ``names``; flags give their byte."""
     offset = 0
-    size: int | None = None
+    size = 0
     con: Construct[Any, Any] = header
     for name in names:
         if not isinstance(con, Struct):
-            break  # a bit inside a BitStruct: the byte found so far holds it
+            break  # a flag inside a flag byte: the byte found so far holds it
         for sub in con.subcons:
             if sub.name == name:
-                try:
-                    size = sub.sizeof()
-                except SizeofError:  # the AHS: its length depends on the PDU
-                    size = None
+                size = sub.sizeof()
                 con = sub.subcon if isinstance(sub, Renamed) else sub
                 break
             offset += sub.sizeof()
@@ -761,9 +788,12 @@ def _display(names: Sequence[str]) -> str | None:
 
 
 def _construct_path(exc: ConstructError) -> list[str]:
-    """``"(parsing) -> Header -> ISID -> TA -> A"`` -> ``["Header", "ISID", "TA", "A"]``."""
+    """``"(building) -> ISID -> B"`` -> ``["Header", "ISID", "B"]``.
+
+    construct only ever works on the BHS, so its paths start below ``Header``.
+    """
     parts = (exc.path or "").split(" -> ")
-    return [p for p in parts if p and not p.startswith("(")]
+    return ["Header", *(p for p in parts if p and not p.startswith("("))]
 
 
 def _construct_reason(exc: ConstructError) -> str:
@@ -771,9 +801,9 @@ def _construct_reason(exc: ConstructError) -> str:
     return str(exc).rsplit("\n", 1)[-1]
 
 
-def _decode_error(exc: Exception, raw: bytes, header_digest: bool, data_digest: bool) -> Exception:
-    """The one place decode failures become PDUDecodeError."""
-    codec = _BY_OPCODE.get(raw[0] & 0x3F) if raw else None
+def _decode_error(exc: Exception, raw: bytes) -> Exception:
+    """The one place decode failures of BHS fields become PDUDecodeError."""
+    codec = _BY_OPCODE.get(raw[0] & _OPCODE) if raw else None
     names: list[str]
     if isinstance(exc, _FieldProblem):
         names, reason, value = ["Header", *exc.names], exc.reason, exc.value
@@ -787,25 +817,15 @@ def _decode_error(exc: Exception, raw: bytes, header_digest: bool, data_digest: 
         where = _locate(codec.header, names[1:])
         if where is not None:
             offset, size = where
-            if value is None and size is not None:
+            if value is None:
                 value = int.from_bytes(raw[offset : offset + size], "big")
-    elif names and len(raw) >= BHS_LENGTH and codec is not None:
-        layout = _layout(raw, header_digest=header_digest, data_digest=data_digest)
-        offset = {
-            "HeaderDigest": layout.header_digest_at,
-            "DataSegment": layout.data_at,
-            "Padding": layout.padding_at,
-            "DataDigest": layout.data_digest_at,
-        }.get(names[0])
-        if offset is not None and names[0] != "DataSegment":
-            value = raw[offset : offset + DIGEST_LENGTH]
     where_text = f" at byte {offset}" if offset is not None else ""
     return PDUDecodeError(
         f"{field or 'PDU'}{where_text}: {reason}", field=field, offset=offset, value=value
     )
 
 
-def _encode_error(exc: Exception, build: dict[str, Any] | None) -> Exception:
+def _encode_error(exc: Exception, fields: dict[str, Any] | None) -> Exception:
     """The one place encode failures become PDUEncodeError."""
     names: list[str]
     value: object = None
@@ -813,26 +833,22 @@ def _encode_error(exc: Exception, build: dict[str, Any] | None) -> Exception:
         names, reason, value = ["Header", *exc.names], exc.reason, exc.value
     elif isinstance(exc, ConstructError):
         names, reason = _construct_path(exc), _construct_reason(exc)
-        value = _lookup(build, names)
+        value = _lookup(fields, names[1:])
     else:
         names, reason = [], f"{type(exc).__name__}: {exc}"
     field = _display(names)
     return PDUEncodeError(f"{field or 'PDU'}: {reason}", field=field, value=value)
 
 
-def _lookup(build: dict[str, Any] | None, names: Sequence[str]) -> object:
-    """The value we tried to build at ``names``, if it is a plain field value."""
-    if names[:1] != ["Header"]:
-        return None  # never echo a data segment: it can hold CHAP material
-    node: Any = build
+def _lookup(fields: dict[str, Any] | None, names: Sequence[str]) -> object:
+    """The value we tried to build at ``names`` in the BHS, if it is a plain field value."""
+    node: Any = fields
     try:
         for name in names:
             node = node[name]
-            if name == "Header":
-                node = node["value"]
     except (KeyError, TypeError, IndexError):
         return None
-    return None if isinstance(node, (dict, bytes, bytearray, memoryview)) else node
+    return _shown(node)
 
 
 # --------------------------------------------------------------------------------------------
@@ -866,19 +882,13 @@ def encode_pdu(pdu: PDU, *, header_digest: bool = False, data_digest: bool = Fal
         raise PDUEncodeError(
             f"cannot encode a {type(pdu).__name__}: not a PDU", value=type(pdu).__name__
         )
-    build: dict[str, Any] | None = None
+    fields: dict[str, Any] | None = None
     try:
-        header, data = codec.fields_in(pdu)
+        fields, data = codec.fields_in(pdu)
         data = _checked_data(data)
-        header["AHS"] = b""
-        build = {
-            "Header": {"value": header},
-            "DataSegment": data,
-            "Padding": bytes(-len(data) % 4),
-        }
-        return codec.frame.build(
-            build, header_digest=bool(header_digest), data_digest=bool(data_digest)
-        )
+        fields["TotalAHSLength"] = 0  # no AHS type exists for these opcodes
+        fields["DataSegmentLength"] = len(data)  # padding not counted
+        bhs: bytes = codec.header.build(fields)
     except (
         _FieldProblem,
         ConstructError,
@@ -890,7 +900,16 @@ def encode_pdu(pdu: PDU, *, header_digest: bool = False, data_digest: bool = Fal
         OverflowError,
         AttributeError,
     ) as exc:
-        raise _encode_error(exc, build) from exc
+        raise _encode_error(exc, fields) from exc
+    parts = [bhs]
+    if header_digest:
+        parts.append(crc32c(bhs))
+    if data:
+        padded = data + bytes(-len(data) % 4)
+        parts.append(padded)
+        if data_digest:
+            parts.append(crc32c(padded))
+    return b"".join(parts)
 
 
 def _checked_data(data: object) -> bytes:
@@ -929,19 +948,20 @@ def decode_pdu(
         OverflowError,
         AttributeError,
     ) as exc:
-        raise _decode_error(exc, raw, header_digest, data_digest) from exc
+        raise _decode_error(exc, raw) from exc
 
 
 def _decode(
     raw: bytes, header_digest: bool, data_digest: bool, max_data_segment_length: int | None
 ) -> PDU:
+    """Checks in wire order: framing, header digest, BHS fields, data digest, field values."""
     layout = _layout(raw, header_digest=header_digest, data_digest=data_digest)
     _check_data_cap(layout, max_data_segment_length)
     if len(raw) != layout.total:
         raise _length_error(raw, layout)
     if header_digest:
         # Before any field is believed: a header that fails its digest is noise, whatever its
-        # fields say. (The frame checks it again; that costs a microsecond.)
+        # fields say.
         at = layout.header_digest_at
         received, computed = raw[at : at + DIGEST_LENGTH], crc32c(raw[:at])
         if received != computed:
@@ -951,9 +971,26 @@ def _decode(
                 offset=at,
                 value=received,
             )
-    codec = _BY_OPCODE[raw[0] & 0x3F]
-    parsed = codec.frame.parse(raw, header_digest=header_digest, data_digest=data_digest)
-    pdu: PDU = codec.fields_out(parsed.Header.value, parsed.DataSegment)
+    codec = _BY_OPCODE[raw[0] & _OPCODE]
+    for bit in codec.fixed_bits:
+        byte = raw[bit.offset]
+        if not byte & bit.mask:
+            # Reason worded as construct's Const put it when these bits were BitStruct fields.
+            raise _FieldProblem(bit.names, byte, "parsing expected True but parsed False")
+    header = codec.header.parse(raw[:BHS_LENGTH])  # the AHS, if any, is skipped
+    if data_digest and layout.data_length:
+        at = layout.data_digest_at
+        received, computed = raw[at:], crc32c(raw[layout.data_at : at])
+        if received != computed:
+            # Worded as construct's Checksum put it when it checked this digest.
+            raise PDUDecodeError(
+                f"DataDigest at byte {at}: wrong checksum, read {binascii.hexlify(received)!r}, "
+                f"computed {binascii.hexlify(computed)!r}",
+                field="DataDigest",
+                offset=at,
+                value=received,
+            )
+    pdu: PDU = codec.fields_out(header, raw[layout.data_at : layout.padding_at])
     return pdu
 
 
