@@ -41,7 +41,6 @@ from pyiscsi_failover.errors import (
     ISCSIError,
     ISCSITimeout,
     LocalProtocolError,
-    LoginFailed,
     ProtocolError,
     RedirectLoopError,
     Unreachable,
@@ -236,8 +235,6 @@ def _error_outcome(exc: ISCSIError) -> Outcome:
             return Outcome.AUTH_FAILED
         case RedirectLoopError():
             return Outcome.REDIRECT_LOOP
-        case LoginFailed():
-            return Outcome.TARGET_ERROR if exc.retryable else Outcome.PROTOCOL_ERROR
         case ConnectionLost() | ProtocolError():
             return Outcome.PROTOCOL_ERROR
         case _:
@@ -320,13 +317,11 @@ class _Run:
         self.start = trio.current_time()
         self.results: list[Attempt | None] = [None] * len(candidates)
         self.scopes: list[trio.CancelScope] = [trio.CancelScope() for _ in candidates]
-        self.started: list[float | None] = [None] * len(candidates)
 
     async def attempt(self, index: int) -> Attempt:
         candidate = self.candidates[index]
         with self.scopes[index]:
             at = trio.current_time() - self.start
-            self.started[index] = at
             if self.on_progress:
                 self.on_progress(AttemptStarted(candidate=candidate, at=at))
             attempt = replace(await self.checker(candidate), started_at=at)

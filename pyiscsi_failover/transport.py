@@ -26,6 +26,7 @@ from pyiscsi_failover.errors import (
     ISCSIError,
     ISCSITimeout,
     LocalProtocolError,
+    LoginFailed,
     NetworkError,
     ProtocolError,
     RedirectLoopError,
@@ -186,6 +187,18 @@ class LoginReport:
     @property
     def ok(self) -> bool:
         return isinstance(self.outcome, LoginSucceeded)
+
+    def raise_for_status(self) -> LoginSucceeded:
+        """The success event, or :class:`LoginFailed` for callers that prefer exceptions."""
+        outcome = self.outcome
+        if isinstance(outcome, LoginRejected):
+            raise LoginFailed(
+                f"{self.final_portal}: login refused: {outcome.describe()}",
+                status_class=outcome.status_class,
+                status_detail=outcome.status_detail,
+                retryable=outcome.retryable,
+            )
+        return outcome
 
     @property
     def handoff_portal(self) -> Portal:

@@ -13,6 +13,7 @@ from pyiscsi_failover.errors import (
     ConnectRefused,
     ConnectTimeout,
     LocalProtocolError,
+    LoginFailed,
     RedirectLoopError,
     Unreachable,
 )
@@ -123,3 +124,23 @@ async def test_discovery_with_crc32c_digests_on_the_wire(split: bool) -> None:
         assert report.outcome.parameters.data_digest is Digest.CRC32C
         assert sorted(t.iqn for t in report.targets) == [IQN, IQN + "-2"]
         assert report.logout is not None
+
+
+async def test_raise_for_status_gives_login_failed_with_the_status() -> None:
+    config = TargetConfig(
+        portals=(PortalConfig(host="127.0.0.1", port=0),), targets=(TargetSpec(name=IQN),)
+    )
+    async with serve_target(config) as running:
+        with trio.fail_after(5):
+            ok = await login(
+                running.portals[0], LoginConfig(initiator_name=INITIATOR, target_name=IQN)
+            )
+            missing = await login(
+                running.portals[0],
+                LoginConfig(initiator_name=INITIATOR, target_name=IQN + "-missing"),
+            )
+    assert ok.raise_for_status() is ok.outcome
+    with pytest.raises(LoginFailed, match=r"target not found \(0x0203\)") as caught:
+        missing.raise_for_status()
+    assert (caught.value.status_class, caught.value.status_detail) == (2, 3)
+    assert caught.value.retryable is False
