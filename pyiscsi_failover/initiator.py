@@ -244,6 +244,7 @@ class InitiatorConnection:
         self._pending_nsg = Stage.SECURITY_NEGOTIATION
         self._text_in = TextReassembler(limit=MAX_TEXT_BYTES)
         self._empty_continuations = 0
+        self._target_logged_in = False
         self._parameters: OperationalParameters | None = None
 
     def __repr__(self) -> str:
@@ -328,6 +329,31 @@ class InitiatorConnection:
                 immediate=True,
             )
         )
+
+    def logout_refused_login(self) -> bool:
+        """After we failed a login that the target had completed, queue a Logout for it.
+
+        The target holds a session once it answers with T=1 and NSG=FullFeaturePhase, even when
+        we then refuse that answer (a garbage value, a failed mutual CHAP check). Returns whether
+        a Logout was queued. It goes without digests: what was agreed could not be read.
+        """
+        if self.state is not State.FAILED or not self._target_logged_in:
+            return False
+        self._target_logged_in = False
+        self.state = State.LOGGING_OUT
+        self._parameters = None
+        # The old buffer may hold the refused PDU's remains or be failed for good.
+        self._buffer = PDUBuffer(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
+        self._send(
+            LogoutRequest(
+                reason=LogoutReason.CLOSE_SESSION,
+                itt=self._new_itt(),
+                cmdsn=self._cmdsn,
+                expstatsn=self._expstatsn,
+                immediate=True,
+            )
+        )
+        return True
 
     def _require(self, state: State, what: str) -> None:
         if self.state is not state:
@@ -449,6 +475,9 @@ class InitiatorConnection:
                 f"Login Response carries ISID 0x{pdu.isid.to_bytes().hex()}, "
                 f"ours is 0x{self.config.isid.to_bytes().hex()}"
             )
+        if pdu.transit and pdu.nsg is Stage.FULL_FEATURE_PHASE and not pdu.cont and pdu.tsih:
+            # From here the target holds a session, even if we go on to refuse its answer.
+            self._target_logged_in = True
         if pdu.version_active != 0:
             raise ProtocolError(f"target chose unsupported iSCSI version {pdu.version_active}")
         if pdu.csg is not self._pending_csg:

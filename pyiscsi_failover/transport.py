@@ -20,6 +20,7 @@ from typing import Final
 import trio
 
 from pyiscsi_failover.errors import (
+    AuthenticationError,
     ConnectionLost,
     ConnectRefused,
     ConnectTimeout,
@@ -248,11 +249,7 @@ async def login(
                     event = await _next_event(stream, conn, current, sending)
                     targets: tuple[DiscoveredTarget, ...] = ()
                     if isinstance(event, LoginSucceeded) and send_targets is not None:
-                        conn.send_targets(send_targets)
-                        discovered = await _next_event(stream, conn, current)
-                        if not isinstance(discovered, TargetsDiscovered):
-                            raise ProtocolError(f"expected a SendTargets answer, got {discovered}")
-                        targets = discovered.targets
+                        targets = await _send_targets(stream, conn, current, send_targets)
             except trio.TooSlowError as exc:
                 stage = conn.state.value
                 await _abandon_login(stream, conn, current, sending, logout_timeout)
@@ -262,6 +259,10 @@ async def login(
             except trio.Cancelled:
                 # Our caller gave up on us (the prober chose another candidate).
                 await _abandon_login(stream, conn, current, sending, logout_timeout)
+                raise
+            except (ProtocolError, AuthenticationError):
+                # We refused an answer; if the target had already logged us in, log out.
+                await _logout_refused_login(stream, conn, current, logout_timeout)
                 raise
             login_s += time.monotonic() - connected_at
             if isinstance(event, LoginRedirected):
@@ -318,6 +319,29 @@ async def _logout(
     if not isinstance(event, LoggedOut):
         return None, f"unexpected {type(event).__name__} instead of a Logout Response"
     return event, None
+
+
+async def _send_targets(
+    stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal, which: str
+) -> tuple[DiscoveredTarget, ...]:
+    conn.send_targets(which)
+    event = await _next_event(stream, conn, portal)
+    if not isinstance(event, TargetsDiscovered):
+        raise ProtocolError(f"{portal}: expected a SendTargets answer, got {type(event).__name__}")
+    return event.targets
+
+
+async def _logout_refused_login(
+    stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal, deadline_s: float
+) -> None:
+    """Best effort, shielded and bounded: end the session a refused login left on the target."""
+    if not conn.logout_refused_login():
+        return
+    with trio.CancelScope(shield=True), trio.move_on_after(deadline_s):
+        try:
+            await _next_event(stream, conn, portal)
+        except ISCSIError as exc:
+            logger.debug("%s: logout after a refused login failed: %s", portal, exc)
 
 
 async def _abandon_login(

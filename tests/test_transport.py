@@ -14,6 +14,7 @@ from pyiscsi_failover.errors import (
     ConnectTimeout,
     LocalProtocolError,
     LoginFailed,
+    ProtocolError,
     RedirectLoopError,
     Unreachable,
 )
@@ -22,6 +23,7 @@ from pyiscsi_failover.names import Portal
 from pyiscsi_failover.protocol.negotiation import Digest, OperationalProposal
 from pyiscsi_failover.testing import (
     Blackhole,
+    GarbageKeyValues,
     PortalConfig,
     Redirect,
     RedirectLoop,
@@ -144,3 +146,19 @@ async def test_raise_for_status_gives_login_failed_with_the_status() -> None:
         missing.raise_for_status()
     assert (caught.value.status_class, caught.value.status_detail) == (2, 3)
     assert caught.value.retryable is False
+
+
+async def test_a_refused_final_login_answer_is_still_logged_out() -> None:
+    # The target completes the login (T=1, NSG=FullFeaturePhase) with a value we refuse: it
+    # holds a session, so we log out of it before reporting the protocol error.
+    config = TargetConfig(
+        portals=(PortalConfig(host="127.0.0.1", port=0, faults=(GarbageKeyValues(),)),),
+        targets=(TargetSpec(name=IQN),),
+    )
+    async with serve_target(config) as running:
+        with trio.fail_after(5), pytest.raises(ProtocolError, match="banana"):
+            await login(running.portals[0], LoginConfig(initiator_name=INITIATOR, target_name=IQN))
+        await running.wait_idle()
+        assert [login.succeeded for login in running.logins] == [True]
+        assert not running.lingering_sessions
+        assert [record.logged_out for record in running.connections] == [True]
