@@ -44,7 +44,15 @@ from pyiscsi_failover.errors import (
 )
 from pyiscsi_failover.host import default_initiator_name
 from pyiscsi_failover.initiator import LoginConfig, LoginRejected, LoginSucceeded
-from pyiscsi_failover.iscsiadm import Iscsiadm, NodeTarget, attach, detach, dry_run_plan
+from pyiscsi_failover.iscsiadm import (
+    DEFAULT_LEDGER_PATH,
+    Iscsiadm,
+    NodeTarget,
+    RecordLedger,
+    attach,
+    detach,
+    dry_run_plan,
+)
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 from pyiscsi_failover.prober import (
     DEFAULT_STAGGER,
@@ -79,6 +87,8 @@ EXIT_USAGE: Final = 2
 SECRET_ENV: Final = "PYISCSI_CHAP_SECRET"  # noqa: S105 (a variable name, not a secret)
 TARGET_SECRET_ENV: Final = "PYISCSI_TARGET_CHAP_SECRET"  # noqa: S105
 _DEV_ROOT: Final = Path("/dev/disk/by-path")
+#: ``--state-file``'s default, read when the parser is built (tests point it elsewhere).
+_STATE_FILE = DEFAULT_LEDGER_PATH
 
 #: The package's logger: the CLI configures it (and only it) for the duration of ``run``.
 _package_logger = logging.getLogger("pyiscsi_failover")
@@ -280,14 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"where udev links disks by path (default {_DEV_ROOT})",
     )
+    _add_state_file(p)
     _add_probe_options(p)
     _add_credentials(p)
 
-    p = sub.add_parser("detach", help="log out of the volume's targets and delete their records")
+    p = sub.add_parser(
+        "detach",
+        help="log out of the volume's targets and delete the node records attach created",
+    )
     _add_verbose(p, argparse.SUPPRESS)
     p.add_argument("-c", "--connection-info", metavar="FILE", required=True, help="(- = stdin)")
     p.add_argument("--iscsiadm", default="iscsiadm")
     p.add_argument("--keep-record", action="store_true", help="log out only")
+    _add_state_file(p)
     p.add_argument("--json", action="store_true")
     _add_credentials(p)
 
@@ -297,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initiator-name", help="InitiatorName (default: open-iscsi's, if any)")
     p.add_argument("--policy", choices=[x.value for x in Policy], default=Policy.ORDERED.value)
     return parser
+
+
+def _add_state_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        default=_STATE_FILE,
+        metavar="PATH",
+        help="the ledger of node records attach created; detach deletes only those "
+        f"(default {_STATE_FILE})",
+    )
 
 
 def _add_candidates(parser: argparse.ArgumentParser) -> None:
@@ -790,11 +816,13 @@ async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str])
             for command in commands:
                 output.out(f"    {command}")
         return EXIT_OK
+    # The ledger is touched only here, past --dry-run, which leaves it alone.
     attached = await attach(
         node,
         iscsiadm=Iscsiadm(binary=args.iscsiadm),
         device_timeout=args.device_timeout,
         dev_root=args.dev_root,
+        ledger=RecordLedger(args.state_file),
     )
     if args.json:
         output.json({"probe": result.to_json(), "attach": _jsonable(attached)})
@@ -802,22 +830,33 @@ async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str])
         for line in _probe_table(result):
             output.out(line)
         output.out(f"attached: {attached.device}")
+        if attached.created_record:
+            output.out(f"node record: created (noted in {args.state_file}; detach deletes it)")
+        else:
+            output.out(
+                "node record: already there (detach deletes it only if pyiscsi-failover made it)"
+            )
     return EXIT_OK
 
 
 async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
     info = _load_connection_info(args.connection_info, stdin)
     iscsiadm = Iscsiadm(binary=args.iscsiadm)
+    ledger = RecordLedger(args.state_file)
     done = []
+    lines = []
     for c in info.candidates:
         node = NodeTarget(portal=c.portal, iqn=c.iqn, lun=c.lun)
-        await detach(node, iscsiadm=iscsiadm, delete_record=not args.keep_record)
-        done.append({"portal": str(c.portal), "iqn": c.iqn})
+        result = await detach(
+            node, iscsiadm=iscsiadm, delete_record=not args.keep_record, ledger=ledger
+        )
+        done.append({"portal": str(c.portal), "iqn": c.iqn, "record": result.record.value})
+        lines.append(f"detached {c.iqn} at {c.portal}: {result.record.description}")
     if args.json:
         output.json({"detached": done})
     else:
-        for d in done:
-            output.out(f"detached {d['iqn']} at {d['portal']}")
+        for line in lines:
+            output.out(line)
     return EXIT_OK
 
 

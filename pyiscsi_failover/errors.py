@@ -28,6 +28,7 @@ impossible; *remote* ones mean the peer sent something wrong or refused us. Buil
     ├── InvalidName (ValueError)            not a well-formed iqn./eui./naa. iSCSI name
     ├── InvalidPortal (ValueError)          not a well-formed host[:port][,tpgt] portal
     ├── IscsiadmError                      open-iscsi's iscsiadm reported a failure
+    ├── LedgerError                        our list of node records we created is unusable
     └── DeviceTimeout (TimeoutError)        logged in, but the disk never appeared
 
 No message of any of these ever contains a CHAP secret: they are built from names, fields and
@@ -50,6 +51,7 @@ __all__ = [
     "InvalidName",
     "InvalidPortal",
     "IscsiadmError",
+    "LedgerError",
     "LocalProtocolError",
     "LoginFailed",
     "NegotiationError",
@@ -216,6 +218,18 @@ class IscsiadmError(ISCSIError):
         super().__init__(message)
         self.exit_code = exit_code
         self.command = command
+
+
+class LedgerError(ISCSIError):
+    """The ledger of node records pyiscsi-failover created cannot be read, parsed or written.
+
+    ``path`` is the ledger file. Without a trustworthy ledger we cannot tell our records from
+    an operator's, so nothing is deleted (or created) until it is repaired.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class DeviceTimeout(ISCSIError, TimeoutError):

@@ -21,25 +21,36 @@ Facts this module relies on, checked against open-iscsi 2.1.8 (Debian 12) and it
   udev's ``path_id`` names the disk ``ip-ADDR:PORT-iscsi-IQN-lun-N`` from the connection's
   ``persistent_address``, which iscsid copies from the record: so IPv6 appears *unbracketed*
   (``ip-fd00::1:3260-...``) and a host name appears as given.
+* Records are matched by IQN, address and port only: ``-p host:port,TPGT`` shows, updates and
+  deletes *every* record of that IQN at ``host:port``, whatever its tpgt.
+
+Which records are ours: :class:`RecordLedger` keeps a small JSON file of the node records
+:func:`attach` created, so that :func:`detach` deletes those and never a record an operator made
+(open-iscsi's record has no field we could mark it with). The ledger holds IQNs and portals only.
 
 Known open-iscsi limit: iscsiadm takes the CHAP password on its command line, so while the
 ``-o update`` runs it is visible in ``/proc/PID/cmdline`` to root and to our own user. We mask it
 in every command, log line, result and error we produce; the record file under
 ``/etc/iscsi/nodes`` (root only) holds it in clear, as open-iscsi always does.
 
-The builders are pure; the runner and :func:`attach`/:func:`detach` use trio and subprocesses.
-This module never imports socket or construct, and the runner never uses ``check=True``:
-``CalledProcessError`` would carry the unmasked argv.
+The builders are pure; the runner and :func:`attach`/:func:`detach` use trio and subprocesses,
+the ledger plain files. This module never imports socket or construct, and the runner never uses
+``check=True``: ``CalledProcessError`` would carry the unmasked argv.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import fcntl
+import json
 import logging
 import os
 import re
 import shlex
 import subprocess
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -48,16 +59,28 @@ from typing import Final
 import trio
 
 from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
-from pyiscsi_failover.errors import ConnectionInfoError, DeviceTimeout, IscsiadmError
+from pyiscsi_failover.errors import (
+    ConnectionInfoError,
+    DeviceTimeout,
+    InvalidName,
+    InvalidPortal,
+    IscsiadmError,
+    LedgerError,
+)
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 
 __all__ = [
+    "DEFAULT_LEDGER_PATH",
     "DEVICE_POLL_INTERVAL",
     "AttachResult",
     "Command",
+    "DetachResult",
     "Iscsiadm",
     "IscsiadmExit",
+    "LedgerEntry",
     "NodeTarget",
+    "RecordFate",
+    "RecordLedger",
     "Result",
     "attach",
     "by_path_name",
@@ -509,17 +532,260 @@ class Iscsiadm:
         return result
 
 
+# --------------------------------------------------------------------------------------------
+# The ledger: which node records are ours (plain files, no subprocesses)
+# --------------------------------------------------------------------------------------------
+
+#: Where the CLI keeps its ledger unless told otherwise (``--state-file``).
+DEFAULT_LEDGER_PATH: Final = Path("/var/lib/pyiscsi-failover/created-records.json")
+_LEDGER_VERSION: Final = 1
+#: A ledger lists a handful of records; a file this large is not one we wrote.
+_MAX_LEDGER_BYTES: Final = 1 << 20
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerEntry:
+    """One node record we created: its IQN and the ``-p`` argument we created it with.
+
+    iscsiadm finds a record by IQN, address and port, ignoring the tpgt (checked with
+    open-iscsi 2.1.8), so :meth:`matches` does the same.
+    """
+
+    iqn: str
+    portal: str
+
+    def __post_init__(self) -> None:
+        # Raises InvalidName/InvalidPortal; the ledger turns them into a LedgerError.
+        object.__setattr__(self, "iqn", validate_iscsi_name(self.iqn))
+        object.__setattr__(self, "portal", Portal.parse(self.portal).with_tpgt())
+
+    @classmethod
+    def of(cls, t: NodeTarget) -> LedgerEntry:
+        return cls(iqn=t.iqn, portal=portal_argument(t))
+
+    def matches(self, t: NodeTarget) -> bool:
+        """Whether iscsiadm would take ``-T t.iqn -p portal_argument(t)`` to mean this record."""
+        mine = Portal.parse(self.portal)
+        return (self.iqn, mine.host, mine.port) == (t.iqn, t.portal.host, t.portal.port)
+
+
+class RecordLedger:
+    """The node records pyiscsi-failover created, kept in a small JSON file at ``path``.
+
+    The file is ``{"version": 1, "records": [{"iqn": IQN, "portal": "HOST:PORT[,TPGT]"}]}``;
+    a missing file is an empty ledger. It never holds a secret. Changes are read-modify-write
+    under an exclusive ``flock`` on ``PATH.lock``, so concurrent attaches lose no entry, and land
+    atomically (temporary file in the same directory, fsync, ``os.replace``): a crash leaves the
+    old ledger or the new one, never part of one. A directory we create gets mode 0700, the file
+    always 0600. Every failure to read, parse or write it is a :class:`LedgerError`.
+
+    The methods are synchronous: the file is tiny and the lock is only ever held for a moment, and
+    :func:`attach` relies on there being no checkpoint between its success and the note it adds.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_LEDGER_PATH) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RecordLedger({str(self.path)!r})"
+
+    def entries(self) -> tuple[LedgerEntry, ...]:
+        """Every entry, read afresh from the file."""
+        return self._read()
+
+    def is_ours(self, t: NodeTarget) -> bool:
+        """Whether we created the node record that iscsiadm would find for ``t``."""
+        return any(entry.matches(t) for entry in self._read())
+
+    def add(self, t: NodeTarget) -> None:
+        """Note that we created ``t``'s record (replacing any entry for the same record)."""
+        entry = LedgerEntry.of(t)
+        self._make_directory()
+        with self._locked():
+            others = [e for e in self._read() if not e.matches(t)]
+            self._write([*others, entry])
+        logger.debug(
+            "noted in %s: we created the record of %s at %s", self.path, t.iqn, entry.portal
+        )
+
+    def remove(self, t: NodeTarget) -> bool:
+        """Forget ``t``'s record; return whether there was an entry. Writes only if there was."""
+        if not self.is_ours(t):
+            return False
+        with self._locked():
+            entries = self._read()
+            others = [e for e in entries if not e.matches(t)]
+            if len(others) == len(entries):
+                return False  # another process removed it meanwhile
+            self._write(others)
+        logger.debug("dropped from %s: the record of %s at %s", self.path, t.iqn, t.portal)
+        return True
+
+    # -- the file ----------------------------------------------------------------------------
+
+    def _error(self, problem: str) -> LedgerError:
+        return LedgerError(
+            f"node-record ledger {str(self.path)!r}: {problem}; it lists the iSCSI node records "
+            "pyiscsi-failover created, so repair it (or remove it: then none counts as ours)",
+            path=str(self.path),
+        )
+
+    def _read(self) -> tuple[LedgerEntry, ...]:
+        try:
+            with self.path.open("rb") as f:
+                raw = f.read(_MAX_LEDGER_BYTES + 1)
+        except FileNotFoundError:
+            return ()
+        except OSError as exc:
+            raise self._error(f"cannot read it: {_reason(exc)}") from None
+        if len(raw) > _MAX_LEDGER_BYTES:
+            raise self._error(f"it is larger than {_MAX_LEDGER_BYTES} bytes")
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise self._error(f"it is not UTF-8 (bad byte at offset {exc.start})") from None
+        except json.JSONDecodeError as exc:
+            raise self._error(
+                f"it is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            ) from None
+        except (ValueError, RecursionError) as exc:  # huge integers, absurd nesting
+            raise self._error(f"it is not usable JSON ({type(exc).__name__})") from None
+        return self._parse(document)
+
+    def _parse(self, document: object) -> tuple[LedgerEntry, ...]:
+        if not isinstance(document, dict):
+            raise self._error("it is not a JSON object")
+        version = document.get("version")
+        if type(version) is not int or version != _LEDGER_VERSION:
+            raise self._error(f"unknown version {version!r} (expected {_LEDGER_VERSION})")
+        records = document.get("records")
+        if not isinstance(records, list):
+            raise self._error('"records" is not a list')
+        entries = []
+        for index, record in enumerate(records):
+            if not (
+                isinstance(record, dict)
+                and isinstance(record.get("iqn"), str)
+                and isinstance(record.get("portal"), str)
+            ):
+                raise self._error(f'record #{index} is not {{"iqn": STRING, "portal": STRING}}')
+            try:
+                entries.append(LedgerEntry(iqn=record["iqn"], portal=record["portal"]))
+            except (InvalidName, InvalidPortal) as exc:
+                raise self._error(f"record #{index}: {exc}") from None
+        return tuple(entries)
+
+    def _make_directory(self) -> None:
+        try:
+            # Only a directory we create gets 0700; an existing one (say /tmp) is left as it is.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._error(f"cannot create its directory: {_reason(exc)}") from None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            # O_NOFOLLOW: a planted symlink must not make us create a file elsewhere.
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self._error(f"cannot open its lock file: {_reason(exc)}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise self._error(f"cannot lock it: {_reason(exc)}") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _write(self, entries: Sequence[LedgerEntry]) -> None:
+        document = {
+            "version": _LEDGER_VERSION,
+            "records": [{"iqn": e.iqn, "portal": e.portal} for e in entries],
+        }
+        data = (json.dumps(document, indent=2) + "\n").encode("utf-8")
+        directory = self.path.parent
+        temporary: str | None = None
+        try:
+            # mkstemp creates the file with mode 0600, whatever the umask.
+            fd, temporary = tempfile.mkstemp(
+                dir=directory, prefix=f".{self.path.name}.", suffix=".tmp"
+            )
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self.path)
+            temporary = None
+        except OSError as exc:
+            raise self._error(f"cannot write it: {_reason(exc)}") from None
+        finally:
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+        # The rename is durable once the directory is synced; failing that is not worth an error.
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------------------------
+# attach and detach
+# --------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttachResult:
     """A successful hand-off.
 
-    ``created_record`` says whether the node record is ours; ``session_existed`` whether the
-    login found a session already there (exit 15); ``commands`` are the masked commands run.
+    ``created_record`` says whether we created the node record (and so noted it in the ledger);
+    ``session_existed`` whether the login found a session already there (exit 15); ``commands``
+    are the masked commands run.
     """
 
     device: Path
     created_record: bool
     session_existed: bool
+    commands: tuple[str, ...] = field(default=())
+
+
+class RecordFate(enum.Enum):
+    """What :func:`detach` did with the node record; the values are the CLI's JSON strings."""
+
+    DELETED = "deleted"
+    ALREADY_GONE = "already_gone"
+    KEPT_NOT_OURS = "kept_not_ours"
+    KEPT_SHARED = "kept_shared"
+    KEPT_ON_REQUEST = "kept_on_request"
+
+    @property
+    def description(self) -> str:
+        return _FATES[self]
+
+
+_FATES: Final[dict[RecordFate, str]] = {
+    RecordFate.DELETED: "record deleted",
+    RecordFate.ALREADY_GONE: "record already gone",
+    RecordFate.KEPT_NOT_OURS: "record kept: not created by pyiscsi-failover",
+    RecordFate.KEPT_SHARED: "record kept: another record has the same IQN and address, and "
+    "iscsiadm would delete both",
+    RecordFate.KEPT_ON_REQUEST: "record kept, as asked",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DetachResult:
+    """A finished detach: what became of the node record, and the masked commands run."""
+
+    record: RecordFate
     commands: tuple[str, ...] = field(default=())
 
 
@@ -536,11 +802,19 @@ async def _wait_for_device(path: Path, *, seconds: float) -> None:
         )
 
 
+_GONE_OK: Final = (IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND)
+
+
 async def _undo(
     t: NodeTarget, iscsiadm: Iscsiadm, *, logout: bool, delete: bool, ran: list[str]
-) -> None:
-    """Best-effort cleanup after a failed attach; failures are logged, never raised."""
-    steps = ([node_logout(t)] if logout else []) + ([node_delete(t)] if delete else [])
+) -> bool:
+    """Best-effort cleanup after a failed attach; failures are logged, never raised.
+
+    Returns whether the record is now known to be gone (only ever true with ``delete``).
+    """
+    delete_cmd = node_delete(t)
+    steps = ([node_logout(t)] if logout else []) + ([delete_cmd] if delete else [])
+    gone = False
     with trio.CancelScope(shield=True):
         for cmd in steps:
             try:
@@ -549,8 +823,34 @@ async def _undo(
                 logger.warning("cleanup failed: %s", exc)
                 continue
             ran.append(result.command)
-            if result.exit_code not in (IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND):
+            if result.exit_code not in _GONE_OK:
                 logger.warning("cleanup failed: %s", result.error())
+            elif cmd is delete_cmd:
+                gone = True
+    return gone
+
+
+def _settle_ledger(ledger: RecordLedger, t: NodeTarget, *, gone: bool) -> None:
+    """After a failed attach that created ``t``'s record: make the ledger tell the truth.
+
+    A record we could not delete again is noted, so that a later detach removes it; one that is
+    gone must not stay listed (an operator might create it by hand later). Never raises: the
+    attach's own error is the one to report.
+    """
+    try:
+        if gone:
+            ledger.remove(t)
+        else:
+            ledger.add(t)
+            logger.warning(
+                "the node record of %s at %s we created could not be deleted; noted in %s so "
+                "that detach removes it",
+                t.iqn,
+                portal_argument(t),
+                ledger.path,
+            )
+    except LedgerError as exc:
+        logger.warning("%s", exc)
 
 
 async def attach(
@@ -559,14 +859,23 @@ async def attach(
     iscsiadm: Iscsiadm,
     device_timeout: float = 20.0,
     dev_root: Path = Path("/dev/disk/by-path"),
+    ledger: RecordLedger | None = None,
 ) -> AttachResult:
     """Create or update the node record, log in, and wait for the disk to appear.
 
     A login that finds the session already there (exit 15) counts as success. On any failure
     (or cancellation) we undo only what we did: log out a session we logged in, delete a record
     we created. A record that existed before is left in place (with our settings applied).
-    Raises :class:`IscsiadmError` or, when the disk does not appear, :class:`DeviceTimeout`.
+
+    With a ``ledger``, a record we created is noted in it when the attach succeeds (after the
+    disk appeared, with no checkpoint in between), so that :func:`detach` knows it is ours. The
+    ledger is read before any iscsiadm command runs, so a broken one changes nothing; one that
+    cannot be written at the end undoes the attach like any other failure.
+    Raises :class:`IscsiadmError`, :class:`DeviceTimeout` when the disk does not appear, or
+    :class:`LedgerError`.
     """
+    if ledger is not None:
+        ledger.entries()  # a broken ledger stops us before anything changes
     ran: list[str] = []
     shown = await iscsiadm.run(node_show(t))
     ran.append(shown.command)
@@ -592,8 +901,12 @@ async def attach(
         may_have_session = not session_existed
         device = Path(dev_root) / by_path_name(t)
         await _wait_for_device(device, seconds=device_timeout)
+        if created and ledger is not None:
+            ledger.add(t)
     except BaseException:
-        await _undo(t, iscsiadm, logout=may_have_session, delete=created, ran=ran)
+        gone = await _undo(t, iscsiadm, logout=may_have_session, delete=created, ran=ran)
+        if created and ledger is not None:
+            _settle_ledger(ledger, t, gone=gone)
         raise
     logger.info("attached %s at %s as %s", t.iqn, portal_argument(t), device)
     return AttachResult(
@@ -601,22 +914,59 @@ async def attach(
     )
 
 
-async def detach(t: NodeTarget, *, iscsiadm: Iscsiadm, delete_record: bool = True) -> list[str]:
-    """Log out of ``t`` and, if asked, delete its node record; return the masked commands run.
+async def _delete(t: NodeTarget, iscsiadm: Iscsiadm, ran: list[str]) -> RecordFate:
+    deleted = await iscsiadm.check(node_delete(t), ok=_GONE_OK)
+    ran.append(deleted.command)
+    if deleted.exit_code == IscsiadmExit.NO_OBJS_FOUND:
+        return RecordFate.ALREADY_GONE
+    return RecordFate.DELETED
 
+
+async def detach(
+    t: NodeTarget,
+    *,
+    iscsiadm: Iscsiadm,
+    delete_record: bool = True,
+    ledger: RecordLedger | None = None,
+) -> DetachResult:
+    """Log out of ``t``, then delete its node record if that is ours to do.
+
+    With a ``ledger`` (as the CLI uses it) the record is deleted only if the ledger says
+    :func:`attach` created it, and is then dropped from the ledger; any other record is kept
+    (:attr:`RecordFate.KEPT_NOT_OURS`). iscsiadm deletes every record of the IQN at that address
+    and port whatever its tpgt, so a record of ours that now shares them with another one is kept
+    as well (:attr:`RecordFate.KEPT_SHARED`, still listed). The ledger is read before anything
+    runs, so a broken one (:class:`LedgerError`) changes nothing.
+
+    With ``ledger=None`` the caller decides, as before the ledger existed: ``delete_record=True``
+    deletes whatever record is there. ``delete_record=False`` only logs out, either way.
     Both steps are idempotent: no session (exit 21, or 2) and no record (exit 21) are fine.
     """
-    ran = [
-        (
-            await iscsiadm.check(
-                node_logout(t),
-                ok=(IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND, IscsiadmExit.SESS_NOT_FOUND),
+    ours = ledger is not None and delete_record and ledger.is_ours(t)
+    logout = await iscsiadm.check(
+        node_logout(t),
+        ok=(IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND, IscsiadmExit.SESS_NOT_FOUND),
+    )
+    ran = [logout.command]
+    if not delete_record:
+        fate = RecordFate.KEPT_ON_REQUEST
+    elif ledger is None:
+        fate = await _delete(t, iscsiadm, ran)
+    elif not ours:
+        fate = RecordFate.KEPT_NOT_OURS
+    else:
+        shown = await iscsiadm.check(node_show(t), ok=_GONE_OK)
+        ran.append(shown.command)
+        if shown.exit_code == IscsiadmExit.NO_OBJS_FOUND:
+            fate = RecordFate.ALREADY_GONE
+        elif shown.stdout.count("# BEGIN RECORD") > 1:
+            fate = RecordFate.KEPT_SHARED
+            logger.warning(
+                "kept the node record of %s at %s: %s", t.iqn, portal_argument(t), fate.description
             )
-        ).command
-    ]
-    if delete_record:
-        deleted = await iscsiadm.check(
-            node_delete(t), ok=(IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND)
-        )
-        ran.append(deleted.command)
-    return ran
+        else:
+            fate = await _delete(t, iscsiadm, ran)
+        if fate is not RecordFate.KEPT_SHARED:
+            ledger.remove(t)
+    logger.info("detached %s at %s: %s", t.iqn, portal_argument(t), fate.description)
+    return DetachResult(record=fate, commands=tuple(ran))

@@ -882,6 +882,11 @@ class FakeIscsiadm:
     def saved(self) -> Any:
         return json.loads((self.state / "state.json").read_text())
 
+    def preload(self, *, records: list[str], sessions: list[str]) -> None:
+        (self.state / "state.json").write_text(
+            json.dumps({"records": records, "sessions": sessions})
+        )
+
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeIscsiadm:
@@ -897,15 +902,23 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeIscsiadm:
     fake.dev_root.mkdir()
     monkeypatch.setenv("FAKE_ISCSIADM_LOG", str(fake.log))
     monkeypatch.setenv("FAKE_ISCSIADM_STATE", str(fake.state))
+    # A test that forgets --state-file must not touch the machine's real ledger.
+    monkeypatch.setattr(cli, "_STATE_FILE", tmp_path / "default-state" / "created-records.json")
     return fake
 
 
+@pytest.fixture
+def state_file(tmp_path: Path) -> Path:
+    return tmp_path / "lib" / "created-records.json"
+
+
 def test_attach_dry_run_prints_masked_commands_and_runs_none(
-    targets: Targets, tmp_path: Path, fake: FakeIscsiadm
+    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, state_file: Path
 ) -> None:
     path = write_json(tmp_path / "ci.json", chap_info(targets))
     chap = targets.chap.portals["chap"]
     base = ["attach", "-c", str(path), "--dry-run", "--iscsiadm", str(fake.binary), *NAME, *FAST]
+    base += ["--state-file", str(state_file)]
     ran = cli_run(*base)
     assert ran.code == 0, ran
     lines = ran.out.splitlines()
@@ -925,17 +938,23 @@ def test_attach_dry_run_prints_masked_commands_and_runs_none(
     assert body["probe"]["chosen"] == {"portal": chap, "iqn": CHAP_IQN, "lun": 3}
     assert body["dry_run"] == [line.strip() for line in plan]
     assert fake.ops() == []  # nothing was run
+    assert not state_file.parent.exists()  # and the ledger was not written (nor its directory)
     assert_no_secret(ran.out, ran.err, as_json.out, as_json.err)
 
 
 def test_attach_runs_iscsiadm_and_finds_the_disk(
-    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, monkeypatch: pytest.MonkeyPatch
+    targets: Targets,
+    tmp_path: Path,
+    fake: FakeIscsiadm,
+    monkeypatch: pytest.MonkeyPatch,
+    state_file: Path,
 ) -> None:
     chap = targets.chap.portals["chap"]
     device = fake.dev_root / f"ip-{chap}-iscsi-{CHAP_IQN}-lun-3"
     monkeypatch.setenv("FAKE_ISCSIADM_DEVICE", str(device))
     path = write_json(tmp_path / "ci.json", chap_info(targets))
     argv = ["attach", "-c", str(path), "--iscsiadm", str(fake.binary), "--json"]
+    argv += ["--state-file", str(state_file)]
     ran = cli_run(*argv, "--dev-root", str(fake.dev_root), "--device-timeout", "5", *NAME, *FAST)
     assert ran.code == 0, ran
     body = ran.json()
@@ -949,20 +968,31 @@ def test_attach_runs_iscsiadm_and_finds_the_disk(
     digest = "sha256:" + hashlib.sha256(SECRET.encode()).hexdigest()
     assert fake.argvs()[5][-1] == digest
     assert fake.saved()["sessions"] == [f"{CHAP_IQN} {chap}"]
-    assert_no_secret(ran.out, ran.err, json.dumps(body))
+    # The record we made is noted, with no secret and no CHAP name; the file is ours alone.
+    ledger = json.loads(state_file.read_text())
+    assert ledger == {"version": 1, "records": [{"iqn": CHAP_IQN, "portal": chap}]}
+    assert USER not in state_file.read_text()
+    assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(state_file.parent.stat().st_mode) == 0o700
+    assert_no_secret(ran.out, ran.err, json.dumps(body), state_file.read_text())
 
 
 def test_attach_failure_exits_1_masked_and_undoes_the_record(
-    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, monkeypatch: pytest.MonkeyPatch
+    targets: Targets,
+    tmp_path: Path,
+    fake: FakeIscsiadm,
+    monkeypatch: pytest.MonkeyPatch,
+    state_file: Path,
 ) -> None:
     monkeypatch.setenv("FAKE_ISCSIADM_EXIT", json.dumps({"login": 24}))
     monkeypatch.setenv("FAKE_ISCSIADM_ECHO", "1")  # the fake echoes its argv, secret included
     path = write_json(tmp_path / "ci.json", chap_info(targets))
     argv = ["attach", "-c", str(path), "--iscsiadm", str(fake.binary), *NAME, *FAST]
-    ran = cli_run(*argv, "--dev-root", str(fake.dev_root))
+    ran = cli_run(*argv, "--dev-root", str(fake.dev_root), "--state-file", str(state_file))
     assert_fails(ran, 1, "LOGIN_AUTH_FAILED", "--login")
     assert fake.ops()[-2:] == ["logout", "delete"]  # a record we created is deleted again
     assert fake.saved()["records"] == []
+    assert not state_file.exists()  # and never noted
     assert_no_secret(ran.out, ran.err)
 
 
@@ -985,25 +1015,119 @@ def test_attach_when_no_candidate_works_runs_nothing(
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_detach_logs_out_of_every_candidate(
-    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, keep: bool
+def test_detach_logs_out_of_every_candidate_and_keeps_records_it_did_not_make(
+    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, state_file: Path, keep: bool
 ) -> None:
     refused, chap = targets.open.portals["refused"], targets.chap.portals["chap"]
-    (fake.state / "state.json").write_text(
-        json.dumps({"records": [f"{CHAP_IQN} {chap}"], "sessions": [f"{CHAP_IQN} {chap}"]})
+    key = f"{CHAP_IQN} {chap}"
+    fake.preload(records=[key], sessions=[key])  # made by an operator, not by attach
+    path = write_json(tmp_path / "ci.json", chap_info(targets))
+    argv = ["detach", "-c", str(path), "--iscsiadm", str(fake.binary)]
+    argv += ["--state-file", str(state_file), *(["--keep-record"] if keep else [])]
+    ran = cli_run(*argv, "--json")
+    assert ran.code == 0, ran
+    fate = "kept_on_request" if keep else "kept_not_ours"
+    assert ran.json() == {
+        "detached": [
+            {"portal": refused, "iqn": CHAP_IQN, "record": fate},
+            {"portal": chap, "iqn": CHAP_IQN, "record": fate},
+        ]
+    }
+    assert fake.ops() == ["logout", "logout"]
+    assert fake.saved() == {"records": [key], "sessions": []}
+    assert not state_file.parent.exists()  # detach only reads the ledger here
+    text = cli_run(*argv)
+    reason = "record kept, as asked" if keep else "record kept: not created by pyiscsi-failover"
+    assert text.code == 0, text
+    assert text.out.splitlines() == [
+        f"detached {CHAP_IQN} at {refused}: {reason}",
+        f"detached {CHAP_IQN} at {chap}: {reason}",
+    ]
+
+
+def _attach_then_detach(
+    targets: Targets,
+    tmp_path: Path,
+    fake: FakeIscsiadm,
+    monkeypatch: pytest.MonkeyPatch,
+    state_file: Path,
+) -> tuple[Ran, Ran]:
+    chap = targets.chap.portals["chap"]
+    monkeypatch.setenv(
+        "FAKE_ISCSIADM_DEVICE", str(fake.dev_root / f"ip-{chap}-iscsi-{CHAP_IQN}-lun-3")
     )
     path = write_json(tmp_path / "ci.json", chap_info(targets))
-    argv = ["detach", "-c", str(path), "--iscsiadm", str(fake.binary), "--json"]
-    ran = cli_run(*argv, *(["--keep-record"] if keep else []))
-    assert ran.code == 0, ran
-    assert ran.json() == {
-        "detached": [{"portal": refused, "iqn": CHAP_IQN}, {"portal": chap, "iqn": CHAP_IQN}]
-    }
-    per_candidate = ["logout"] if keep else ["logout", "delete"]
-    assert fake.ops() == per_candidate * 2
-    assert fake.saved() == {"records": [f"{CHAP_IQN} {chap}"] if keep else [], "sessions": []}
-    text = cli_run(*argv[:-1])
-    assert text.out.splitlines()[-1] == f"detached {CHAP_IQN} at {chap}"
+    common = ["-c", str(path), "--iscsiadm", str(fake.binary), "--state-file", str(state_file)]
+    attached = cli_run("attach", *common, "--dev-root", str(fake.dev_root), *NAME, *FAST)
+    assert attached.code == 0, attached
+    return attached, cli_run("detach", *common)
+
+
+def test_attach_then_detach_deletes_the_record_attach_made(
+    targets: Targets,
+    tmp_path: Path,
+    fake: FakeIscsiadm,
+    monkeypatch: pytest.MonkeyPatch,
+    state_file: Path,
+) -> None:
+    refused, chap = targets.open.portals["refused"], targets.chap.portals["chap"]
+    attached, detached = _attach_then_detach(targets, tmp_path, fake, monkeypatch, state_file)
+    assert attached.out.splitlines()[-1] == (
+        f"node record: created (noted in {state_file}; detach deletes it)"
+    )
+    assert detached.code == 0, detached
+    assert detached.out.splitlines() == [
+        f"detached {CHAP_IQN} at {refused}: record kept: not created by pyiscsi-failover",
+        f"detached {CHAP_IQN} at {chap}: record deleted",
+    ]
+    assert fake.ops()[-4:] == ["logout", "logout", "show", "delete"]
+    assert fake.saved() == {"records": [], "sessions": []}
+    assert json.loads(state_file.read_text()) == {"version": 1, "records": []}
+
+
+def test_a_record_that_existed_before_attach_survives_detach(
+    targets: Targets,
+    tmp_path: Path,
+    fake: FakeIscsiadm,
+    monkeypatch: pytest.MonkeyPatch,
+    state_file: Path,
+) -> None:
+    key = f"{CHAP_IQN} {targets.chap.portals['chap']}"
+    fake.preload(records=[key], sessions=[])
+    attached, detached = _attach_then_detach(targets, tmp_path, fake, monkeypatch, state_file)
+    assert attached.out.splitlines()[-1].startswith("node record: already there")
+    assert detached.code == 0, detached
+    assert detached.out.splitlines()[-1].endswith("record kept: not created by pyiscsi-failover")
+    assert fake.ops()[-2:] == ["logout", "logout"]
+    assert fake.saved() == {"records": [key], "sessions": []}
+    assert not state_file.exists()
+
+
+@pytest.mark.parametrize("command", ["attach", "detach"])
+def test_a_corrupt_ledger_exits_1_with_one_line_and_runs_nothing(
+    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, state_file: Path, command: str
+) -> None:
+    key = f"{CHAP_IQN} {targets.chap.portals['chap']}"
+    fake.preload(records=[key], sessions=[key])
+    state_file.parent.mkdir()
+    state_file.write_text('{"version": 1, "records": [')
+    path = write_json(tmp_path / "ci.json", chap_info(targets))
+    argv = [command, "-c", str(path), "--iscsiadm", str(fake.binary), "--state-file"]
+    extra = [*NAME, *FAST] if command == "attach" else []
+    ran = cli_run(*argv, str(state_file), *extra)
+    assert_fails(ran, 1, f"node-record ledger {str(state_file)!r}: it is not JSON", "repair it")
+    assert fake.ops() == []
+    assert fake.saved() == {"records": [key], "sessions": [key]}
+    assert state_file.read_text() == '{"version": 1, "records": ['
+
+
+def test_state_file_is_an_option_of_attach_and_detach_only() -> None:
+    for command in ("attach", "detach"):
+        ran = cli_run(command, "--help")
+        assert "--state-file PATH" in ran.out
+        # argparse wraps the help text, at blanks and after hyphens.
+        assert "(default/var/lib/pyiscsi-failover/created-records.json)" in "".join(ran.out.split())
+    assert_fails(cli_run("probe", "--portal", "h", "--iqn", OPEN_IQN, "--state-file", "x"), 2)
 
 
 # --------------------------------------------------------------------------------------------

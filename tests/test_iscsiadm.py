@@ -1,9 +1,11 @@
 """The iscsiadm hand-off: golden argv of every builder, exit-code mapping, and attach/detach
 against a scriptable fake iscsiadm (tests/fake_iscsiadm/iscsiadm) for the paths the kernel
-cannot take on a test machine: success, session already there, every failure, timeouts."""
+cannot take on a test machine: success, session already there, every failure, timeouts. Also the
+ledger of node records we created: detach deletes those and keeps every other record."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -11,13 +13,15 @@ import os
 import shlex
 import stat
 import sys
+import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
@@ -27,13 +31,19 @@ from pyiscsi_failover.errors import (
     InvalidName,
     IscsiadmError,
     ISCSIError,
+    LedgerError,
 )
 from pyiscsi_failover.iscsiadm import (
+    DEFAULT_LEDGER_PATH,
     AttachResult,
     Command,
+    DetachResult,
     Iscsiadm,
     IscsiadmExit,
+    LedgerEntry,
     NodeTarget,
+    RecordFate,
+    RecordLedger,
     Result,
     attach,
     by_path_name,
@@ -677,23 +687,35 @@ async def test_session_list_and_show_output(fake: Fake) -> None:
     assert shown.last_stderr_line == ""
 
 
-async def test_detach_logs_out_and_deletes_and_is_idempotent(fake: Fake) -> None:
+async def test_detach_without_a_ledger_deletes_as_asked_and_is_idempotent(fake: Fake) -> None:
     fake.preload(records=[KEY], sessions=[KEY])
     t = local_target()
     with trio.fail_after(30):
         ran = await detach(t, iscsiadm=fake.iscsiadm())
-        assert ran == [node_logout(t).masked(), node_delete(t).masked()]
+        commands = (node_logout(t).masked(), node_delete(t).masked())
+        assert ran == DetachResult(record=RecordFate.DELETED, commands=commands)
         assert fake.saved() == {"records": [], "sessions": []}
         again = await detach(t, iscsiadm=fake.iscsiadm())  # no session, no record: fine
-    assert again == ran
+    assert again == DetachResult(record=RecordFate.ALREADY_GONE, commands=commands)
     assert fake.ops() == ["logout", "delete", "logout", "delete"]
 
 
-async def test_detach_can_keep_the_record(fake: Fake) -> None:
+@pytest.mark.parametrize("with_ledger", [False, True])
+async def test_detach_can_keep_the_record(fake: Fake, tmp_path: Path, with_ledger: bool) -> None:
     fake.preload(records=[KEY], sessions=[KEY])
+    ledger = RecordLedger(tmp_path / "ledger.json")
+    ledger.add(local_target())  # even a record of ours stays when asked to
     with trio.fail_after(30):
-        await detach(local_target(), iscsiadm=fake.iscsiadm(), delete_record=False)
+        result = await detach(
+            local_target(),
+            iscsiadm=fake.iscsiadm(),
+            delete_record=False,
+            ledger=ledger if with_ledger else None,
+        )
+    assert result.record is RecordFate.KEPT_ON_REQUEST
+    assert fake.ops() == ["logout"]
     assert fake.saved() == {"records": [KEY], "sessions": []}
+    assert ledger.is_ours(local_target())
 
 
 async def test_detach_reports_a_failed_logout(fake: Fake) -> None:
@@ -702,3 +724,402 @@ async def test_detach_reports_a_failed_logout(fake: Fake) -> None:
         await detach(local_target(), iscsiadm=fake.iscsiadm())
     assert info.value.exit_code == IscsiadmExit.LOGOUT
     assert fake.ops() == ["logout"]
+
+
+# ---------------------------------------------------------------------------- the ledger
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> RecordLedger:
+    # In a directory that does not exist yet, so that we see it created with mode 0700.
+    return RecordLedger(tmp_path / "var-lib" / "created-records.json")
+
+
+def ledger_document(ledger: RecordLedger) -> object:
+    return json.loads(ledger.path.read_text())
+
+
+def test_default_ledger_path() -> None:
+    assert Path("/var/lib/pyiscsi-failover/created-records.json") == DEFAULT_LEDGER_PATH
+    assert RecordLedger().path == DEFAULT_LEDGER_PATH
+    assert repr(RecordLedger("/x/y.json")) == "RecordLedger('/x/y.json')"
+
+
+async def test_attach_then_detach_deletes_the_record_we_made(
+    fake: Fake, ledger: RecordLedger
+) -> None:
+    t = local_target(mutual=True)
+    fake.device_for(t)
+    with trio.fail_after(30):
+        attached = await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=ledger)
+    assert attached.created_record
+    # Exactly what we made, in iscsiadm's terms, and nothing else: no CHAP name, no secret.
+    assert ledger_document(ledger) == {
+        "version": 1,
+        "records": [{"iqn": IQN, "portal": "127.0.0.1:3260"}],
+    }
+    text = ledger.path.read_text()
+    assert SECRET not in text and SECRET_IN not in text and "alice" not in text
+    assert stat.S_IMODE(ledger.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(ledger.path.parent.stat().st_mode) == 0o700
+    with trio.fail_after(30):
+        detached = await detach(t, iscsiadm=fake.iscsiadm(), ledger=ledger)
+    assert detached == DetachResult(
+        record=RecordFate.DELETED,
+        commands=(node_logout(t).masked(), node_show(t).masked(), node_delete(t).masked()),
+    )
+    assert fake.saved() == {"records": [], "sessions": []}
+    assert ledger.entries() == ()
+    assert ledger_document(ledger) == {"version": 1, "records": []}
+
+
+async def test_a_record_that_existed_before_attach_survives_detach(
+    fake: Fake, ledger: RecordLedger
+) -> None:
+    fake.preload(records=[KEY])  # an operator made it by hand
+    t = local_target()
+    fake.device_for(t)
+    with trio.fail_after(30):
+        attached = await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=ledger)
+        assert not attached.created_record
+        assert not ledger.path.exists()  # nothing of ours to note
+        detached = await detach(t, iscsiadm=fake.iscsiadm(), ledger=ledger)
+    assert detached == DetachResult(
+        record=RecordFate.KEPT_NOT_OURS, commands=(node_logout(t).masked(),)
+    )
+    assert detached.record.description == "record kept: not created by pyiscsi-failover"
+    assert fake.ops()[-1] == "logout"  # logged out, and the record not even looked at again
+    assert fake.saved() == {"records": [KEY], "sessions": []}
+
+
+async def test_detach_of_a_record_never_attached_keeps_it(fake: Fake, ledger: RecordLedger) -> None:
+    fake.preload(records=[KEY], sessions=[KEY])
+    with trio.fail_after(30):
+        result = await detach(local_target(), iscsiadm=fake.iscsiadm(), ledger=ledger)
+    assert result.record is RecordFate.KEPT_NOT_OURS
+    assert fake.saved() == {"records": [KEY], "sessions": []}
+    assert not ledger.path.parent.exists()  # reading an absent ledger creates nothing
+
+
+async def test_a_record_of_ours_from_an_earlier_attach_stays_ours(
+    fake: Fake, ledger: RecordLedger
+) -> None:
+    t = local_target()
+    fake.preload(records=[KEY])
+    ledger.add(t)  # an earlier attach made it; this one finds it in place
+    fake.device_for(t)
+    with trio.fail_after(30):
+        attached = await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=ledger)
+        assert not attached.created_record
+        assert ledger.is_ours(t)
+        detached = await detach(t, iscsiadm=fake.iscsiadm(), ledger=ledger)
+    assert detached.record is RecordFate.DELETED
+    assert fake.saved()["records"] == []
+
+
+async def test_detach_of_our_record_that_is_already_gone_forgets_it(
+    fake: Fake, ledger: RecordLedger
+) -> None:
+    t = local_target()
+    ledger.add(t)
+    with trio.fail_after(30):
+        result = await detach(t, iscsiadm=fake.iscsiadm(), ledger=ledger)
+    assert result.record is RecordFate.ALREADY_GONE
+    assert fake.ops() == ["logout", "show"]
+    assert ledger.entries() == ()
+
+
+class SharedRecordIscsiadm(Iscsiadm):
+    """Shows two records for the node, as real iscsiadm does when two tpgts share IQN and
+    address (tests/test_iscsiadm_real.py checks the real thing)."""
+
+    async def run(self, cmd: Command) -> Result:
+        result = await super().run(cmd)
+        if cmd.argv[7:] == () and result.exit_code == 0:
+            two = "# BEGIN RECORD 2.1.8\nnode.tpgt = 1\n# END RECORD\n"
+            two += "# BEGIN RECORD 2.1.8\nnode.tpgt = 2\n# END RECORD\n"
+            return Result(command=result.command, exit_code=0, stdout=two, stderr="")
+        return result
+
+
+async def test_our_record_sharing_iqn_and_address_with_another_is_kept(
+    fake: Fake, ledger: RecordLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = local_target()
+    fake.preload(records=[KEY], sessions=[KEY])
+    ledger.add(t)
+    iscsiadm = SharedRecordIscsiadm(binary=fake.binary, env=fake.env)
+    with trio.fail_after(30):
+        result = await detach(t, iscsiadm=iscsiadm, ledger=ledger)
+    assert result.record is RecordFate.KEPT_SHARED
+    assert fake.ops() == ["logout", "show"]  # no delete: it would take the other record too
+    assert fake.saved() == {"records": [KEY], "sessions": []}
+    assert ledger.is_ours(t)  # still ours, for a later detach once the other one is gone
+    assert "iscsiadm would delete both" in caplog.text
+
+
+async def test_failed_attach_writes_no_ledger_entry_and_drops_a_stale_one(
+    fake: Fake, ledger: RecordLedger
+) -> None:
+    t = local_target()
+    other = target(portal=Portal(host="127.0.0.2"))
+    ledger.add(other)
+    ledger.add(t)  # stale: says ours, but there is no record (someone deleted it)
+    fake.script(login=IscsiadmExit.LOGIN_AUTH_FAILED)
+    with trio.fail_after(30), pytest.raises(IscsiadmError):
+        await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=ledger)
+    assert fake.ops()[-2:] == ["logout", "delete"]
+    assert ledger.entries() == (LedgerEntry.of(other),)
+
+
+async def test_a_created_record_that_cleanup_cannot_delete_is_noted_for_detach(
+    fake: Fake, ledger: RecordLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = local_target()
+    fake.script(login=IscsiadmExit.LOGIN_AUTH_FAILED, delete=IscsiadmExit.IDBM)
+    with trio.fail_after(30), pytest.raises(IscsiadmError) as info:
+        await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=ledger)
+    assert info.value.exit_code == IscsiadmExit.LOGIN_AUTH_FAILED  # the attach's own error
+    assert fake.saved()["records"] == [KEY]
+    assert ledger.is_ours(t)
+    assert "noted in" in caplog.text
+    fake.script()
+    with trio.fail_after(30):
+        assert (await detach(t, iscsiadm=fake.iscsiadm(), ledger=ledger)).record is (
+            RecordFate.DELETED
+        )
+    assert fake.saved()["records"] == []
+
+
+async def test_cancelled_attach_leaves_no_ledger_entry(fake: Fake, ledger: RecordLedger) -> None:
+    iscsiadm = SignallingIscsiadm(fake)
+    t = local_target()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+
+            async def attach_until_cancelled() -> None:
+                await attach(
+                    t, iscsiadm=iscsiadm, device_timeout=60, dev_root=fake.dev_root, ledger=ledger
+                )
+
+            nursery.start_soon(attach_until_cancelled)
+            await iscsiadm.logged_in.wait()
+            nursery.cancel_scope.cancel()
+    assert fake.saved() == {"records": [], "sessions": []}
+    assert ledger.entries() == ()
+
+
+async def test_a_ledger_that_cannot_be_written_undoes_the_attach(
+    fake: Fake, ledger: RecordLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*_: object, **__: object) -> tuple[int, str]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_space)
+    t = local_target()
+    fake.device_for(t)
+    with trio.fail_after(30), pytest.raises(LedgerError) as info:
+        await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=ledger)
+    assert "cannot write it: No space left on device" in str(info.value)
+    # Without a note, a later detach would keep the record: so it is undone now.
+    assert fake.ops()[-2:] == ["logout", "delete"]
+    assert fake.saved() == {"records": [], "sessions": []}
+
+
+async def test_a_ledger_path_that_cannot_be_read_stops_attach_before_it_starts(
+    fake: Fake, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    ledger = RecordLedger(blocker / "created-records.json")
+    with trio.fail_after(30), pytest.raises(LedgerError) as info:
+        await attach(
+            local_target(), iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=ledger
+        )
+    assert "cannot read it: Not a directory" in str(info.value)
+    assert fake.ops() == []
+
+
+CORRUPT_LEDGERS = [
+    (b"{not json", "it is not JSON (Expecting property name"),
+    (b'{"version": 1, "records": []}\xff', "not UTF-8 (bad byte at offset 29)"),
+    (b"[]", "not a JSON object"),
+    (b'{"version": 2, "records": []}', "unknown version 2"),
+    (b'{"version": true, "records": []}', "unknown version True"),
+    (b'{"records": []}', "unknown version None"),
+    (b'{"version": 1, "records": {}}', '"records" is not a list'),
+    (b'{"version": 1, "records": [{"iqn": 1, "portal": "h"}]}', "record #0 is not"),
+    (b'{"version": 1, "records": ["x"]}', "record #0 is not"),
+    (b'{"version": 1, "records": [{"iqn": "bogus", "portal": "h"}]}', "record #0: invalid"),
+    (
+        b'{"version": 1, "records": [{"iqn": "iqn.2010-10.org.x:y", "portal": "h:0"}]}',
+        "record #0: invalid portal",
+    ),
+    (b"[" * 200_000, "not usable JSON (RecursionError)"),
+    (b" " * (1 << 20) + b"{}", "larger than 1048576 bytes"),
+]
+
+
+@pytest.mark.parametrize(("content", "fragment"), CORRUPT_LEDGERS)
+async def test_a_corrupt_ledger_is_a_typed_error_before_anything_runs(
+    fake: Fake, tmp_path: Path, content: bytes, fragment: str
+) -> None:
+    path = tmp_path / "created-records.json"
+    path.write_bytes(content)
+    ledger = RecordLedger(path)
+    t = local_target()
+    fake.preload(records=[KEY], sessions=[KEY])
+    with trio.fail_after(30):
+        with pytest.raises(LedgerError) as attached:
+            await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=ledger)
+        with pytest.raises(LedgerError) as detached:
+            await detach(t, iscsiadm=fake.iscsiadm(), ledger=ledger)
+    assert fake.ops() == []  # neither touched iscsiadm
+    assert fake.saved() == {"records": [KEY], "sessions": [KEY]}
+    for error in (attached.value, detached.value):
+        message = str(error)
+        assert isinstance(error, ISCSIError)
+        assert error.path == str(path)
+        assert message.startswith(f"node-record ledger {str(path)!r}: ")
+        assert fragment in message, message
+        assert "\n" not in message
+        assert len(message) < 400
+        assert error.__cause__ is None
+    assert path.read_bytes() == content  # left as found, for the operator to look at
+
+
+def test_an_unreadable_ledger_is_a_typed_error(tmp_path: Path) -> None:
+    ledger = RecordLedger(tmp_path)  # a directory: reading it fails whoever we are
+    with pytest.raises(LedgerError) as info:
+        ledger.entries()
+    assert "cannot read it: Is a directory" in str(info.value)
+
+
+def test_the_ledger_file_is_0600_whatever_the_umask_and_old_mode(
+    tmp_path: Path, ledger: RecordLedger
+) -> None:
+    old = os.umask(0)
+    try:
+        ledger.add(local_target())
+        assert stat.S_IMODE(ledger.path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(ledger.path.parent.stat().st_mode) == 0o700
+        ledger.path.chmod(0o644)
+        ledger.add(target())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(ledger.path.stat().st_mode) == 0o600
+    lock = ledger.path.with_name(ledger.path.name + ".lock")
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+
+
+def test_an_existing_directory_keeps_its_mode(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    RecordLedger(tmp_path / "ledger.json").add(target())
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_a_failed_write_leaves_the_old_ledger_whole_and_no_litter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    ledger = RecordLedger(tmp_path / "ledger.json")
+    ledger.add(local_target())
+    before = ledger.path.read_bytes()
+
+    def no_space(*_: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, failing, no_space)
+    with pytest.raises(LedgerError) as info:
+        ledger.add(target())
+    monkeypatch.undo()
+    assert "cannot write it: No space left on device" in str(info.value)
+    assert ledger.path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.json.lock"]
+
+
+def test_the_lock_file_is_never_followed_through_a_symlink(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "ledger.json.lock").symlink_to(elsewhere)
+    with pytest.raises(LedgerError) as info:
+        RecordLedger(tmp_path / "ledger.json").add(target())
+    assert "cannot open its lock file" in str(info.value)
+    assert not elsewhere.exists()
+
+
+def test_concurrent_adds_lose_no_entry(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    threads, per_thread = 8, 6
+    barrier = threading.Barrier(threads)
+
+    def add_some(n: int) -> None:
+        ledger = RecordLedger(path)  # each its own object, as separate processes would be
+        barrier.wait()
+        for i in range(per_thread):
+            ledger.add(target(portal=Portal(host=f"127.0.{n}.{i + 1}")))
+
+    workers = [threading.Thread(target=add_some, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert len(RecordLedger(path).entries()) == threads * per_thread
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "same"),
+    [
+        (Portal(host="10.0.0.1"), Portal(host="10.0.0.1", tpgt=4), True),  # iscsiadm ignores it
+        (Portal(host="10.0.0.1", tpgt=1), Portal(host="10.0.0.1", tpgt=2), True),
+        (Portal(host="10.0.0.1"), Portal(host="10.0.0.1", port=3261), False),
+        (Portal(host="10.0.0.1"), Portal(host="10.0.0.2"), False),
+        (Portal(host="fd00::1", tpgt=1), Portal(host="FD00:0::1"), True),
+    ],
+)
+def test_ledger_entries_match_records_as_iscsiadm_does(
+    ours: Portal, theirs: Portal, same: bool
+) -> None:
+    entry = LedgerEntry.of(target(portal=ours))
+    assert entry.portal == portal_argument(target(portal=ours))
+    assert entry.matches(target(portal=theirs)) is same
+    assert not entry.matches(target(portal=ours, iqn="iqn.2010-10.org.openstack:volume-0002"))
+
+
+def test_ledger_entries_are_normalised_and_validated() -> None:
+    entry = LedgerEntry(iqn=IQN.upper(), portal="[FD00:0::1]:3260,1")
+    assert (entry.iqn, entry.portal) == (IQN, "[fd00::1]:3260,1")
+    assert entry.matches(target(portal=Portal(host="fd00::1")))
+    with pytest.raises(InvalidName):
+        LedgerEntry(iqn="volume-1", portal="10.0.0.1")
+    with pytest.raises(ISCSIError):
+        LedgerEntry(iqn=IQN, portal="10.0.0.1:99999")
+
+
+def test_adding_the_same_record_again_keeps_one_entry(ledger: RecordLedger) -> None:
+    ledger.add(target(portal=Portal(host="10.0.0.1")))
+    ledger.add(target(portal=Portal(host="10.0.0.1", tpgt=3)))
+    assert ledger.entries() == (LedgerEntry(iqn=IQN, portal="10.0.0.1:3260,3"),)
+    assert ledger.remove(target(portal=Portal(host="10.0.0.1")))
+    assert not ledger.remove(target(portal=Portal(host="10.0.0.1")))
+    assert ledger.entries() == ()
+
+
+LEDGER_TARGETS = [target(portal=Portal(host=f"10.0.0.{n}", tpgt=n % 2 or None)) for n in (1, 2, 3)]
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, len(LEDGER_TARGETS) - 1)), max_size=12))
+def test_the_ledger_behaves_like_a_set(tmp_path: Path, operations: list[tuple[bool, int]]) -> None:
+    path = tmp_path / f"ledger-{len(list(tmp_path.iterdir()))}.json"
+    ledger = RecordLedger(path)
+    model: set[int] = set()
+    for add, index in operations:
+        t = LEDGER_TARGETS[index]
+        if add:
+            ledger.add(t)
+            model.add(index)
+        else:
+            assert ledger.remove(t) is (index in model)
+            model.discard(index)
+        assert {i for i, t in enumerate(LEDGER_TARGETS) if ledger.is_ours(t)} == model
+    assert len(RecordLedger(path).entries()) == len(model)

@@ -4,7 +4,8 @@ Node-record operations work offline (they only touch /etc/iscsi/nodes, no iscsid
 they are checked for real: creating, updating and reading back a record, and deleting it. A
 kernel login cannot work on a test machine (no iscsid / iscsi_tcp here, and no target), which is
 exactly what lets us check that a failed attach raises a clear typed error and removes only the
-record it created. Every record uses a fresh IQN and a 127.0.0.X portal and is removed afterwards.
+record it created, and that detach with a ledger deletes only records the ledger lists. Every
+record uses a fresh IQN and a 127.0.0.X portal and is removed afterwards.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -24,6 +26,8 @@ from pyiscsi_failover.iscsiadm import (
     Iscsiadm,
     IscsiadmExit,
     NodeTarget,
+    RecordFate,
+    RecordLedger,
     attach,
     detach,
     exit_meaning,
@@ -31,6 +35,7 @@ from pyiscsi_failover.iscsiadm import (
     node_delete,
     node_new,
     node_show,
+    portal_argument,
 )
 from pyiscsi_failover.names import Portal
 
@@ -183,5 +188,89 @@ async def test_detach_without_session_or_record_is_fine(
         ran = await detach(node, iscsiadm=iscsiadm)
         after = await iscsiadm.run(node_show(node))
         again = await detach(node, iscsiadm=iscsiadm)
-    assert len(ran) == len(again) == 2
+    assert (ran.record, again.record) == (RecordFate.DELETED, RecordFate.ALREADY_GONE)
+    assert len(ran.commands) == len(again.commands) == 2
     assert after.status is IscsiadmExit.NO_OBJS_FOUND
+
+
+def _new_by_hand(t: NodeTarget, portal: str | None = None) -> None:
+    """``iscsiadm -o new`` as an operator would type it, outside our code."""
+    assert ISCSIADM is not None
+    argv = [ISCSIADM, "-m", "node", "-T", t.iqn, "-p", portal or portal_argument(t), "-o", "new"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def _records(t: NodeTarget) -> list[str]:
+    """The tpgt of every record of ``t``'s IQN at its address and port, as iscsiadm shows them."""
+    assert ISCSIADM is not None
+    argv = [ISCSIADM, "-m", "node", "-T", t.iqn, "-p", str(t.portal)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    return [value for key, value in _record_lines(done.stdout) if key == "node.tpgt"]
+
+
+def _record_lines(text: str) -> list[tuple[str, str]]:
+    return [
+        (key.strip(), value.strip())
+        for key, sep, value in (line.partition(" = ") for line in text.splitlines())
+        if sep and not key.startswith("#")
+    ]
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> RecordLedger:
+    return RecordLedger(tmp_path / "created-records.json")
+
+
+async def test_a_record_created_by_hand_survives_detach_with_a_ledger(
+    iscsiadm: Iscsiadm, node: NodeTarget, ledger: RecordLedger
+) -> None:
+    _new_by_hand(node)
+    with trio.fail_after(30):
+        result = await detach(node, iscsiadm=iscsiadm, ledger=ledger)
+        after = await iscsiadm.run(node_show(node))
+    assert result.record is RecordFate.KEPT_NOT_OURS
+    assert after.status is IscsiadmExit.SUCCESS
+    assert _records(node) == ["1"]
+    assert not ledger.path.exists()
+
+
+async def test_a_record_in_the_ledger_is_deleted_by_detach(
+    iscsiadm: Iscsiadm, node: NodeTarget, ledger: RecordLedger
+) -> None:
+    # attach cannot log in here, so we create the record the way attach does and note it.
+    with trio.fail_after(30):
+        for cmd in handoff_plan(node)[:-1]:
+            await iscsiadm.check(cmd)
+        ledger.add(node)
+        result = await detach(node, iscsiadm=iscsiadm, ledger=ledger)
+        after = await iscsiadm.run(node_show(node))
+    assert result.record is RecordFate.DELETED
+    assert after.status is IscsiadmExit.NO_OBJS_FOUND
+    assert ledger.entries() == ()
+
+
+async def test_our_record_is_kept_when_another_tpgt_shares_its_address(
+    iscsiadm: Iscsiadm, node: NodeTarget, ledger: RecordLedger
+) -> None:
+    # iscsiadm -o delete -p ADDR:PORT,1 would delete the tpgt 2 record as well.
+    with trio.fail_after(30):
+        await iscsiadm.check(node_new(node))
+        ledger.add(node)
+        _new_by_hand(node, f"{node.portal},2")
+        assert sorted(_records(node)) == ["1", "2"]
+        result = await detach(node, iscsiadm=iscsiadm, ledger=ledger)
+    assert result.record is RecordFate.KEPT_SHARED
+    assert sorted(_records(node)) == ["1", "2"]
+    assert ledger.is_ours(node)
+
+
+async def test_failed_attach_with_a_ledger_notes_nothing(
+    iscsiadm: Iscsiadm, node: NodeTarget, ledger: RecordLedger
+) -> None:
+    with trio.fail_after(60), pytest.raises(IscsiadmError):
+        await attach(node, iscsiadm=iscsiadm, device_timeout=1.0, ledger=ledger)
+    with trio.fail_after(30):
+        after = await iscsiadm.run(node_show(node))
+    assert after.status is IscsiadmExit.NO_OBJS_FOUND
+    assert ledger.entries() == ()

@@ -684,7 +684,17 @@ async def test_cli_never_shows_a_secret(
             info = parse_connection_info(short_data)
             node = NodeTarget(portal=info.candidates[2].portal, iqn=IQN, lun=0)
             monkeypatch.setenv("FAKE_ISCSIADM_DEVICE", str(dev_root / by_path_name(node)))
-            attach = ["-vv", "attach", "-c", str(short), *fake, "--dev-root", str(dev_root)]
+            ledger = ["--state-file", str(tmp_path / "ledger.json")]
+            attach = [
+                "-vv",
+                "attach",
+                "-c",
+                str(short),
+                *fake,
+                "--dev-root",
+                str(dev_root),
+                *ledger,
+            ]
             ran = await run_cli(sink, [*attach, *name, "--json"])
             assert ran.code == 0, ran.stderr
             # ...and one that fails on the password update: the error quotes its stderr.
@@ -693,7 +703,8 @@ async def test_cli_never_shows_a_secret(
             ran = await run_cli(sink, [*attach, *name])
             assert ran.code == 1 and "exit 8" in ran.stderr, ran.stderr
             monkeypatch.delenv("FAKE_ISCSIADM_EXIT")
-            ran = await run_cli(sink, ["-vv", "detach", "-c", str(good_only), *fake, "--json"])
+            detach = ["-vv", "detach", "-c", str(good_only), *fake, *ledger, "--json"]
+            ran = await run_cli(sink, detach)
             assert ran.code == 0, ran.stderr
             await running.wait_idle()
             add_target_state(sink, running)
