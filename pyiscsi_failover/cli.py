@@ -843,15 +843,22 @@ async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str])
     info = _load_connection_info(args.connection_info, stdin)
     iscsiadm = Iscsiadm(binary=args.iscsiadm)
     ledger = RecordLedger(args.state_file)
+    nodes = [NodeTarget(portal=c.portal, iqn=c.iqn, lun=c.lun) for c in info.candidates]
+    # A permanent redirect made attach hand off an address that is not a candidate: the
+    # ledger remembers it, so records we created for these IQNs elsewhere are detached too.
+    iqns = {node.iqn for node in nodes}
+    for entry in [] if args.keep_record else ledger.entries():
+        if entry.iqn in iqns and not any(entry.matches(node) for node in nodes):
+            nodes.append(NodeTarget(portal=Portal.parse(entry.portal), iqn=entry.iqn, lun=0))
     done = []
     lines = []
-    for c in info.candidates:
-        node = NodeTarget(portal=c.portal, iqn=c.iqn, lun=c.lun)
+    for node in nodes:
         result = await detach(
             node, iscsiadm=iscsiadm, delete_record=not args.keep_record, ledger=ledger
         )
-        done.append({"portal": str(c.portal), "iqn": c.iqn, "record": result.record.value})
-        lines.append(f"detached {c.iqn} at {c.portal}: {result.record.description}")
+        portal = str(node.portal)
+        done.append({"portal": portal, "iqn": node.iqn, "record": result.record.value})
+        lines.append(f"detached {node.iqn} at {portal}: {result.record.description}")
     if args.json:
         output.json({"detached": done})
     else:

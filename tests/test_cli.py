@@ -1491,3 +1491,31 @@ def test_tgtd_probe_fails_over_from_our_refusing_portal(tgtd_portal: str, target
     assert body["chosen"] == {"portal": tgtd_portal, "iqn": TGT_OPEN, "lun": 1}
     assert [a["outcome"] for a in body["attempts"]][:2] == ["refused", "ok"]
     assert body["attempts"][2]["outcome"] in {"cancelled", "not_tried", "unreachable"}
+
+
+def test_detach_finds_a_record_attach_made_at_a_redirected_address(
+    targets: Targets, tmp_path: Path, fake: FakeIscsiadm, state_file: Path
+) -> None:
+    # After a permanent redirect attach hands off an address that is not a candidate; the
+    # ledger remembers it, so detach logs out of it and deletes that record too.
+    refused, chap = targets.open.portals["refused"], targets.chap.portals["chap"]
+    moved = "127.0.0.99:3261"
+    key = f"{CHAP_IQN} {moved}"
+    fake.preload(records=[key], sessions=[key])
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(
+        json.dumps({"version": 1, "records": [{"iqn": CHAP_IQN, "portal": moved}]})
+    )
+    path = write_json(tmp_path / "ci.json", chap_info(targets))
+    argv = ["detach", "-c", str(path), "--iscsiadm", str(fake.binary)]
+    ran = cli_run(*argv, "--state-file", str(state_file), "--json")
+    assert ran.code == 0, ran
+    assert ran.json() == {
+        "detached": [
+            {"portal": refused, "iqn": CHAP_IQN, "record": "kept_not_ours"},
+            {"portal": chap, "iqn": CHAP_IQN, "record": "kept_not_ours"},
+            {"portal": moved, "iqn": CHAP_IQN, "record": "deleted"},
+        ]
+    }
+    assert fake.saved() == {"records": [], "sessions": []}
+    assert json.loads(state_file.read_text()) == {"version": 1, "records": []}
