@@ -308,12 +308,11 @@ async def _logout(
     stream: trio.SocketStream, conn: InitiatorConnection, portal: Portal, deadline_s: float
 ) -> tuple[LoggedOut | None, str | None]:
     conn.logout()
-    timeout = deadline_s
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(deadline_s):
             event = await _next_event(stream, conn, portal)
     except trio.TooSlowError:
-        return None, f"no Logout Response within {timeout:g} s"
+        return None, f"no Logout Response within {deadline_s:g} s"
     except (NetworkError, ProtocolError) as exc:
         return None, f"logout failed: {exc}"
     if not isinstance(event, LoggedOut):
