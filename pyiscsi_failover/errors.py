@@ -11,13 +11,15 @@ impossible; *remote* ones mean the peer sent something wrong or refused us. Buil
     ├── ProtocolError                      the peer broke RFC 7143
     │   ├── PDUDecodeError (ValueError)     bytes that are not a valid PDU (field, offset, value)
     │   ├── TextError (ValueError)          malformed key=value data
-    │   └── NegotiationError                an unacceptable answer to a key
+    │   ├── NegotiationError                an unacceptable answer to a key
+    │   └── NotAnISCSITarget                the peer's very first reply is not an iSCSI PDU
     ├── AuthenticationError                CHAP failed or the target tried to weaken it
     │   ├── ChapDowngradeError              the target chose no CHAP or an algorithm not offered
     │   ├── ChapReflectionError             a challenge or response reflected back at us
     │   └── TargetAuthenticationError       mutual CHAP: the target failed to prove itself
     ├── LoginFailed                        the target answered the login with a non-success status
     ├── RedirectLoopError                  redirects went round in a circle or too deep
+    ├── RedirectRefused                    a redirect our redirect policy does not allow
     ├── NetworkError (OSError)             TCP-level failure
     │   ├── ConnectRefused
     │   ├── ConnectTimeout (TimeoutError)
@@ -56,10 +58,12 @@ __all__ = [
     "LoginFailed",
     "NegotiationError",
     "NetworkError",
+    "NotAnISCSITarget",
     "PDUDecodeError",
     "PDUEncodeError",
     "ProtocolError",
     "RedirectLoopError",
+    "RedirectRefused",
     "TargetAuthenticationError",
     "TextError",
     "Unreachable",
@@ -125,6 +129,11 @@ class NegotiationError(ProtocolError):
         self.value = value
 
 
+class NotAnISCSITarget(ProtocolError):
+    """The peer answered, but its first reply does not decode as an iSCSI PDU (an HTTP or SSH
+    server on the portal's port, say)."""
+
+
 class AuthenticationError(ISCSIError):
     """CHAP failed, or the target tried to reflect, weaken or skip it."""
 
@@ -161,6 +170,19 @@ class LoginFailed(ISCSIError):
 
 class RedirectLoopError(ISCSIError):
     """Redirects visited an address twice or went deeper than allowed."""
+
+
+class RedirectRefused(ISCSIError):
+    """The target redirected us to an address the redirect policy does not allow.
+
+    Raised before anything is sent there. ``address`` is the redirect's TargetAddress as the
+    target wrote it; ``reason`` says which rule refused it.
+    """
+
+    def __init__(self, message: str, *, address: str, reason: str) -> None:
+        super().__init__(message)
+        self.address = address
+        self.reason = reason
 
 
 class NetworkError(ISCSIError, OSError):

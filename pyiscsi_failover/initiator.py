@@ -28,6 +28,7 @@ from pyiscsi_failover.errors import (
     ConnectionLost,
     InvalidPortal,
     LocalProtocolError,
+    NotAnISCSITarget,
     PDUDecodeError,
     ProtocolError,
 )
@@ -246,6 +247,7 @@ class InitiatorConnection:
         self._empty_continuations = 0
         self._target_logged_in = False
         self._parameters: OperationalParameters | None = None
+        self._heard_pdu = False  # whether the peer ever sent one valid PDU
 
     def __repr__(self) -> str:
         # The config holds Secrets; they print as *** anyway, but keep the repr short.
@@ -375,11 +377,17 @@ class InitiatorConnection:
         while not self._events:
             try:
                 pdu = self._buffer.next_pdu()
-            except PDUDecodeError:
+            except PDUDecodeError as exc:
                 self.state = State.FAILED
+                if not self._heard_pdu and exc.field == "Opcode":
+                    # An HTTP or SSH server on the port: say that, not "opcode 0x08".
+                    raise NotAnISCSITarget(
+                        "not an iSCSI target (its reply is not an iSCSI PDU)"
+                    ) from exc
                 raise
             if pdu is None:
                 return NEED_DATA
+            self._heard_pdu = True
             try:
                 self._handle(pdu)
             except (ProtocolError, AuthenticationError):

@@ -41,21 +41,29 @@ from pyiscsi_failover.errors import (
     ISCSIError,
     ISCSITimeout,
     LocalProtocolError,
+    NegotiationError,
     ProtocolError,
     RedirectLoopError,
+    RedirectRefused,
     Unreachable,
 )
 from pyiscsi_failover.host import default_initiator_name
-from pyiscsi_failover.initiator import LoginConfig, LoginRejected
+from pyiscsi_failover.initiator import LoginConfig, LoginRejected, LoginSucceeded
 from pyiscsi_failover.names import Portal
 from pyiscsi_failover.protocol.chap import ChapPolicy
+from pyiscsi_failover.protocol.negotiation import OperationalParameters
 from pyiscsi_failover.protocol.pdu import LoginStatus, StatusClass
 from pyiscsi_failover.transport import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LOGIN_TIMEOUT,
+    MAX_REDIRECTS,
+    IPNetwork,
     LoginReport,
+    RedirectMode,
+    RedirectPolicy,
     login,
     open_connection,
+    parse_network,
 )
 
 __all__ = [
@@ -104,6 +112,8 @@ class Outcome(enum.Enum):
     TARGET_ERROR = "target_error"
     PROTOCOL_ERROR = "protocol_error"
     REDIRECT_LOOP = "redirect_loop"
+    REDIRECT_REFUSED = "redirect_refused"
+    NEGOTIATION_FAILED = "negotiation_failed"
     NOT_TRIED = "not_tried"
     CANCELLED = "cancelled"
 
@@ -118,12 +128,21 @@ class Attempt:
     started_at: float | None = None
     elapsed_s: float = 0.0
     redirected_to: Portal | None = None
+    redirect_refused: str | None = None
     handoff_portal: Portal | None = None
+    notes: tuple[str, ...] = ()
     report: LoginReport | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.outcome is Outcome.OK
+
+    @property
+    def negotiated(self) -> OperationalParameters | None:
+        """What the successful login agreed (digests...), for the hand-off; else None."""
+        if self.report is None or not isinstance(self.report.outcome, LoginSucceeded):
+            return None
+        return self.report.outcome.parameters
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -135,6 +154,8 @@ class Attempt:
             "detail": self.detail,
             "elapsed_ms": round(self.elapsed_s * 1000, 3),
             "redirected_to": None if self.redirected_to is None else str(self.redirected_to),
+            "redirect_refused": self.redirect_refused,
+            "notes": list(self.notes),
         }
 
 
@@ -167,7 +188,14 @@ class ProbeResult:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProbeOptions:
-    """Every knob a user can turn; the defaults are the documented ones."""
+    """Every knob a user can turn; the defaults are the documented ones.
+
+    ``connect_timeout + login_timeout`` is each candidate's whole budget, redirect hops
+    included (see :func:`~pyiscsi_failover.transport.login`). ``redirects``, ``redirect_allow``
+    (CIDR strings or networks; empty allows any address) and ``max_redirects`` make the
+    :class:`~pyiscsi_failover.transport.RedirectPolicy`. ``chap_policy.algorithms`` is the
+    CHAP_A offer, MD5 first by default because tgt reads only the first algorithm offered.
+    """
 
     policy: Policy = Policy.ORDERED
     check: Check = Check.LOGIN
@@ -178,8 +206,21 @@ class ProbeOptions:
     probe_all: bool = False
     initiator_name: str | None = None
     chap_policy: ChapPolicy = field(default_factory=ChapPolicy)
+    redirects: RedirectMode = RedirectMode.FOLLOW
+    redirect_allow: tuple[str | IPNetwork, ...] = ()
+    max_redirects: int = MAX_REDIRECTS
+    redirect_policy: RedirectPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Validates (and normalises) the three redirect fields at construction time.
+        rules = RedirectPolicy(
+            mode=self.redirects,
+            allow=tuple(parse_network(item) for item in self.redirect_allow),
+            max_redirects=self.max_redirects,
+        )
+        object.__setattr__(self, "redirects", rules.mode)
+        object.__setattr__(self, "redirect_allow", rules.allow)
+        object.__setattr__(self, "redirect_policy", rules)
         for name in ("connect_timeout", "login_timeout", "stagger"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
@@ -235,6 +276,10 @@ def _error_outcome(exc: ISCSIError) -> Outcome:
             return Outcome.AUTH_FAILED
         case RedirectLoopError():
             return Outcome.REDIRECT_LOOP
+        case RedirectRefused():
+            return Outcome.REDIRECT_REFUSED
+        case NegotiationError():
+            return Outcome.NEGOTIATION_FAILED
         case ConnectionLost() | ProtocolError():
             return Outcome.PROTOCOL_ERROR
         case _:
@@ -279,7 +324,10 @@ async def check_candidate(
             config,
             connect_timeout=options.connect_timeout,
             login_timeout=options.login_timeout,
+            redirect_policy=options.redirect_policy,
         )
+    except RedirectRefused as exc:
+        return done(Outcome.REDIRECT_REFUSED, str(exc), redirect_refused=exc.address)
     except ISCSIError as exc:
         return done(_error_outcome(exc), str(exc))
     redirected_to = report.final_portal if report.redirects else None
@@ -291,13 +339,16 @@ async def check_candidate(
             report=report,
         )
     detail = "login and logout succeeded"
+    notes = report.notes
     if report.logout is None:
-        detail = "login succeeded; " + "; ".join(report.notes)
+        # Still a working login, but say so: a logout that goes unanswered is a warning sign.
+        detail = "login succeeded; logout unanswered: " + "; ".join(notes)
     return done(
         Outcome.OK,
         detail,
         redirected_to=redirected_to,
         handoff_portal=report.handoff_portal,
+        notes=notes,
         report=report,
     )
 

@@ -8,14 +8,14 @@ and login deadlines, because each portal needs its own. Every stream is closed o
 
 from __future__ import annotations
 
+import enum
 import errno
+import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, TypeAlias
 
 import trio
 
@@ -31,6 +31,7 @@ from pyiscsi_failover.errors import (
     NetworkError,
     ProtocolError,
     RedirectLoopError,
+    RedirectRefused,
     Unreachable,
 )
 from pyiscsi_failover.initiator import (
@@ -52,13 +53,17 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_LOGIN_TIMEOUT",
     "DEFAULT_LOGOUT_TIMEOUT",
+    "DEFAULT_REDIRECT_POLICY",
     "MAX_REDIRECTS",
     "DiscoveryReport",
     "LoginReport",
     "Redirect",
+    "RedirectMode",
+    "RedirectPolicy",
     "discover",
     "login",
     "open_connection",
+    "parse_network",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +79,93 @@ _UNREACHABLE_ERRNOS: Final = frozenset(
 )
 
 
+class RedirectMode(enum.Enum):
+    """Whether a login follows a target's redirects (RFC 7143 says an initiator should)."""
+
+    FOLLOW = "follow"
+    NEVER = "never"
+
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_network(item: str | IPNetwork) -> IPNetwork:
+    """A redirect allow-list entry: a network, or its CIDR text (a bare address is a /32 or
+    /128). Raises :class:`LocalProtocolError` naming the entry."""
+    if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return item
+    try:
+        return ipaddress.ip_network(str(item).strip(), strict=False)
+    except ValueError:
+        raise LocalProtocolError(
+            f"redirect allow entry {item!r} is not an IP network in CIDR form"
+            " (10.0.0.0/8, fd00::/8)"
+        ) from None
+
+
+def _never_a_portal(address: IPAddress) -> str | None:
+    """Addresses no target can live at, refused whatever the allow list says."""
+    if address.is_unspecified:
+        return "an unspecified address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        return "the broadcast address"
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedirectPolicy:
+    """Which redirects a login follows, checked before anything is sent to the new address.
+
+    ``allow`` lists the networks a redirect may lead to; empty means any address (but never an
+    unspecified, multicast or broadcast one). A host name in a TargetAddress is resolved once and
+    every address it resolves to must be allowed; we then connect only to those addresses.
+    ``max_redirects`` bounds the chain; the per-candidate deadline bounds its time anyway.
+    Strings are accepted for ``mode`` and ``allow`` (``"never"``, ``"10.0.0.0/8"``).
+    """
+
+    mode: RedirectMode = RedirectMode.FOLLOW
+    allow: tuple[IPNetwork, ...] = ()
+    max_redirects: int = MAX_REDIRECTS
+
+    def __post_init__(self) -> None:
+        mode: object = self.mode
+        if isinstance(mode, str):
+            try:
+                mode = RedirectMode(mode)
+            except ValueError:
+                raise LocalProtocolError(
+                    f"redirect mode must be 'follow' or 'never', not {mode!r}"
+                ) from None
+        if not isinstance(mode, RedirectMode):
+            raise LocalProtocolError(f"redirect mode must be a RedirectMode, not {mode!r}")
+        object.__setattr__(self, "mode", mode)
+        allow: object = self.allow
+        if isinstance(allow, str) or not isinstance(allow, tuple | list):
+            raise LocalProtocolError(f"redirect allow list must be a tuple of CIDRs, not {allow!r}")
+        object.__setattr__(self, "allow", tuple(parse_network(item) for item in allow))
+        count: object = self.max_redirects
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 64:
+            raise LocalProtocolError(f"max_redirects must be an integer 0..64, not {count!r}")
+
+    def refusal(self, address: IPAddress) -> str | None:
+        """Why a redirect to ``address`` is not allowed, or None if it is."""
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        reason = _never_a_portal(address)
+        if reason is not None:
+            return reason
+        if self.allow and not any(address in network for network in self.allow):
+            return "not in the allowed networks " + ", ".join(str(n) for n in self.allow)
+        return None
+
+
+#: What getaddrinfo gives for one address: (family, type, proto, canonname, sockaddr).
+_AddrInfo: TypeAlias = tuple[int, int, int, str, tuple[Any, ...]]
+
+
 def _network_error(exc: OSError, portal: Portal, during: str) -> NetworkError:
     reason = exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, ConnectionRefusedError):
@@ -83,12 +175,16 @@ def _network_error(exc: OSError, portal: Portal, during: str) -> NetworkError:
     return ConnectionLost(f"{portal}: connection lost during {during} ({reason})")
 
 
-async def open_connection(portal: Portal) -> trio.SocketStream:
-    """Connect to ``portal``, trying its resolved addresses in order. No deadline of its own."""
+async def _resolve(portal: Portal) -> list[_AddrInfo]:
     try:
         infos = await trio.socket.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise Unreachable(f"{portal}: cannot resolve {portal.host!r} ({exc.strerror})") from exc
+    return [(f, t, p, c, tuple(a)) for f, t, p, c, a in infos]
+
+
+async def _connect_to(portal: Portal, infos: list[_AddrInfo]) -> trio.SocketStream:
+    """Connect to the first of ``infos`` that answers; no deadline of its own."""
     last: OSError | None = None
     for family, type_, proto, _, sockaddr in infos:
         sock = trio.socket.socket(family, type_, proto)
@@ -106,15 +202,25 @@ async def open_connection(portal: Portal) -> trio.SocketStream:
     raise _network_error(last, portal, "connect") from last
 
 
-@asynccontextmanager
-async def _connected(portal: Portal, connect_timeout: float) -> AsyncIterator[trio.SocketStream]:
-    try:
-        with trio.fail_after(connect_timeout):
-            stream = await open_connection(portal)
-    except trio.TooSlowError as exc:
-        raise ConnectTimeout(f"{portal}: no TCP connection within {connect_timeout:g} s") from exc
-    async with stream:
-        yield stream
+async def open_connection(portal: Portal) -> trio.SocketStream:
+    """Connect to ``portal``, trying its resolved addresses in order. No deadline of its own."""
+    return await _connect_to(portal, await _resolve(portal))
+
+
+def _checked_redirect(
+    policy: RedirectPolicy, source: Portal, address: Portal, infos: list[_AddrInfo]
+) -> None:
+    """Raise :class:`RedirectRefused` unless every address of ``address`` is allowed."""
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        reason = policy.refusal(ip)
+        if reason is not None:
+            shown = str(address) if str(ip) == address.host else f"{address} ({ip})"
+            raise RedirectRefused(
+                f"{source}: redirect to {shown} refused: {reason}",
+                address=str(address),
+                reason=reason,
+            )
 
 
 @dataclass(slots=True)
@@ -215,46 +321,89 @@ class LoginReport:
 DiscoveryReport = LoginReport
 
 
+DEFAULT_REDIRECT_POLICY: Final = RedirectPolicy()
+
+
 async def login(
     portal: Portal,
     config: LoginConfig,
     *,
-    connect_timeout: float = 3.0,
-    login_timeout: float = 10.0,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
     logout_timeout: float = DEFAULT_LOGOUT_TIMEOUT,
-    max_redirects: int = MAX_REDIRECTS,
+    redirect_policy: RedirectPolicy = DEFAULT_REDIRECT_POLICY,
     send_targets: str | None = None,
 ) -> LoginReport:
     """Log in at ``portal`` (following redirects), optionally ask SendTargets, and log out.
 
-    ``connect_timeout`` bounds each TCP connect, ``login_timeout`` each login (and SendTargets)
-    after its connect. Raises :class:`NetworkError`, :class:`ISCSITimeout`, :class:`ProtocolError`,
-    :class:`AuthenticationError` or :class:`RedirectLoopError`; a target's refusal is returned.
+    One budget covers the whole call, every redirect hop included: it ends within
+    ``connect_timeout + login_timeout``, plus at most ``logout_timeout`` of cleanup (the logout,
+    or the logout of a login we gave up on). Within that budget each TCP connect (name
+    resolution included) gets at most ``connect_timeout`` and each hop's login (and SendTargets)
+    at most ``login_timeout``, so a chain of slow redirects cannot stretch a candidate.
+    Raises :class:`NetworkError`, :class:`ISCSITimeout`, :class:`ProtocolError`,
+    :class:`AuthenticationError`, :class:`RedirectLoopError` or :class:`RedirectRefused`; a
+    target's refusal is returned.
     """
     started = time.monotonic()
+    budget = connect_timeout + login_timeout
+    deadline = trio.current_time() + budget
     redirects: list[Redirect] = []
     visited = {_key(portal)}
     current = portal
+    infos: list[_AddrInfo] | None = None  # the checked addresses of a redirect
     connect_s = login_s = 0.0
+
+    def too_slow(what: str, step_s: float, step_end: float) -> str:
+        if step_end < deadline or not redirects:
+            return f"{current}: {what} within {step_s:g} s"
+        hops = f"{len(redirects)} redirect{'s' if len(redirects) > 1 else ''}"
+        return (
+            f"{current}: {what} within the candidate's {budget:g} s budget ({hops} from {portal})"
+        )
+
     while True:
         hop_start = time.monotonic()
-        async with _connected(current, connect_timeout) as stream:
+        connect_by = min(trio.current_time() + connect_timeout, deadline)
+        try:
+            with trio.fail_at(connect_by):
+                if infos is None:
+                    infos = await _resolve(current)
+                stream = await _connect_to(current, infos)
+        except trio.TooSlowError as exc:
+            raise ConnectTimeout(
+                too_slow("no TCP connection", connect_timeout, connect_by)
+            ) from exc
+        async with stream:
             connected_at = time.monotonic()
             connect_s += connected_at - hop_start
             conn = InitiatorConnection(config)
             conn.start_login()
             sending = _Sending()
+            login_by = min(trio.current_time() + login_timeout, deadline)
+            event: Event | None = None
             try:
-                with trio.fail_after(login_timeout):
+                with trio.fail_at(login_by):
                     event = await _next_event(stream, conn, current, sending)
                     targets: tuple[DiscoveredTarget, ...] = ()
                     if isinstance(event, LoginSucceeded) and send_targets is not None:
                         targets = await _send_targets(stream, conn, current, send_targets)
+                    if isinstance(event, LoginRedirected):
+                        infos = await _follow(
+                            redirect_policy,
+                            current,
+                            event,
+                            redirects=redirects,
+                            visited=visited,
+                            origin=portal,
+                        )
             except trio.TooSlowError as exc:
                 stage = conn.state.value
+                if isinstance(event, LoginRedirected):
+                    stage = f"resolving the redirect to {event.address}"
                 await _abandon_login(stream, conn, current, sending, logout_timeout)
                 raise ISCSITimeout(
-                    f"{current}: {stage} did not finish within {login_timeout:g} s"
+                    too_slow(f"{stage} did not finish", login_timeout, login_by)
                 ) from exc
             except trio.Cancelled:
                 # Our caller gave up on us (the prober chose another candidate).
@@ -266,18 +415,6 @@ async def login(
                 raise
             login_s += time.monotonic() - connected_at
             if isinstance(event, LoginRedirected):
-                redirects.append(
-                    Redirect(source=current, address=event.address, permanent=event.permanent)
-                )
-                key = _key(event.address)
-                if key in visited:
-                    chain = " -> ".join(str(r.source) for r in redirects) + f" -> {event.address}"
-                    raise RedirectLoopError(f"redirect loop: {chain}")
-                if len(redirects) > max_redirects:
-                    raise RedirectLoopError(
-                        f"{portal}: more than {max_redirects} redirects (last to {event.address})"
-                    )
-                visited.add(key)
                 current = event.address
                 continue
             if not isinstance(event, LoginSucceeded | LoginRejected):
@@ -302,6 +439,40 @@ async def login(
                 total_s=time.monotonic() - started,
                 notes=tuple(notes),
             )
+
+
+async def _follow(
+    policy: RedirectPolicy,
+    current: Portal,
+    event: LoginRedirected,
+    *,
+    redirects: list[Redirect],
+    visited: set[tuple[str, int]],
+    origin: Portal,
+) -> list[_AddrInfo]:
+    """Check a redirect against ``policy`` and resolve it once; the checked addresses are the
+    only ones the next hop may connect to. Nothing is sent to a refused address."""
+    address = event.address
+    if policy.mode is RedirectMode.NEVER:
+        raise RedirectRefused(
+            f"{current}: redirect to {address} refused: redirects are not followed"
+            " (--redirects never)",
+            address=str(address),
+            reason="redirects are not followed",
+        )
+    redirects.append(Redirect(source=current, address=address, permanent=event.permanent))
+    key = _key(address)
+    if key in visited:
+        chain = " -> ".join(str(r.source) for r in redirects) + f" -> {address}"
+        raise RedirectLoopError(f"redirect loop: {chain}")
+    if len(redirects) > policy.max_redirects:
+        raise RedirectLoopError(
+            f"{origin}: more than {policy.max_redirects} redirects (last to {address})"
+        )
+    visited.add(key)
+    infos = await _resolve(address)
+    _checked_redirect(policy, current, address, infos)
+    return infos
 
 
 async def _logout(
@@ -375,9 +546,10 @@ async def discover(
     portal: Portal,
     config: LoginConfig,
     *,
-    connect_timeout: float = 3.0,
-    login_timeout: float = 10.0,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
     logout_timeout: float = DEFAULT_LOGOUT_TIMEOUT,
+    redirect_policy: RedirectPolicy = DEFAULT_REDIRECT_POLICY,
 ) -> DiscoveryReport:
     """A Discovery session at ``portal``: login, SendTargets=All, logout."""
     if config.target_name is not None:
@@ -388,6 +560,7 @@ async def discover(
         connect_timeout=connect_timeout,
         login_timeout=login_timeout,
         logout_timeout=logout_timeout,
+        redirect_policy=redirect_policy,
         send_targets="All",
     )
 

@@ -59,6 +59,7 @@ __all__ = [
     "ChapInitiator",
     "ChapPolicy",
     "chap_response",
+    "parse_chap_algorithms",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,11 @@ class ChapAlgorithm(enum.IntEnum):
         """Length of a response in bytes."""
         return _DIGEST_SIZES[self]
 
+    @property
+    def open_iscsi_name(self) -> str:
+        """The name open-iscsi's ``node.session.auth.chap_algs`` uses (``SHA3-256``...)."""
+        return _OPEN_ISCSI_NAMES[self]
+
 
 _HASH_NAMES: dict[ChapAlgorithm, str] = {
     ChapAlgorithm.MD5: "md5",
@@ -112,6 +118,13 @@ _DIGEST_SIZES: dict[ChapAlgorithm, int] = {
     ChapAlgorithm.SHA1: 20,
     ChapAlgorithm.SHA256: 32,
     ChapAlgorithm.SHA3_256: 32,
+}
+
+_OPEN_ISCSI_NAMES: dict[ChapAlgorithm, str] = {
+    ChapAlgorithm.MD5: "MD5",
+    ChapAlgorithm.SHA1: "SHA1",
+    ChapAlgorithm.SHA256: "SHA256",
+    ChapAlgorithm.SHA3_256: "SHA3-256",
 }
 
 #: MD5 first: tgt and older arrays know nothing else, and tgt misreads 7.
@@ -134,6 +147,30 @@ def _as_algorithm(value: object) -> ChapAlgorithm:
     raise LocalProtocolError(
         f"unknown CHAP algorithm {value!r}; known: {_format_list(ChapAlgorithm)}"
     )
+
+
+def parse_chap_algorithms(text: str) -> tuple[ChapAlgorithm, ...]:
+    """Read a comma-separated offer such as ``SHA256,MD5`` (open-iscsi's names, any case, or
+    the CHAP_A numbers ``7,5``), keeping its order. Raises :class:`LocalProtocolError` naming
+    the entry that is unknown or repeated."""
+    by_name = {name.upper(): algorithm for algorithm, name in _OPEN_ISCSI_NAMES.items()}
+    by_name |= {algorithm.name: algorithm for algorithm in ChapAlgorithm}  # SHA3_256 too
+    known = ",".join(_OPEN_ISCSI_NAMES.values())
+    algorithms: list[ChapAlgorithm] = []
+    for raw in text.split(","):
+        entry = raw.strip()
+        if entry.isdigit():
+            found = next((a for a in ChapAlgorithm if int(a) == int(entry)), None)
+        else:
+            found = by_name.get(entry.upper())
+        if found is None:
+            raise LocalProtocolError(
+                f"unknown CHAP algorithm {entry!r} in {text!r}; known: {known} (or 5,6,7,8)"
+            )
+        if found in algorithms:
+            raise LocalProtocolError(f"CHAP algorithm {entry!r} is listed twice in {text!r}")
+        algorithms.append(found)
+    return tuple(algorithms)
 
 
 def _is_int_in(value: object, low: int, high: int) -> bool:

@@ -21,8 +21,9 @@ The rules it applies, per RFC 7143:
 * a key we do not know is answered ``NotUnderstood``; a key irrelevant to a discovery session is
   answered ``Irrelevant``; the obsolete marker keys are answered ``Reject`` (RFC 7143 13.25);
 * ``Reject``/``NotUnderstood`` in answer to our offer leave the key at its RFC default, which is
-  fine only if the default is itself something our offer allows; ``Irrelevant`` is accepted
-  only where the RFC makes the key irrelevant.
+  fine only if the default is itself something our offer allows; a ``Reject`` of a digest key
+  ends the login (the target accepts none of our digests, so no session could work);
+  ``Irrelevant`` is accepted only where the RFC makes the key irrelevant.
 
 Keys of the security and login layer (:data:`LOGIN_KEYS`) are ignored here: the login state
 machine routes them to CHAP and its own checks.
@@ -153,6 +154,9 @@ _FIXED_PREFERENCES: dict[str, _Offer] = {
     "TaskReporting": ("RFC3720",),
     "iSCSIProtocolLevel": 1,
 }
+#: Keys whose Reject ends the login: they decide how every later PDU is framed.
+_MUST_SETTLE = frozenset({"HeaderDigest", "DataDigest"})
+
 # RFC 7143 13.25: markers are obsolete; a compliant implementation answers them with Reject.
 _OBSOLETE_KEYS = frozenset({"IFMarker", "OFMarker", "IFMarkInt", "OFMarkInt"})
 _DIGESTS = {digest.value: digest for digest in Digest}
@@ -220,8 +224,10 @@ class OperationalProposal:
     Unsent keys still guide our answers when the target proposes them.
     """
 
-    header_digest: tuple[Digest, ...] = (Digest.NONE,)
-    data_digest: tuple[Digest, ...] = (Digest.NONE,)
+    # None first, so nothing changes for targets that accept it; CRC32C so that a target that
+    # requires digests can still choose them (and the hand-off then asks the kernel for them).
+    header_digest: tuple[Digest, ...] = (Digest.NONE, Digest.CRC32C)
+    data_digest: tuple[Digest, ...] = (Digest.NONE, Digest.CRC32C)
     max_connections: int = 1
     initial_r2t: bool = True
     immediate_data: bool = True
@@ -535,7 +541,19 @@ class Negotiator:
         self._results[key] = result
 
     def _fall_back(self, rule: _Rule, offer: _Offer, value: str) -> None:
-        """After Reject/NotUnderstood the key keeps its default, if our offer allows that."""
+        """After Reject/NotUnderstood the key keeps its default, if our offer allows that.
+
+        A Reject of a digest key is different: the target can use none of the digests we
+        offered, so the default (None) is exactly what it refused. Going on would give a session
+        whose very next PDU the target cannot read, so the login ends here instead.
+        """
+        if value == REJECT and rule.key in _MUST_SETTLE:
+            raise NegotiationError(
+                f"target rejected {rule.key}={_format(offer)}: it accepts none of the digests"
+                " we offer",
+                key=rule.key,
+                value=value,
+            )
         if not _admissible(rule, offer, rule.default):
             raise NegotiationError(
                 f"target answered {rule.key}={value}; its default {_format(rule.default)} is not"
