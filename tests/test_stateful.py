@@ -487,9 +487,14 @@ _sessions = st.builds(
     target_index=st.integers(0, len(TARGETS) - 1),
     portal_index=st.integers(0, len(PORTALS) - 1),
     query=st.one_of(st.none(), st.just(""), st.integers(0, len(TARGETS) - 1)),
-    # Not near 2**32: the initiator does not wrap CmdSN yet (see test_cmdsn_wraps_at_2_32).
-    initial_cmdsn=st.one_of(st.just(1), st.integers(0, 0x7FFFFFFF)),
-    initial_itt=st.one_of(st.just(1), st.integers(0, RESERVED_TAG - 1)),
+    initial_cmdsn=st.one_of(
+        st.just(1), st.integers(0, SERIAL - 1), st.integers(SERIAL - 3, SERIAL - 1)
+    ),
+    initial_itt=st.one_of(
+        st.just(1),
+        st.integers(0, RESERVED_TAG - 1),
+        st.integers(RESERVED_TAG - 3, RESERVED_TAG - 1),
+    ),
     initial_statsn=st.one_of(st.just(0x1000), st.integers(0, SERIAL - 1)),
     tsih=st.integers(1, 0xFFFF),
 )
@@ -1022,6 +1027,8 @@ class Wire:
             case LoggedOut():
                 assert expected.kind is Kind.SUCCESS, f"{described}, got {self.events}"
                 self.check_success(last, finished[0])
+            case _:
+                pytest.fail(f"{described}, but the run ended on {last!r}")
 
     def check_success(self, last: LoggedOut, finished: LoginFinished) -> None:
         expected = self.expected
@@ -1217,9 +1224,11 @@ class LoginMachine(RuleBasedStateMachine):
         """Commands in the wrong state are our caller's mistake: refused, nothing changes."""
         wire = self.wire
         assert wire is not None
-        if wire.outcome_known or wire.ini.state is State.FULL_FEATURE:
-            return
+        # step() ends a run the moment its outcome is known, and Wire.react answers
+        # LoginSucceeded and TargetsDiscovered at once: between rules no command is in turn.
+        assert not wire.outcome_known
         before = wire.ini.state
+        assert before not in (State.IDLE, State.FULL_FEATURE, State.DONE, State.FAILED), before
         with self.guarded(), pytest.raises(LocalProtocolError):
             getattr(wire.ini, method)()
         assert wire.ini.state is before
@@ -1672,21 +1681,34 @@ def test_reflected_challenge_from_an_earlier_login_is_refused() -> None:
 def test_cmdsn_wraps_at_2_32() -> None:
     world, session = scenario_world(), scenario_session("discovery", initial_cmdsn=0xFFFFFFFF)
     wire = Wire(world, session, predict(world, session, []), [])
-    wire.finish()  # CmdSN wraps to 0 (RFC 1982 serial arithmetic), logout still encodes
+    wire.finish()
+    # The login and the first command share CmdSN 2**32-1; the logout after it wraps to 0
+    # (RFC 1982 serial arithmetic).
+    sent = [
+        (type(pdu), pdu.cmdsn)
+        for pdu in wire.sent_pdus
+        if isinstance(pdu, LoginRequest | TextRequest | LogoutRequest | NopOut)
+    ]
+    assert sent[-2:] == [(TextRequest, 0xFFFFFFFF), (LogoutRequest, 0)]
+    assert {cmdsn for kind, cmdsn in sent if kind is LoginRequest} == {0xFFFFFFFF}
 
 
-def test_reserved_initial_itt_is_never_used() -> None:
+def test_reserved_initial_itt_is_refused_up_front() -> None:
     config = LoginConfig(initiator_name=INITIATORS[0], target_name=TARGETS[0])
-    try:
-        conn = InitiatorConnection(config, initial_itt=RESERVED_TAG)
-    except LocalProtocolError:
-        return  # refusing it up front is as good a fix as skipping it
-    conn.start_login()
-    buffer = PDUBuffer()
-    buffer.feed(conn.data_to_send())
-    request = buffer.next_pdu()
-    assert isinstance(request, LoginRequest)
-    assert request.itt != RESERVED_TAG
+    with pytest.raises(LocalProtocolError, match="0xffffffff is reserved"):
+        InitiatorConnection(config, initial_itt=RESERVED_TAG)
+
+
+def test_task_tags_wrap_past_the_reserved_tag() -> None:
+    """The highest legal tag is used, and the next one is 0, never 0xffffffff."""
+    world = scenario_world()
+    session = scenario_session("discovery", initial_itt=RESERVED_TAG - 1)
+    wire = Wire(world, session, predict(world, session, []), [])
+    wire.finish()
+    tags = [pdu.itt for pdu in wire.sent_pdus if isinstance(pdu, LoginRequest)]
+    assert set(tags) == {RESERVED_TAG - 1}
+    later = [pdu.itt for pdu in wire.sent_pdus if isinstance(pdu, TextRequest | LogoutRequest)]
+    assert later == [0, 1]
 
 
 def test_login_response_split_into_small_segments() -> None:
