@@ -27,6 +27,8 @@ Facts this module relies on, checked against open-iscsi 2.1.8 (Debian 12) and it
 Which records are ours: :class:`RecordLedger` keeps a small JSON file of the node records
 :func:`attach` created, so that :func:`detach` deletes those and never a record an operator made
 (open-iscsi's record has no field we could mark it with). The ledger holds IQNs and portals only.
+Both use the ledger at :data:`DEFAULT_LEDGER_PATH` unless given another, so that the library's
+defaults are as safe as the CLI's.
 
 Known open-iscsi limit: iscsiadm takes the CHAP password on its command line, so while the
 ``-o update`` runs it is visible in ``/proc/PID/cmdline`` to root and to our own user. We mask it
@@ -54,7 +56,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import trio
 
@@ -66,14 +68,17 @@ from pyiscsi_failover.errors import (
     InvalidPortal,
     IscsiadmError,
     LedgerError,
+    LocalProtocolError,
 )
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 
 __all__ = [
     "DEFAULT_LEDGER_PATH",
+    "DELETE_MODES",
     "DEVICE_POLL_INTERVAL",
     "AttachResult",
     "Command",
+    "DeleteMode",
     "DetachResult",
     "Iscsiadm",
     "IscsiadmExit",
@@ -583,12 +588,16 @@ class RecordLedger:
     old ledger or the new one, never part of one. A directory we create gets mode 0700, the file
     always 0600. Every failure to read, parse or write it is a :class:`LedgerError`.
 
+    ``RecordLedger()`` is the one at :data:`DEFAULT_LEDGER_PATH`, which :func:`attach` and
+    :func:`detach` use unless given another.
+
     The methods are synchronous: the file is tiny and the lock is only ever held for a moment, and
     :func:`attach` relies on there being no checkpoint between its success and the note it adds.
     """
 
-    def __init__(self, path: str | os.PathLike[str] = DEFAULT_LEDGER_PATH) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        # Looked up at call time, so that tests can point the default somewhere harmless.
+        self.path = Path(DEFAULT_LEDGER_PATH if path is None else path)
 
     def __repr__(self) -> str:
         return f"RecordLedger({str(self.path)!r})"
@@ -762,6 +771,7 @@ class RecordFate(enum.Enum):
 
     DELETED = "deleted"
     ALREADY_GONE = "already_gone"
+    ABSENT = "absent"
     KEPT_NOT_OURS = "kept_not_ours"
     KEPT_SHARED = "kept_shared"
     KEPT_ON_REQUEST = "kept_on_request"
@@ -774,6 +784,7 @@ class RecordFate(enum.Enum):
 _FATES: Final[dict[RecordFate, str]] = {
     RecordFate.DELETED: "record deleted",
     RecordFate.ALREADY_GONE: "record already gone",
+    RecordFate.ABSENT: "nothing to detach: no node record and no session",
     RecordFate.KEPT_NOT_OURS: "record kept: not created by pyiscsi-failover",
     RecordFate.KEPT_SHARED: "record kept: another record has the same IQN and address, and "
     "iscsiadm would delete both",
@@ -867,15 +878,16 @@ async def attach(
     (or cancellation) we undo only what we did: log out a session we logged in, delete a record
     we created. A record that existed before is left in place (with our settings applied).
 
-    With a ``ledger``, a record we created is noted in it when the attach succeeds (after the
-    disk appeared, with no checkpoint in between), so that :func:`detach` knows it is ours. The
-    ledger is read before any iscsiadm command runs, so a broken one changes nothing; one that
-    cannot be written at the end undoes the attach like any other failure.
+    A record we created is noted in the ``ledger`` (by default ``RecordLedger()``, at
+    :data:`DEFAULT_LEDGER_PATH`) when the attach succeeds (after the disk appeared, with no
+    checkpoint in between), so that :func:`detach` knows it is ours. The ledger is read before any
+    iscsiadm command runs, so a broken one changes nothing; one that cannot be written at the end
+    undoes the attach like any other failure.
     Raises :class:`IscsiadmError`, :class:`DeviceTimeout` when the disk does not appear, or
     :class:`LedgerError`.
     """
-    if ledger is not None:
-        ledger.entries()  # a broken ledger stops us before anything changes
+    ledger = RecordLedger() if ledger is None else ledger
+    ledger.entries()  # a broken ledger stops us before anything changes
     ran: list[str] = []
     shown = await iscsiadm.run(node_show(t))
     ran.append(shown.command)
@@ -901,11 +913,11 @@ async def attach(
         may_have_session = not session_existed
         device = Path(dev_root) / by_path_name(t)
         await _wait_for_device(device, seconds=device_timeout)
-        if created and ledger is not None:
+        if created:
             ledger.add(t)
     except BaseException:
         gone = await _undo(t, iscsiadm, logout=may_have_session, delete=created, ran=ran)
-        if created and ledger is not None:
+        if created:
             _settle_ledger(ledger, t, gone=gone)
         raise
     logger.info("attached %s at %s as %s", t.iqn, portal_argument(t), device)
@@ -922,43 +934,71 @@ async def _delete(t: NodeTarget, iscsiadm: Iscsiadm, ran: list[str]) -> RecordFa
     return RecordFate.DELETED
 
 
+#: Type of :func:`detach`'s ``delete``: which node records it deletes.
+DeleteMode = Literal["if_ours", "always", "never"]
+DELETE_MODES: Final[tuple[DeleteMode, ...]] = ("if_ours", "always", "never")
+
+
+def _delete_mode(delete: object, delete_record: object) -> DeleteMode:
+    if delete_record is not None:
+        if not isinstance(delete_record, bool):
+            raise LocalProtocolError(f"detach: delete_record={delete_record!r} is not a bool")
+        if delete != "if_ours":
+            raise LocalProtocolError("detach: give delete= or delete_record=, not both")
+        return "if_ours" if delete_record else "never"
+    for mode in DELETE_MODES:
+        if delete == mode:
+            return mode
+    allowed = ", ".join(repr(m) for m in DELETE_MODES)
+    raise LocalProtocolError(f"detach: delete={delete!r} is not one of {allowed}")
+
+
 async def detach(
     t: NodeTarget,
     *,
     iscsiadm: Iscsiadm,
-    delete_record: bool = True,
+    delete: DeleteMode = "if_ours",
     ledger: RecordLedger | None = None,
+    delete_record: bool | None = None,
 ) -> DetachResult:
-    """Log out of ``t``, then delete its node record if that is ours to do.
+    """Log out of ``t``, then delete its node record as ``delete`` says.
 
-    With a ``ledger`` (as the CLI uses it) the record is deleted only if the ledger says
-    :func:`attach` created it, and is then dropped from the ledger; any other record is kept
+    ``delete="if_ours"`` (the default) deletes the record only if the ``ledger`` (by default
+    ``RecordLedger()``) says :func:`attach` created it; any other record is kept
     (:attr:`RecordFate.KEPT_NOT_OURS`). iscsiadm deletes every record of the IQN at that address
     and port whatever its tpgt, so a record of ours that now shares them with another one is kept
-    as well (:attr:`RecordFate.KEPT_SHARED`, still listed). The ledger is read before anything
-    runs, so a broken one (:class:`LedgerError`) changes nothing.
+    as well (:attr:`RecordFate.KEPT_SHARED`, still listed). ``delete="always"`` deletes whatever
+    record iscsiadm finds (every tpgt), ours or not; ``delete="never"`` only logs out.
 
-    With ``ledger=None`` the caller decides, as before the ledger existed: ``delete_record=True``
-    deletes whatever record is there. ``delete_record=False`` only logs out, either way.
-    Both steps are idempotent: no session (exit 21, or 2) and no record (exit 21) are fine.
+    A record found gone is dropped from the ledger. When there was neither a record nor a
+    session, nor a ledger entry, the fate is :attr:`RecordFate.ABSENT` ("nothing to detach").
+    The ledger is read before anything runs, so a broken one (:class:`LedgerError`) changes
+    nothing. Both steps are idempotent: no session (exit 21, or 2) and no record (exit 21) are
+    fine. An unknown ``delete`` is a :class:`LocalProtocolError`.
+
+    ``delete_record`` is the older spelling, kept for existing callers: ``True`` is
+    ``delete="if_ours"``, ``False`` is ``delete="never"``.
     """
-    ours = ledger is not None and delete_record and ledger.is_ours(t)
+    mode = _delete_mode(delete, delete_record)
+    ledger = RecordLedger() if ledger is None else ledger
+    listed = ledger.is_ours(t)  # a broken ledger stops us before anything changes
     logout = await iscsiadm.check(
         node_logout(t),
         ok=(IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND, IscsiadmExit.SESS_NOT_FOUND),
     )
     ran = [logout.command]
-    if not delete_record:
-        fate = RecordFate.KEPT_ON_REQUEST
-    elif ledger is None:
+    fate = RecordFate.ALREADY_GONE  # until a record is seen
+    if mode == "always":
         fate = await _delete(t, iscsiadm, ran)
-    elif not ours:
-        fate = RecordFate.KEPT_NOT_OURS
     else:
         shown = await iscsiadm.check(node_show(t), ok=_GONE_OK)
         ran.append(shown.command)
         if shown.exit_code == IscsiadmExit.NO_OBJS_FOUND:
-            fate = RecordFate.ALREADY_GONE
+            pass
+        elif mode == "never":
+            fate = RecordFate.KEPT_ON_REQUEST
+        elif not listed:
+            fate = RecordFate.KEPT_NOT_OURS
         elif shown.stdout.count("# BEGIN RECORD") > 1:
             fate = RecordFate.KEPT_SHARED
             logger.warning(
@@ -966,7 +1006,11 @@ async def detach(
             )
         else:
             fate = await _delete(t, iscsiadm, ran)
-        if fate is not RecordFate.KEPT_SHARED:
-            ledger.remove(t)
+    if fate is RecordFate.ALREADY_GONE:
+        # Say "gone" only if something of it was there to detach: a session or our ledger entry.
+        had_session = logout.exit_code == IscsiadmExit.SUCCESS
+        fate = RecordFate.ALREADY_GONE if listed or had_session else RecordFate.ABSENT
+    if listed and fate in (RecordFate.DELETED, RecordFate.ALREADY_GONE):
+        ledger.remove(t)
     logger.info("detached %s at %s: %s", t.iqn, portal_argument(t), fate.description)
     return DetachResult(record=fate, commands=tuple(ran))

@@ -24,6 +24,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pyiscsi_failover.iscsiadm as iscsiadm_module
 from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
 from pyiscsi_failover.errors import (
     ConnectionInfoError,
@@ -32,9 +33,11 @@ from pyiscsi_failover.errors import (
     IscsiadmError,
     ISCSIError,
     LedgerError,
+    LocalProtocolError,
 )
 from pyiscsi_failover.iscsiadm import (
     DEFAULT_LEDGER_PATH,
+    DELETE_MODES,
     AttachResult,
     Command,
     DetachResult,
@@ -83,6 +86,14 @@ def chap_target(*, mutual: bool = False, **changes: object) -> NodeTarget:
 
 
 NODE = ("iscsiadm", "-m", "node", "-T", IQN, "-p", "10.0.0.1:3260")
+
+
+@pytest.fixture(autouse=True)
+def default_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RecordLedger:
+    """attach/detach use the default ledger when given none: never the real one in a test."""
+    path = tmp_path / "default-ledger" / "created-records.json"
+    monkeypatch.setattr(iscsiadm_module, "DEFAULT_LEDGER_PATH", path)
+    return RecordLedger(path)
 
 
 # ---------------------------------------------------------------------------- golden argv
@@ -687,35 +698,136 @@ async def test_session_list_and_show_output(fake: Fake) -> None:
     assert shown.last_stderr_line == ""
 
 
-async def test_detach_without_a_ledger_deletes_as_asked_and_is_idempotent(fake: Fake) -> None:
-    fake.preload(records=[KEY], sessions=[KEY])
+async def test_detach_always_deletes_any_record_and_is_idempotent(
+    fake: Fake, default_ledger: RecordLedger
+) -> None:
+    fake.preload(records=[KEY], sessions=[KEY])  # not in any ledger: made by hand
     t = local_target()
     with trio.fail_after(30):
-        ran = await detach(t, iscsiadm=fake.iscsiadm())
+        ran = await detach(t, iscsiadm=fake.iscsiadm(), delete="always")
         commands = (node_logout(t).masked(), node_delete(t).masked())
         assert ran == DetachResult(record=RecordFate.DELETED, commands=commands)
         assert fake.saved() == {"records": [], "sessions": []}
-        again = await detach(t, iscsiadm=fake.iscsiadm())  # no session, no record: fine
-    assert again == DetachResult(record=RecordFate.ALREADY_GONE, commands=commands)
+        again = await detach(t, iscsiadm=fake.iscsiadm(), delete="always")
+    # No session, no record, no ledger entry: nothing to detach.
+    assert again == DetachResult(record=RecordFate.ABSENT, commands=commands)
+    assert again.record.value == "absent"
     assert fake.ops() == ["logout", "delete", "logout", "delete"]
+    assert not default_ledger.path.exists()
 
 
-@pytest.mark.parametrize("with_ledger", [False, True])
-async def test_detach_can_keep_the_record(fake: Fake, tmp_path: Path, with_ledger: bool) -> None:
+async def test_detach_always_forgets_our_ledger_entry(fake: Fake, ledger: RecordLedger) -> None:
+    t = local_target()
+    fake.preload(records=[KEY])
+    ledger.add(t)
+    with trio.fail_after(30):
+        result = await detach(t, iscsiadm=fake.iscsiadm(), delete="always", ledger=ledger)
+    assert result.record is RecordFate.DELETED
+    assert ledger.entries() == ()
+
+
+async def test_detach_without_a_ledger_uses_the_default_one_and_keeps_a_hand_made_record(
+    fake: Fake, default_ledger: RecordLedger
+) -> None:
     fake.preload(records=[KEY], sessions=[KEY])
-    ledger = RecordLedger(tmp_path / "ledger.json")
-    ledger.add(local_target())  # even a record of ours stays when asked to
+    t = local_target()
+    with trio.fail_after(30):
+        kept = await detach(t, iscsiadm=fake.iscsiadm())
+    assert kept.record is RecordFate.KEPT_NOT_OURS
+    assert fake.saved() == {"records": [KEY], "sessions": []}
+    # And a record the default ledger lists is deleted, and dropped from it.
+    default_ledger.add(t)
+    with trio.fail_after(30):
+        deleted = await detach(t, iscsiadm=fake.iscsiadm())
+    assert deleted.record is RecordFate.DELETED
+    assert fake.saved() == {"records": [], "sessions": []}
+    assert default_ledger.entries() == ()
+
+
+async def test_attach_without_a_ledger_notes_its_record_in_the_default_one(
+    fake: Fake, default_ledger: RecordLedger
+) -> None:
+    t = local_target()
+    fake.device_for(t)
+    with trio.fail_after(30):
+        attached = await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root)
+    assert attached.created_record
+    assert default_ledger.entries() == (LedgerEntry.of(t),)
+
+
+@pytest.mark.parametrize("delete", DELETE_MODES)
+async def test_detach_with_no_record_and_no_session_is_absent(
+    fake: Fake, ledger: RecordLedger, delete: str
+) -> None:
     with trio.fail_after(30):
         result = await detach(
             local_target(),
             iscsiadm=fake.iscsiadm(),
-            delete_record=False,
-            ledger=ledger if with_ledger else None,
+            delete=delete,  # type: ignore[arg-type]
+            ledger=ledger,
+        )
+    assert result.record is RecordFate.ABSENT
+    assert result.record.description == "nothing to detach: no node record and no session"
+    assert fake.ops()[0] == "logout"
+    assert "delete" not in fake.ops() or delete == "always"
+
+
+async def test_detach_of_a_session_whose_record_is_gone_is_not_absent(
+    fake: Fake, ledger: RecordLedger
+) -> None:
+    fake.preload(records=[], sessions=[KEY])
+    with trio.fail_after(30):
+        result = await detach(local_target(), iscsiadm=fake.iscsiadm(), ledger=ledger)
+    assert result.record is RecordFate.ALREADY_GONE
+    assert fake.saved() == {"records": [], "sessions": []}
+
+
+@pytest.mark.parametrize("bad", ["yes", "IF_OURS", "", None, True, 1])
+async def test_detach_refuses_an_unknown_delete_mode_before_running_anything(
+    fake: Fake, bad: object
+) -> None:
+    with trio.fail_after(30), pytest.raises(LocalProtocolError) as info:
+        await detach(local_target(), iscsiadm=fake.iscsiadm(), delete=bad)  # type: ignore[arg-type]
+    assert f"delete={bad!r}" in str(info.value)
+    assert "'if_ours', 'always', 'never'" in str(info.value)
+    assert fake.ops() == []
+
+
+@pytest.mark.parametrize(("delete_record", "fate"), [(True, "deleted"), (False, "kept_on_request")])
+async def test_the_older_delete_record_keyword_still_works(
+    fake: Fake, ledger: RecordLedger, delete_record: bool, fate: str
+) -> None:
+    t = local_target()
+    fake.preload(records=[KEY])
+    ledger.add(t)
+    with trio.fail_after(30):
+        result = await detach(
+            t, iscsiadm=fake.iscsiadm(), delete_record=delete_record, ledger=ledger
+        )
+    assert result.record.value == fate
+
+
+async def test_delete_and_delete_record_together_are_refused(fake: Fake) -> None:
+    with trio.fail_after(30), pytest.raises(LocalProtocolError, match="not both"):
+        await detach(local_target(), iscsiadm=fake.iscsiadm(), delete="never", delete_record=True)
+    with trio.fail_after(30), pytest.raises(LocalProtocolError, match="not a bool"):
+        await detach(local_target(), iscsiadm=fake.iscsiadm(), delete_record="no")  # type: ignore[arg-type]
+    assert fake.ops() == []
+
+
+@pytest.mark.parametrize("listed", [False, True])
+async def test_detach_can_keep_the_record(fake: Fake, ledger: RecordLedger, listed: bool) -> None:
+    fake.preload(records=[KEY], sessions=[KEY])
+    if listed:
+        ledger.add(local_target())  # even a record of ours stays when asked to
+    with trio.fail_after(30):
+        result = await detach(
+            local_target(), iscsiadm=fake.iscsiadm(), delete="never", ledger=ledger
         )
     assert result.record is RecordFate.KEPT_ON_REQUEST
-    assert fake.ops() == ["logout"]
+    assert fake.ops() == ["logout", "show"]
     assert fake.saved() == {"records": [KEY], "sessions": []}
-    assert ledger.is_ours(local_target())
+    assert ledger.is_ours(local_target()) is listed
 
 
 async def test_detach_reports_a_failed_logout(fake: Fake) -> None:
@@ -739,9 +851,10 @@ def ledger_document(ledger: RecordLedger) -> object:
     return json.loads(ledger.path.read_text())
 
 
-def test_default_ledger_path() -> None:
+def test_default_ledger_path(default_ledger: RecordLedger) -> None:
     assert Path("/var/lib/pyiscsi-failover/created-records.json") == DEFAULT_LEDGER_PATH
-    assert RecordLedger().path == DEFAULT_LEDGER_PATH
+    # Looked up when the ledger is made (the autouse fixture moved it for this test).
+    assert RecordLedger().path == default_ledger.path != DEFAULT_LEDGER_PATH
     assert repr(RecordLedger("/x/y.json")) == "RecordLedger('/x/y.json')"
 
 
@@ -785,10 +898,11 @@ async def test_a_record_that_existed_before_attach_survives_detach(
         assert not ledger.path.exists()  # nothing of ours to note
         detached = await detach(t, iscsiadm=fake.iscsiadm(), ledger=ledger)
     assert detached == DetachResult(
-        record=RecordFate.KEPT_NOT_OURS, commands=(node_logout(t).masked(),)
+        record=RecordFate.KEPT_NOT_OURS,
+        commands=(node_logout(t).masked(), node_show(t).masked()),
     )
     assert detached.record.description == "record kept: not created by pyiscsi-failover"
-    assert fake.ops()[-1] == "logout"  # logged out, and the record not even looked at again
+    assert fake.ops()[-2:] == ["logout", "show"]  # logged out, the record looked at, not deleted
     assert fake.saved() == {"records": [KEY], "sessions": []}
 
 

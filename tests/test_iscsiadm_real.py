@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import pyiscsi_failover.iscsiadm as iscsiadm_module
 from pyiscsi_failover.credentials import ChapCredentials, Secret
 from pyiscsi_failover.errors import IscsiadmError
 from pyiscsi_failover.iscsiadm import (
@@ -73,6 +74,14 @@ def _forget(iqn: str) -> None:
     subprocess.run(
         [ISCSIADM, "-m", "node", "-T", iqn, "-o", "delete"], capture_output=True, check=False
     )
+
+
+@pytest.fixture(autouse=True)
+def default_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RecordLedger:
+    """attach/detach use the default ledger when given none: never the real one in a test."""
+    path = tmp_path / "default-ledger" / "created-records.json"
+    monkeypatch.setattr(iscsiadm_module, "DEFAULT_LEDGER_PATH", path)
+    return RecordLedger(path)
 
 
 @pytest.fixture
@@ -180,17 +189,31 @@ async def test_failed_attach_keeps_a_record_that_existed(
     assert _record(after.stdout)["node.session.auth.authmethod"] == "CHAP"
 
 
-async def test_detach_without_session_or_record_is_fine(
+async def test_detach_always_without_session_or_record_is_fine(
     iscsiadm: Iscsiadm, node: NodeTarget
 ) -> None:
     with trio.fail_after(30):
         await iscsiadm.check(node_new(node))
-        ran = await detach(node, iscsiadm=iscsiadm)
+        ran = await detach(node, iscsiadm=iscsiadm, delete="always")
         after = await iscsiadm.run(node_show(node))
-        again = await detach(node, iscsiadm=iscsiadm)
-    assert (ran.record, again.record) == (RecordFate.DELETED, RecordFate.ALREADY_GONE)
+        again = await detach(node, iscsiadm=iscsiadm, delete="always")
+    assert (ran.record, again.record) == (RecordFate.DELETED, RecordFate.ABSENT)
     assert len(ran.commands) == len(again.commands) == 2
     assert after.status is IscsiadmExit.NO_OBJS_FOUND
+
+
+async def test_detach_by_default_keeps_a_hand_made_record_and_reports_absent_ones(
+    iscsiadm: Iscsiadm, node: NodeTarget, default_ledger: RecordLedger
+) -> None:
+    with trio.fail_after(30):
+        absent = await detach(node, iscsiadm=iscsiadm)
+        _new_by_hand(node)
+        kept = await detach(node, iscsiadm=iscsiadm)
+        after = await iscsiadm.run(node_show(node))
+    assert absent.record is RecordFate.ABSENT
+    assert kept.record is RecordFate.KEPT_NOT_OURS
+    assert after.status is IscsiadmExit.SUCCESS
+    assert not default_ledger.path.exists()
 
 
 def _new_by_hand(t: NodeTarget, portal: str | None = None) -> None:
