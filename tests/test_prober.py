@@ -3,11 +3,17 @@
 Each simulated candidate succeeds or fails after a fixed delay, or hangs until its connect
 deadline. Virtual time makes the latency claims exact: ordered costs the slowest failure before
 the winner, sequential the sum, staggered one stagger per blackholed portal.
+
+The second half simulates candidates phase by phase (connect, login, logout, each with the
+transport's deadline and shielded cleanup) and holds every attempt, the cancelled ones included,
+to its outcome, its start on the stagger schedule, and the per-attempt bound.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -31,6 +37,7 @@ from pyiscsi_failover.prober import (
     ProgressEvent,
     probe,
 )
+from pyiscsi_failover.transport import DEFAULT_LOGOUT_TIMEOUT
 
 CONNECT_TIMEOUT = 3.0
 
@@ -175,7 +182,11 @@ async def test_staggered_blackholed_main_costs_one_stagger(
     result, _ = await run(behaviours, Policy.STAGGERED, stagger=0.25)
     assert result.candidate is not None and result.candidate.index == 1
     assert result.elapsed_s == pytest.approx(0.27)
-    assert result.attempts[0].outcome is Outcome.CANCELLED
+    first, second = result.attempts
+    assert (first.outcome, first.started_at) == (Outcome.CANCELLED, 0.0)
+    assert first.elapsed_s == pytest.approx(0.27)  # cancelled the moment the second won
+    assert second.started_at == pytest.approx(0.25)
+    assert second.elapsed_s == pytest.approx(0.02)
 
 
 async def test_staggered_starts_next_at_once_when_previous_fails(
@@ -275,3 +286,284 @@ def test_json_shape() -> None:
         "elapsed_ms",
         "redirected_to",
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Every attempt within its own bound, cancelled ones included
+#
+# A richer simulated candidate whose timing follows transport.login's contract: the connect has
+# its own deadline, the login another, and a login abandoned (deadline or cancellation) once our
+# request is on the wire waits, shielded and within the logout bound, for the target's answer and
+# logs out if it let us in. A successful login's logout is shielded and bounded too. So no
+# attempt, cancelled or not, may take longer than connect + login + logout bounds.
+
+LOGIN_TIMEOUT = 10.0
+#: The prober leaves the transport's default logout bound in place.
+LOGOUT_TIMEOUT = DEFAULT_LOGOUT_TIMEOUT
+BUDGET = CONNECT_TIMEOUT + LOGIN_TIMEOUT + LOGOUT_TIMEOUT
+STAGGER = 0.25
+#: Two virtual instants closer than this are the same instant (trio may order them either way).
+TIE = 1e-9
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one simulated candidate does, phase by phase (seconds after the phase began)."""
+
+    connect: float | None  # None: blackholed; otherwise accepted (or refused) after this long
+    refuse: bool = False
+    answer: float | None = 0.01  # the final login answer; None: silent
+    verdict: Outcome = Outcome.OK  # OK, or the refusal it answers with
+    logout: float | None = 0.01  # the Logout Response; None: never comes
+
+
+def target_checker(targets: list[Target]) -> Checker:
+    async def checker(candidate: Candidate) -> Attempt:
+        t = targets[candidate.index]
+        started = trio.current_time()
+
+        def done(outcome: Outcome) -> Attempt:
+            return Attempt(
+                candidate=candidate, outcome=outcome, elapsed_s=trio.current_time() - started
+            )
+
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            await trio.sleep(math.inf if t.connect is None else t.connect)
+        if t.connect is None:
+            return done(Outcome.TIMEOUT)
+        if t.refuse:
+            return done(Outcome.REFUSED)
+        answered_at = None if t.answer is None else trio.current_time() + t.answer
+
+        async def abandon() -> None:
+            with trio.CancelScope(shield=True), trio.move_on_after(LOGOUT_TIMEOUT):
+                await trio.sleep_until(math.inf if answered_at is None else answered_at)
+                if t.verdict is Outcome.OK:
+                    await trio.sleep(math.inf if t.logout is None else t.logout)
+
+        try:
+            with trio.fail_after(LOGIN_TIMEOUT):
+                await trio.sleep_until(math.inf if answered_at is None else answered_at)
+        except trio.TooSlowError:
+            await abandon()
+            return done(Outcome.TIMEOUT)
+        except trio.Cancelled:
+            await abandon()
+            raise
+        if t.verdict is Outcome.OK:
+            with trio.CancelScope(shield=True), trio.move_on_after(LOGOUT_TIMEOUT):
+                await trio.sleep(math.inf if t.logout is None else t.logout)
+        return done(t.verdict)
+
+    return checker
+
+
+def natural(t: Target) -> tuple[Outcome, float]:
+    """How an attempt at ``t`` ends when nothing cancels it, and after how long."""
+    if t.connect is None:
+        return Outcome.TIMEOUT, CONNECT_TIMEOUT
+    if t.refuse:
+        return Outcome.REFUSED, t.connect
+    if t.answer is None:
+        return Outcome.TIMEOUT, t.connect + LOGIN_TIMEOUT + LOGOUT_TIMEOUT
+    if t.verdict is not Outcome.OK:
+        return t.verdict, t.connect + t.answer
+    return Outcome.OK, t.connect + t.answer + min(LOGOUT_TIMEOUT, _or_inf(t.logout))
+
+
+def cancelled_at(t: Target, at: float) -> tuple[Outcome, float]:
+    """How an attempt at ``t`` ends when its scope is cancelled ``at`` seconds after it began."""
+    outcome, took = natural(t)
+    if at >= took:
+        return outcome, took  # already over
+    if t.connect is None or at < t.connect:
+        return Outcome.CANCELLED, at  # still connecting: nothing to clean up
+    if t.answer is not None and at >= t.connect + t.answer:
+        return outcome, took  # logging out, shielded: the login's success stands
+    # Cancelled mid-login: wait (shielded, bounded) for the answer; log out if it let us in.
+    end = at + LOGOUT_TIMEOUT
+    if t.answer is not None:
+        answer = t.connect + t.answer
+        tail = _or_inf(t.logout) if t.verdict is Outcome.OK else 0.0
+        end = min(end, answer + tail)
+    return Outcome.CANCELLED, end
+
+
+def _or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+def _near(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6
+
+
+def assert_attempt_bounded(attempt: Attempt, t: Target, cancelled_from: float | None) -> None:
+    """``attempt`` ended as ``t`` makes it end, cancelled from ``cancelled_from`` (absolute)."""
+    assert attempt.started_at is not None
+    assert 0 <= attempt.elapsed_s <= BUDGET + TIE, attempt
+    seen = (attempt.outcome, attempt.elapsed_s)
+    allowed = [natural(t)]
+    if cancelled_from is not None:
+        at = cancelled_from - attempt.started_at
+        allowed += [cancelled_at(t, at - TIE), cancelled_at(t, at + TIE)]
+    assert any(o is seen[0] and _near(e, seen[1]) for o, e in allowed), (seen, allowed, t)
+
+
+def check_staggered(result: ProbeResult, targets: list[Target], stagger: float) -> None:
+    """The staggered policy's whole contract, attempt by attempt, in exact virtual time."""
+    attempts = result.attempts
+    started = [a for a in attempts if a.outcome is not Outcome.NOT_TRIED]
+    # Started in list order, with no gap: a prefix.
+    assert [a.candidate.index for a in started] == list(range(len(started)))
+    assert all(a.started_at is None for a in attempts[len(started) :])
+    ends = [a.started_at + a.elapsed_s for a in started if a.started_at is not None]
+    chosen = result.chosen
+    win_end = None
+    if chosen is not None:
+        assert chosen.ok and chosen.started_at is not None
+        win_end = chosen.started_at + chosen.elapsed_s
+        # The first success to finish wins; anything that ended OK did not end before it.
+        assert all(end >= win_end - TIE for a, end in zip(started, ends, strict=True) if a.ok), (
+            "an earlier success lost"
+        )
+    else:
+        assert len(started) == len(targets)
+        assert all(natural(t)[0] is not Outcome.OK for t in targets)
+    # The stagger schedule: the next starts when the previous fails, or after one stagger.
+    assert started[0].started_at == 0.0
+    for previous, current in itertools.pairwise(started):
+        assert previous.started_at is not None and current.started_at is not None
+        wait = min(stagger, natural(targets[previous.candidate.index])[1])
+        assert _near(current.started_at, previous.started_at + wait), (previous, current)
+        assert win_end is None or win_end >= current.started_at - TIE, "started after a win"
+    if len(started) < len(targets):
+        last = started[-1]
+        assert win_end is not None and last.started_at is not None
+        wait = min(stagger, natural(targets[last.candidate.index])[1])
+        assert win_end <= last.started_at + wait + TIE, "stopped starting without a winner"
+    for attempt in started:
+        assert_attempt_bounded(attempt, targets[attempt.candidate.index], win_end)
+    assert _near(result.elapsed_s, max(ends))
+
+
+async def run_targets(targets: list[Target], policy: Policy, **options: object) -> ProbeResult:
+    return await probe(
+        info_for(len(targets)),
+        ProbeOptions(
+            policy=policy,
+            connect_timeout=CONNECT_TIMEOUT,
+            login_timeout=LOGIN_TIMEOUT,
+            **options,  # type: ignore[arg-type]
+        ),
+        checker=target_checker(targets),
+    )
+
+
+async def test_staggered_cancels_a_blackholed_main_at_the_win(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    targets = [Target(connect=None), Target(connect=0.01, answer=0.01, logout=0.005)]
+    result = await run_targets(targets, Policy.STAGGERED, stagger=STAGGER)
+    first, second = result.attempts
+    assert (second.outcome, second.started_at) == (Outcome.OK, STAGGER)
+    assert second.elapsed_s == pytest.approx(0.025)
+    assert (first.outcome, first.started_at) == (Outcome.CANCELLED, 0.0)
+    assert first.elapsed_s == pytest.approx(STAGGER + 0.025)
+    assert result.elapsed_s == pytest.approx(STAGGER + 0.025)
+
+
+async def test_staggered_cancelled_mid_login_cleans_up_within_the_logout_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A silent main portal, cancelled mid-login, waits one logout bound for an answer (it might
+    have logged us in) and no longer; the probe returns once that cleanup ended."""
+    targets = [Target(connect=0.01, answer=None), Target(connect=0.01, logout=0.005)]
+    result = await run_targets(targets, Policy.STAGGERED, stagger=STAGGER)
+    first, second = result.attempts
+    win = STAGGER + 0.025
+    assert second.ok and second.started_at == STAGGER
+    assert first.outcome is Outcome.CANCELLED
+    assert first.elapsed_s == pytest.approx(win + LOGOUT_TIMEOUT)
+    assert first.elapsed_s <= BUDGET
+    assert result.elapsed_s == pytest.approx(win + LOGOUT_TIMEOUT)
+
+
+async def test_staggered_main_that_answers_during_cleanup_logs_out_and_stays_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    targets = [Target(connect=0.01, answer=0.5, logout=0.1), Target(connect=0.01, logout=0.005)]
+    result = await run_targets(targets, Policy.STAGGERED, stagger=STAGGER)
+    first, second = result.attempts
+    assert second.ok
+    assert first.outcome is Outcome.CANCELLED
+    assert first.elapsed_s == pytest.approx(0.01 + 0.5 + 0.1)  # its answer, then its logout
+
+
+async def test_staggered_main_already_logging_out_keeps_its_success(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Cancelled while its shielded logout runs, a successful login is reported as such."""
+    targets = [Target(connect=0.01, answer=0.2, logout=1.5), Target(connect=0.01, logout=0.005)]
+    result = await run_targets(targets, Policy.STAGGERED, stagger=STAGGER)
+    first, second = result.attempts
+    assert result.chosen == second
+    assert first.outcome is Outcome.OK
+    assert first.elapsed_s == pytest.approx(0.01 + 0.2 + 1.5)
+
+
+async def test_every_phase_times_out_within_the_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    targets = [
+        Target(connect=None),
+        Target(connect=0.5, answer=None),
+        Target(connect=0.5, logout=None),
+        Target(connect=2.9, refuse=True),
+    ]
+    result = await run_targets(targets, Policy.SEQUENTIAL, probe_all=True)
+    assert [a.outcome for a in result.attempts] == [
+        Outcome.TIMEOUT,
+        Outcome.TIMEOUT,
+        Outcome.OK,
+        Outcome.REFUSED,
+    ]
+    assert [a.elapsed_s for a in result.attempts] == pytest.approx(
+        [CONNECT_TIMEOUT, 0.5 + LOGIN_TIMEOUT + LOGOUT_TIMEOUT, 0.5 + 0.01 + LOGOUT_TIMEOUT, 2.9]
+    )
+    assert all(a.elapsed_s <= BUDGET for a in result.attempts)
+
+
+delays = st.sampled_from([0.004, 0.013, 0.03, 0.11, 0.26, 0.7, 1.9])
+targets_strategy = st.builds(
+    Target,
+    connect=st.one_of(st.none(), delays),
+    refuse=st.booleans(),
+    answer=st.one_of(st.none(), delays, st.sampled_from([4.0, 9.5])),
+    verdict=st.sampled_from([Outcome.OK, Outcome.OK, Outcome.AUTH_FAILED, Outcome.NOT_FOUND]),
+    logout=st.one_of(st.none(), delays),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(targets_strategy, min_size=1, max_size=6), st.sampled_from([0.05, STAGGER, 1.0]))
+@virtual
+async def test_staggered_attempts_keep_schedule_outcome_and_bound(
+    targets: list[Target], stagger: float
+) -> None:
+    result = await run_targets(targets, Policy.STAGGERED, stagger=stagger)
+    check_staggered(result, targets, stagger)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(targets_strategy, min_size=1, max_size=6))
+@virtual
+async def test_every_policy_keeps_each_attempt_within_its_bound(targets: list[Target]) -> None:
+    for policy in (Policy.SEQUENTIAL, Policy.ORDERED):
+        result = await run_targets(targets, policy)
+        chosen = result.chosen
+        win_end = None
+        if chosen is not None and chosen.started_at is not None:
+            win_end = chosen.started_at + chosen.elapsed_s
+        for attempt in result.attempts:
+            if attempt.outcome is not Outcome.NOT_TRIED:
+                assert_attempt_bounded(attempt, targets[attempt.candidate.index], win_end)
