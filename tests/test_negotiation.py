@@ -152,7 +152,8 @@ def expected_outcome(key: str, ours: object, target: Target) -> tuple[str, objec
         assert isinstance(ours, tuple)
         choice = next((item for item in ours if item in target.digests[key]), None)
         if choice is None:
-            return "Reject", (row.default if row.default in ours else None)
+            # A rejected digest ends the login: the target accepts none of ours.
+            return "Reject", None
         return choice.value, choice
     if row.function in ("min", "max"):
         assert isinstance(ours, int)
@@ -174,8 +175,8 @@ def receive_all(negotiator: Negotiator, rounds: list[list[tuple[str, str]]]) -> 
 
 def test_default_offer_in_a_normal_session() -> None:
     assert normal().offer() == [
-        ("HeaderDigest", "None"),
-        ("DataDigest", "None"),
+        ("HeaderDigest", "None,CRC32C"),
+        ("DataDigest", "None,CRC32C"),
         ("MaxConnections", "1"),
         ("InitialR2T", "Yes"),
         ("ImmediateData", "Yes"),
@@ -367,12 +368,31 @@ def test_keys_never_offered_keep_their_defaults() -> None:
 def test_refusal_keeps_an_acceptable_default(special: str) -> None:
     negotiator = normal(OperationalProposal(header_digest=(Digest.CRC32C, Digest.NONE)))
     answers = dict(full_answers(negotiator))
-    answers["HeaderDigest"] = special
     answers["MaxBurstLength"] = special
+    if special == "NotUnderstood":
+        # A target that does not know digests cannot use them either: None is safe.
+        answers["HeaderDigest"] = special
     assert negotiator.receive(answers.items()) == []
     result = negotiator.result()
-    assert result.header_digest is Digest.NONE
+    expected = Digest.NONE if special == "NotUnderstood" else Digest.CRC32C
+    assert result.header_digest is expected
     assert result.max_burst_length == 262144
+
+
+@pytest.mark.parametrize("key", ["HeaderDigest", "DataDigest"])
+@pytest.mark.parametrize(
+    "offer", [(Digest.NONE,), (Digest.NONE, Digest.CRC32C), (Digest.CRC32C, Digest.NONE)]
+)
+def test_a_rejected_digest_ends_the_negotiation(key: str, offer: tuple[Digest, ...]) -> None:
+    """A target that requires digests answers Reject to an offer it cannot take; falling back to
+    None would give a session whose next PDU the target cannot read."""
+    field = "header_digest" if key == "HeaderDigest" else "data_digest"
+    negotiator = normal(OperationalProposal(**{field: offer}))  # type: ignore[arg-type]
+    answers = dict(full_answers(negotiator))
+    answers[key] = "Reject"
+    with pytest.raises(NegotiationError, match=f"rejected {key}=") as caught:
+        negotiator.receive(answers.items())
+    assert (caught.value.key, caught.value.value) == (key, "Reject")
 
 
 @pytest.mark.parametrize(
@@ -390,7 +410,7 @@ def test_refusal_with_an_unacceptable_default_is_an_error(
 ) -> None:
     negotiator = normal(OperationalProposal(**changes))  # type: ignore[arg-type]
     negotiator.offer()
-    with pytest.raises(NegotiationError, match="default") as caught:
+    with pytest.raises(NegotiationError, match="default|accepts none") as caught:
         negotiator.receive([(key, special)])
     assert (caught.value.key, caught.value.value) == (key, special)
 
