@@ -386,3 +386,35 @@ def test_booleans() -> None:
     for bad in ("yes", "NO", "", "True", "1"):
         with pytest.raises(TextError, match="InitialR2T"):
             parse_boolean("InitialR2T", bad)
+
+
+# -- the cache of valid keys -----------------------------------------------------------------
+
+
+def test_key_cache_keeps_only_valid_keys_and_stays_bounded() -> None:
+    from pyiscsi_failover.protocol import text
+
+    text._VALID_KEYS.clear()
+    decode_text(b"HeaderDigest=None\x00")
+    assert text._VALID_KEYS[b"HeaderDigest"] == "HeaderDigest"
+    for bad in (b"Bad Key=1\x00", b"=1\x00", b"K" * 64 + b"=1\x00"):
+        with pytest.raises(TextError):
+            decode_text(bad)
+        # Refused again on the second sight: an invalid key is never remembered.
+        with pytest.raises(TextError):
+            decode_text(bad)
+        assert bad.partition(b"=")[0] not in text._VALID_KEYS
+    # A peer sending endless distinct (valid) keys cannot grow the cache past its bound.
+    many = b"".join(b"X-%d=1\x00" % i for i in range(3 * text._VALID_KEYS_MAX))
+    assert len(decode_text(many)) == 3 * text._VALID_KEYS_MAX
+    assert len(text._VALID_KEYS) <= text._VALID_KEYS_MAX
+    # ...nor keep a common key out: it is remembered again once seen.
+    decode_text(b"HeaderDigest=None\x00")
+    assert text._VALID_KEYS[b"HeaderDigest"] == "HeaderDigest"
+
+
+def test_decode_accepts_bytearray_and_memoryview() -> None:
+    raw = b"MaxBurstLength=262144\x00DataDigest=None\x00"
+    expected = [("MaxBurstLength", "262144"), ("DataDigest", "None")]
+    assert decode_text(bytearray(raw)) == expected
+    assert decode_text(memoryview(raw)) == expected

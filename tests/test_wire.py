@@ -7,11 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from construct import ConstructError
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from strategies import PDU_STRATEGIES, data_segments, login_requests, pdus
 
 from pyiscsi_failover.errors import PDUDecodeError, PDUEncodeError
+from pyiscsi_failover.protocol import wire
 from pyiscsi_failover.protocol.digest import crc32c
 from pyiscsi_failover.protocol.pdu import (
     ISID,
@@ -803,3 +805,95 @@ def test_header_bit_flips_caught_by_header_digest(pdu: LoginRequest, bit: int) -
     # Flips in the opcode or the length fields are caught before the digest can be found.
     if bit // 8 not in (0, 4, 5, 6, 7):
         assert error.field == "HeaderDigest"
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled headers: construct's Struct.compile() must agree with the interpreted definitions
+# ---------------------------------------------------------------------------------------------
+# wire.py parses and builds each BHS with the compiled form of its construct Struct and falls
+# back to the interpreted one whenever compiled code raises. These pin that the two agree: on
+# every opcode, for any 48 header bytes (parse) and any PDU the model can hold (build), and that
+# the compiled parser is never handed anything but exactly 48 bytes.
+
+
+def _fields(container: Any) -> dict[str, Any]:
+    """A parsed Container as plain nested dicts, without construct's private ``_`` keys."""
+    return {
+        key: _fields(value) if isinstance(value, dict) else value
+        for key, value in container.items()
+        if not key.startswith("_")
+    }
+
+
+def _interpreted_parse(codec: Any, bhs: bytes) -> dict[str, Any] | type[Exception]:
+    try:
+        return _fields(codec.header.parse(bhs))
+    except Exception as exc:  # the interpreted parser's own error type is the expectation
+        return type(exc)
+
+
+def _compiled_parse(codec: Any, bhs: bytes) -> dict[str, Any] | type[Exception]:
+    try:
+        return _fields(wire._compiled(codec).parse(bhs))
+    except Exception as exc:
+        return type(exc)
+
+
+@given(opcode=st.sampled_from(list(Opcode)), raw=st.binary(min_size=48, max_size=48))
+@example(opcode=Opcode.REJECT, raw=bytes(48))  # Reject ITT is a Const: both must refuse it
+@example(opcode=Opcode.REJECT, raw=bytes(16) + b"\xff" * 4 + bytes(28))
+def test_compiled_parse_equals_interpreted(opcode: Opcode, raw: bytes) -> None:
+    codec = wire._BY_OPCODE[opcode]
+    bhs = bytes([(raw[0] & 0xC0) | opcode]) + raw[1:]
+    interpreted = _interpreted_parse(codec, bhs)
+    compiled = _compiled_parse(codec, bhs)
+    if isinstance(interpreted, dict):
+        assert compiled == interpreted
+        assert _fields(wire._parse_header(codec, bhs)) == interpreted
+    else:
+        # Compiled code may raise another type; _parse_header must then report the
+        # interpreted parser's error, with its field path.
+        with pytest.raises(interpreted):
+            wire._parse_header(codec, bhs)
+
+
+@given(pdu=pdus())
+@settings(max_examples=300)
+def test_compiled_build_equals_interpreted(pdu: PDU) -> None:
+    codec = wire._BY_MODEL[type(pdu)]
+    fields, data = codec.fields_in(pdu)
+    fields["TotalAHSLength"] = 0
+    fields["DataSegmentLength"] = len(data)
+    interpreted = codec.header.build(fields)
+    assert wire._compiled(codec).build(fields) == interpreted
+    assert wire._build_header(codec, fields) == interpreted
+    assert len(interpreted) == BHS_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("InitiatorTaskTag", 2**32), ("CmdSN", -1), ("TSIH", 2**16), ("CID", "1"), ("TSIH", 1.5)],
+)
+def test_compiled_build_errors_come_from_the_interpreted_definition(
+    field: str, value: object
+) -> None:
+    """Out-of-range values make compiled code raise struct.error; the interpreted build must
+    then report the field, as it did before compilation."""
+    codec = wire._BY_MODEL[LoginRequest]
+    fields, _ = codec.fields_in(login_request())
+    fields.update({"TotalAHSLength": 0, "DataSegmentLength": 0, field: value})
+    with pytest.raises(ConstructError) as raised:
+        wire._build_header(codec, fields)
+    assert field in str(raised.value)
+    error = encode_error(login_request(**{_MODEL_NAMES[field]: value}))
+    assert error.field == field
+
+
+_MODEL_NAMES = {"InitiatorTaskTag": "itt", "CmdSN": "cmdsn", "TSIH": "tsih", "CID": "cid"}
+
+
+@pytest.mark.parametrize("size", [0, 1, 47, 49, 96])
+def test_compiled_parser_never_sees_short_or_long_input(size: int) -> None:
+    codec = wire._BY_OPCODE[Opcode.LOGIN_RESPONSE]
+    with pytest.raises(wire._FieldProblem, match="a BHS is 48 bytes"):
+        wire._parse_header(codec, bytes(size))

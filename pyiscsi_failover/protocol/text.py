@@ -75,7 +75,25 @@ def _quote(raw: bytes) -> str:
     return raw[:_QUOTE_BYTES].decode("utf-8", "backslashreplace")
 
 
+#: Keys already found valid, so that the few a login uses skip the checks below (they ran on
+#: every pair of every PDU). Bounded: once full it starts over, so a peer that sends endless
+#: distinct keys can neither grow it nor keep the common keys out of it for long.
+_VALID_KEYS: dict[bytes, str] = {}
+_VALID_KEYS_MAX = 256
+
+
 def _check_key(raw: bytes, *, offset: int | None) -> str:
+    known = _VALID_KEYS.get(raw)
+    if known is not None:
+        return known
+    key = _checked_key(raw, offset=offset)
+    if len(_VALID_KEYS) >= _VALID_KEYS_MAX:
+        _VALID_KEYS.clear()
+    _VALID_KEYS[raw] = key
+    return key
+
+
+def _checked_key(raw: bytes, *, offset: int | None) -> str:
     where = "" if offset is None else f" at offset {offset}"
     if not raw:
         raise TextError(f"empty key{where}", key="")
@@ -142,12 +160,14 @@ def encode_text(pairs: Iterable[tuple[str, str]]) -> bytes:
     return bytes(out)
 
 
-def decode_text(data: bytes) -> list[tuple[str, str]]:
+def decode_text(data: bytes | bytearray | memoryview) -> list[tuple[str, str]]:
     """Decode a whole (reassembled) data segment into pairs, keeping order and repeated keys.
 
     Empty entries between NULs are skipped: some targets pad with extra NULs. Bytes after the
     last NUL are an error, since a pair may only be parsed once it is complete.
     """
+    if not isinstance(data, bytes):
+        data = bytes(data)  # entries must be hashable for the key cache
     if data and data[-1] != 0:
         start = data.rfind(b"\x00") + 1
         tail = data[start:]

@@ -703,6 +703,45 @@ _BY_OPCODE: Final[dict[int, _Codec[Any]]] = {
 }
 _BY_MODEL: Final[dict[type[Any], _Codec[Any]]] = {c.model: c for c in _BY_OPCODE.values()}
 
+# Compiled headers: construct's ``Struct.compile()`` turns each BHS definition above into
+# generated Python that parses and builds with ``struct`` directly, about four times faster
+# than interpreting the definition field by field. The definitions stay the single source of
+# truth; the compiled form is a cache of them, and tests/test_wire.py checks that both agree on
+# every opcode. Two rules keep it safe (compiled parsers have been seen to accept short input):
+# a compiled parser only ever sees exactly BHS_LENGTH bytes, and whenever compiled code raises,
+# the interpreted definition runs again on the same input, so every error is reported by it,
+# with its field path. Each header is compiled on first use (about 1 ms each), not at import.
+_COMPILED: Final[dict[type[Any], Construct[Any, Any]]] = {}
+
+
+def _compiled(codec: _Codec[Any]) -> Construct[Any, Any]:
+    compiled = _COMPILED.get(codec.model)
+    if compiled is None:
+        compiled = _COMPILED[codec.model] = codec.header.compile()
+    return compiled
+
+
+def _parse_header(codec: _Codec[Any], bhs: bytes) -> Container[Any]:
+    """The BHS fields of ``bhs`` (exactly BHS_LENGTH bytes, already framed)."""
+    if len(bhs) != BHS_LENGTH:
+        # Unreachable from decode_pdu, which slices a checked PDU; never hand short input to
+        # compiled code.
+        raise _FieldProblem(("BHS",), len(bhs), f"a BHS is {BHS_LENGTH} bytes, not {len(bhs)}")
+    try:
+        header: Container[Any] = _compiled(codec).parse(bhs)
+    except (ConstructError, struct.error, ValueError, TypeError, KeyError):
+        header = codec.header.parse(bhs)  # raises the error, with its field
+    return header
+
+
+def _build_header(codec: _Codec[Any], fields: dict[str, Any]) -> bytes:
+    """The BHS bytes of ``fields``; a bad field is reported by the interpreted definition."""
+    try:
+        bhs: bytes = _compiled(codec).build(fields)
+    except (ConstructError, struct.error, ValueError, TypeError, KeyError, OverflowError):
+        bhs = codec.header.build(fields)  # raises the error, with its field
+    return bhs
+
 
 # --------------------------------------------------------------------------------------------
 # layout and error reporting
@@ -888,7 +927,7 @@ def encode_pdu(pdu: PDU, *, header_digest: bool = False, data_digest: bool = Fal
         data = _checked_data(data)
         fields["TotalAHSLength"] = 0  # no AHS type exists for these opcodes
         fields["DataSegmentLength"] = len(data)  # padding not counted
-        bhs: bytes = codec.header.build(fields)
+        bhs = _build_header(codec, fields)
     except (
         _FieldProblem,
         ConstructError,
@@ -977,7 +1016,7 @@ def _decode(
         if not byte & bit.mask:
             # Reason worded as construct's Const put it when these bits were BitStruct fields.
             raise _FieldProblem(bit.names, byte, "parsing expected True but parsed False")
-    header = codec.header.parse(raw[:BHS_LENGTH])  # the AHS, if any, is skipped
+    header = _parse_header(codec, raw[:BHS_LENGTH])  # the AHS, if any, is skipped
     if data_digest and layout.data_length:
         at = layout.data_digest_at
         received, computed = raw[at:], crc32c(raw[layout.data_at : at])
