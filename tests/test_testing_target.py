@@ -28,6 +28,7 @@ from pyiscsi_failover.credentials import ChapCredentials, Secret
 from pyiscsi_failover.errors import LocalProtocolError, PDUDecodeError, TextError
 from pyiscsi_failover.names import Portal
 from pyiscsi_failover.protocol.chap import ChapAlgorithm, chap_response
+from pyiscsi_failover.protocol.digest import crc32c
 from pyiscsi_failover.protocol.framing import PDUBuffer
 from pyiscsi_failover.protocol.negotiation import SessionType
 from pyiscsi_failover.protocol.pdu import (
@@ -62,6 +63,7 @@ from pyiscsi_failover.testing import (
     ChapSettings,
     ConnectionState,
     DelayPDUs,
+    DigestsRequired,
     DowngradeToNone,
     FaultKind,
     GarbageKeyValues,
@@ -73,6 +75,7 @@ from pyiscsi_failover.testing import (
     RedirectLoop,
     ReflectChallenge,
     Refuse,
+    RejectDigests,
     ResetMidLogin,
     ServiceUnavailable,
     Silent,
@@ -1199,6 +1202,136 @@ async def test_non_utf8_text_in_login_and_text_responses() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Sans-IO: digest faults
+
+
+def _digest_offer(header: str, data: str) -> list[tuple[str, str]]:
+    return [("HeaderDigest", header), ("DataDigest", data), *OPERATIONAL[2:]]
+
+
+def _send_targets_request(link: SansIOLink, *, header: bool, data: bool) -> bytes:
+    request = link.ini.text([("SendTargets", "")])
+    return encode_pdu(request, header_digest=header, data_digest=data)
+
+
+@pytest.mark.parametrize("offer", ["None,CRC32C", "CRC32C,None", "CRC32C"])
+async def test_digests_required_answers_crc32c_and_uses_it(offer: str) -> None:
+    link = connect(simple_config(faults=(DigestsRequired(),)))
+    result = await do_login(link, target=DISK1, operational=_digest_offer(offer, offer))
+    assert result.status is LoginStatus.SUCCESS
+    assert (result.keys["HeaderDigest"], result.keys["DataDigest"]) == ("CRC32C", "CRC32C")
+    assert link.of_type(FaultInjected) == [FaultInjected(kind=FaultKind.DIGESTS_REQUIRED)]
+    # From the first PDU after the final Login Response, both ways carry CRC32C digests: the
+    # answers only decode with digests expected.
+    link.buffer.header_digest = link.buffer.data_digest = True
+    [answer] = link.send_bytes(_send_targets_request(link, header=True, data=True))
+    assert isinstance(answer, TextResponse)
+    assert decode_text(answer.data)[0] == ("TargetName", DISK1)
+    [bye] = link.send_bytes(encode_pdu(link.ini.logout(), header_digest=True))
+    assert isinstance(bye, LogoutResponse)
+    assert link.conn.closed
+
+
+async def test_digests_required_sends_digests_the_initiator_did_not_agree_to() -> None:
+    link = connect(simple_config(faults=(DigestsRequired(),)))
+    result = await do_login(link, target=DISK1, operational=_digest_offer("None", "None"))
+    assert result.status is LoginStatus.SUCCESS
+    assert (result.keys["HeaderDigest"], result.keys["DataDigest"]) == ("Reject", "Reject")
+    link.conn.receive_data(_send_targets_request(link, header=True, data=True))
+    raw = link.conn.data_to_send()
+    # One Text Response: BHS, its CRC32C, the padded data, the data's CRC32C.
+    length = int.from_bytes(raw[5:8], "big")
+    padded = length + -length % 4
+    assert len(raw) == 48 + 4 + padded + 4
+    assert raw[48:52] == crc32c(raw[:48])
+    assert raw[-4:] == crc32c(raw[52:-4])
+    assert decode_text(raw[52 : 52 + length])[0] == ("TargetName", DISK1)
+
+
+@pytest.mark.parametrize("mode", ["header", "data", "both"])
+@pytest.mark.parametrize("offered", [True, False])
+async def test_digests_required_then_pdus_without_digests_go_unanswered(
+    mode: str, offered: bool
+) -> None:
+    fault = parse_fault(f"digests-required:{mode}")
+    assert isinstance(fault, DigestsRequired)
+    header, data = mode in ("header", "both"), mode in ("data", "both")
+    operational = _digest_offer("None", "None") if offered else OPERATIONAL[2:]
+
+    async def logged_in() -> SansIOLink:
+        link = connect(simple_config(target_faults=(fault,)))
+        result = await do_login(link, target=DISK1, operational=operational)
+        assert result.status is LoginStatus.SUCCESS
+        for key in ("HeaderDigest", "DataDigest"):
+            expected = "Reject" if key in fault.keys else "None"
+            assert result.keys.get(key) == (expected if offered else None)
+        link.buffer.header_digest, link.buffer.data_digest = header, data
+        return link
+
+    # Without the digests the target demands, the request is never understood...
+    plain = await logged_in()
+    assert plain.send_bytes(_send_targets_request(plain, header=False, data=False)) == []
+    assert plain.conn.state is ConnectionState.FULL_FEATURE
+    assert not plain.of_type(SendTargetsAnswered)
+    # ... with them it is, and the answer carries them too.
+    digested = await logged_in()
+    [answer] = digested.send_bytes(_send_targets_request(digested, header=header, data=data))
+    assert isinstance(answer, TextResponse)
+    assert digested.of_type(SendTargetsAnswered)
+    # A Logout has no data segment: only a required header digest makes it go unanswered.
+    silent = await logged_in()
+    answers = silent.send(silent.ini.logout())
+    if header:
+        assert answers == []
+        assert not silent.of_type(LogoutReceived)
+        assert not silent.conn.closed
+    else:
+        assert [type(a) for a in answers] == [LogoutResponse]
+
+
+async def test_digests_required_per_target_leaves_discovery_alone() -> None:
+    link = connect(simple_config(target_faults=(DigestsRequired(),)))
+    result = await do_login(link, operational=_digest_offer("None", "None"))
+    assert (result.keys["HeaderDigest"], result.keys["DataDigest"]) == ("None", "None")
+    pairs, _ = await send_targets(link)
+    assert ("TargetName", DISK1) in pairs
+    await logout(link)
+    assert not link.of_type(FaultInjected)
+
+
+@pytest.mark.parametrize("offer", ["None", "CRC32C", "None,CRC32C", "CRC32C,None"])
+async def test_reject_digests_whatever_is_offered(offer: str) -> None:
+    link = connect(simple_config(faults=(RejectDigests(),)))
+    result = await do_login(link, target=DISK1, operational=_digest_offer(offer, offer))
+    assert result.status is LoginStatus.SUCCESS
+    assert (result.keys["HeaderDigest"], result.keys["DataDigest"]) == ("Reject", "Reject")
+    assert link.of_type(FaultInjected) == [FaultInjected(kind=FaultKind.REJECT_DIGESTS)]
+    # A rejected key keeps its default: no digests after login.
+    pairs, _ = await send_targets(link, "")
+    assert pairs[0] == ("TargetName", DISK1)
+    assert isinstance(await logout(link), LogoutResponse)
+
+
+async def test_reject_digests_with_digests_required_rejects_and_still_uses_them() -> None:
+    link = connect(simple_config(faults=(RejectDigests(), DigestsRequired(data=False))))
+    result = await do_login(link, target=DISK1, operational=_digest_offer("CRC32C", "CRC32C"))
+    assert (result.keys["HeaderDigest"], result.keys["DataDigest"]) == ("Reject", "Reject")
+    assert link.send(link.ini.logout()) == []  # no header digest: not understood
+    again = connect(simple_config(faults=(RejectDigests(), DigestsRequired(data=False))))
+    await do_login(again, target=DISK1, operational=_digest_offer("CRC32C", "CRC32C"))
+    again.buffer.header_digest = True
+    [bye] = again.send_bytes(encode_pdu(again.ini.logout(), header_digest=True))
+    assert isinstance(bye, LogoutResponse)
+
+
+def test_digests_required_needs_a_digest() -> None:
+    with pytest.raises(LocalProtocolError):
+        DigestsRequired(header=False, data=False)
+    assert DigestsRequired(data=False).keys == ("HeaderDigest",)
+    assert DigestsRequired().keys == ("HeaderDigest", "DataDigest")
+
+
+# --------------------------------------------------------------------------------------------
 # Configuration and fault descriptions
 
 
@@ -1255,6 +1388,10 @@ FAULT_TEXTS = [
     "split-text:8:tgt",
     "split-text:8:continue:login",
     "service-unavailable",
+    "digests-required:both",
+    "digests-required:header",
+    "digests-required:data",
+    "reject-digests",
 ]
 
 
@@ -1271,7 +1408,18 @@ def test_every_fault_kind_has_a_spelling() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["nonsense", "delay", "delay:soon", "delay:-1", "refuse:1", "split-text:0", "redirect:"]
+    "text",
+    [
+        "nonsense",
+        "delay",
+        "delay:soon",
+        "delay:-1",
+        "refuse:1",
+        "split-text:0",
+        "redirect:",
+        "digests-required:crc32c",
+        "reject-digests:1",
+    ],
 )
 def test_bad_fault_spelling(text: str) -> None:
     with pytest.raises(LocalProtocolError):

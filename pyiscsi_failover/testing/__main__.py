@@ -53,8 +53,10 @@ faults (--fault NAME=FAULT, NAME a portal name or a target IQN):
   redirect-permanent:ADDRESS (ADDRESS may also be a portal name), redirect-loop[:permanent],
   wrong-chap-response, reflect-challenge[:0xHEX|:initiator-secret], downgrade-to-none,
   garbage-key-values[:KEY,...], non-utf8-text, split-text[:CHUNK[:continue|tgt[:login]]],
-  service-unavailable. Socket and timing faults (refuse, blackhole, silent, reset-mid-login,
-  delay, slow-drip) can only be set on a portal.
+  service-unavailable, digests-required[:header|data|both], reject-digests. Socket and
+  timing faults (refuse, blackhole, silent, reset-mid-login, delay, slow-drip) can only be set
+  on a portal. A portal or target may carry several faults of different kinds (repeat --fault),
+  e.g. --fault A=delay:0.4 --fault A=redirect:B for a slow hop of a redirect chain.
 
 CHAP:
   --chap USER:SECRET (repeatable) makes every target, and discovery unless

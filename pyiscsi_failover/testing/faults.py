@@ -28,6 +28,7 @@ from pyiscsi_failover.errors import LocalProtocolError
 __all__ = [
     "Blackhole",
     "DelayPDUs",
+    "DigestsRequired",
     "DowngradeToNone",
     "Fault",
     "FaultKind",
@@ -40,6 +41,7 @@ __all__ = [
     "RedirectLoop",
     "ReflectChallenge",
     "Refuse",
+    "RejectDigests",
     "ResetMidLogin",
     "ServiceUnavailable",
     "Silent",
@@ -85,6 +87,8 @@ class FaultKind(enum.Enum):
     NON_UTF8_TEXT = "non-utf8-text"
     SPLIT_TEXT = "split-text"
     SERVICE_UNAVAILABLE = "service-unavailable"
+    DIGESTS_REQUIRED = "digests-required"
+    REJECT_DIGESTS = "reject-digests"
 
     @property
     def layer(self) -> FaultLayer:
@@ -310,6 +314,45 @@ class ServiceUnavailable:
     kind: ClassVar[FaultKind] = FaultKind.SERVICE_UNAVAILABLE
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DigestsRequired:
+    """The target insists on CRC32C digests (``header`` and/or ``data``), as some arrays do.
+
+    It answers ``CRC32C`` to a HeaderDigest/DataDigest offer that contains it, and ``Reject``
+    to one that does not (``None`` alone), and then uses the digest on the connection anyway
+    from the first PDU after the final Login Response (RFC 7143 starts digests there), also
+    when the initiator never sent the key: what it sends is CRC32C-protected, and what it
+    receives without the digest is not understood (a 48-byte Logout without its 4 digest
+    bytes is waited on, never answered).
+    """
+
+    kind: ClassVar[FaultKind] = FaultKind.DIGESTS_REQUIRED
+    header: bool = True
+    data: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.header or self.data):
+            raise LocalProtocolError(
+                "digests-required needs the header digest, the data one or both"
+            )
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The digest keys required: ``HeaderDigest``, ``DataDigest`` or both."""
+        return (("HeaderDigest",) if self.header else ()) + (("DataDigest",) if self.data else ())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectDigests:
+    """HeaderDigest and DataDigest are answered ``Reject`` whatever is offered.
+
+    The login goes on and the connection uses no digest (a rejected key keeps its default,
+    None), unless :class:`DigestsRequired` is set too, which then decides what is used.
+    """
+
+    kind: ClassVar[FaultKind] = FaultKind.REJECT_DIGESTS
+
+
 Fault: TypeAlias = (
     Refuse
     | Blackhole
@@ -330,6 +373,8 @@ Fault: TypeAlias = (
     | NonUTF8Text
     | SplitText
     | ServiceUnavailable
+    | DigestsRequired
+    | RejectDigests
 )
 
 _SIMPLE: dict[FaultKind, Fault] = {
@@ -344,6 +389,13 @@ _SIMPLE: dict[FaultKind, Fault] = {
     FaultKind.DOWNGRADE_TO_NONE: DowngradeToNone(),
     FaultKind.NON_UTF8_TEXT: NonUTF8Text(),
     FaultKind.SERVICE_UNAVAILABLE: ServiceUnavailable(),
+    FaultKind.REJECT_DIGESTS: RejectDigests(),
+}
+
+_DIGEST_PARTS: dict[str, DigestsRequired] = {
+    "both": DigestsRequired(),
+    "header": DigestsRequired(data=False),
+    "data": DigestsRequired(header=False),
 }
 
 
@@ -376,7 +428,7 @@ def parse_fault(text: str) -> Fault:
     ``oversized-pdu[:LENGTH]``, ``redirect:ADDRESS`` / ``redirect-permanent:ADDRESS`` (ADDRESS
     is ``host:port[,tpgt]`` or a portal name), ``redirect-loop[:permanent]``,
     ``reflect-challenge[:0xHEX|:initiator-secret]``, ``garbage-key-values[:KEY,KEY...]``,
-    ``split-text[:CHUNK[:continue|tgt[:login]]]``.
+    ``split-text[:CHUNK[:continue|tgt[:login]]]``, ``digests-required[:header|data|both]``.
     """
     name, sep, arg = text.strip().partition(":")
     permanent = False
@@ -435,6 +487,12 @@ def parse_fault(text: str) -> Fault:
             if sep3 and login_text != "login":
                 raise LocalProtocolError("split-text takes ':login' after the style, or nothing")
             return SplitText(chunk=_integer(kind, chunk_text), style=style, login=bool(sep3))
+        case FaultKind.DIGESTS_REQUIRED:
+            if not sep:
+                return DigestsRequired()
+            if arg not in _DIGEST_PARTS:
+                raise LocalProtocolError("digests-required takes 'header', 'data' or 'both'")
+            return _DIGEST_PARTS[arg]
     raise LocalProtocolError(f"fault {kind.value} cannot be parsed")  # pragma: no cover
 
 
@@ -459,4 +517,7 @@ def format_fault(fault: Fault) -> str:
             return "garbage-key-values:" + ",".join(keys)
         case SplitText(chunk=chunk, style=style, login=login):
             return f"split-text:{chunk}:{style.value}" + (":login" if login else "")
+        case DigestsRequired(header=header, data=data):
+            part = "both" if header and data else ("header" if header else "data")
+            return f"digests-required:{part}"
     return fault.kind.value

@@ -87,6 +87,7 @@ class ConnectionRecord:
     """What happened on one accepted connection; updated while the connection lives."""
 
     __slots__ = (
+        "bytes_buffered",
         "bytes_received",
         "bytes_sent",
         "events",
@@ -111,6 +112,8 @@ class ConnectionRecord:
         self.reset = False
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: Received bytes that are not yet a whole PDU: the target waits for the rest.
+        self.bytes_buffered = 0
 
     def __repr__(self) -> str:
         return (
@@ -405,6 +408,7 @@ async def _serve_connection(
             data = await stream.receive_some(_RECEIVE_SIZE)
             record.bytes_received += len(data)
             conn.receive_data(data)
+            record.bytes_buffered = conn.buffered
             _record_events(running, record, conn)
             pdus = conn.pdus_to_send()
             if conn.abort:

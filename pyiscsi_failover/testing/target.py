@@ -99,6 +99,7 @@ from pyiscsi_failover.protocol.text import (
 )
 from pyiscsi_failover.protocol.wire import encode_pdu
 from pyiscsi_failover.testing.faults import (
+    DigestsRequired,
     DowngradeToNone,
     Fault,
     FaultKind,
@@ -550,6 +551,7 @@ _IDENTITY_KEYS = frozenset({"InitiatorName", "InitiatorAlias", "SessionType", "T
 _SECURITY_KEYS = frozenset({"AuthMethod", "CHAP_A", "CHAP_I", "CHAP_C", "CHAP_N", "CHAP_R"})
 # Keys that may be renegotiated in full feature phase (RFC 7143 "Use: ALL").
 _FFP_KEYS = frozenset({"MaxRecvDataSegmentLength"})
+_DIGEST_KEYS = frozenset({"HeaderDigest", "DataDigest"})
 
 # A byte string that is not UTF-8 (0xff never occurs in UTF-8), for NON_UTF8_TEXT.
 _NON_UTF8_PAIR = b"TargetAlias=\xff\xfe\xfd\x00"
@@ -652,6 +654,7 @@ class TargetConnection:
         self._declared_mrdsl = False
         # Negotiated results.
         self._digest_choice: dict[str, str] = {}
+        self._injected_once: set[FaultKind] = set()
         self._header_digest = False
         self._data_digest = False
         self._peer_mrdsl = LOGIN_SEGMENT_LIMIT
@@ -712,6 +715,11 @@ class TargetConnection:
     def peer_max_recv_data_segment_length(self) -> int:
         """What the initiator declared it can receive (8192 until it declares)."""
         return self._peer_mrdsl
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that are not yet a whole PDU (e.g. one still waiting for its digest)."""
+        return self._buffer.buffered
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the initiator; ``b""`` means it closed its side."""
@@ -779,6 +787,12 @@ class TargetConnection:
 
     def _inject(self, kind: FaultKind) -> None:
         self._events.append(FaultInjected(kind=kind))
+
+    def _inject_once(self, kind: FaultKind) -> None:
+        """For faults that shape the whole connection: one FaultInjected however often used."""
+        if kind not in self._injected_once:
+            self._injected_once.add(kind)
+            self._inject(kind)
 
     def _fault(self, kind: FaultKind) -> Fault | None:
         return find_fault(self._faults, kind)
@@ -1169,13 +1183,8 @@ class TargetConnection:
             # Everything else is LeadingOnly / login-only: renegotiating it now is an error.
             return REJECT if key in _NUMERIC_KEYS or key in _BOOLEAN_KEYS else NOT_UNDERSTOOD
         discovery = self._identity.session_type is SessionType.DISCOVERY
-        if key in ("HeaderDigest", "DataDigest"):
-            accepted = {digest.value for digest in self._config.digests}
-            choice = next((item for item in value.split(",") if item in accepted), None)
-            if choice is None:
-                return REJECT
-            self._digest_choice[key] = choice
-            return choice
+        if key in _DIGEST_KEYS:
+            return self._answer_digest(key, value)
         if key in _NUMERIC_KEYS:
             function, ours, low, high, irrelevant = _NUMERIC_KEYS[key]
             if discovery and irrelevant:
@@ -1201,6 +1210,27 @@ class TargetConnection:
                 else ("RFC3720" if "RFC3720" in value.split(",") else REJECT)
             )
         return NOT_UNDERSTOOD
+
+    def _required_digests(self) -> tuple[str, ...]:
+        """The digest keys a DigestsRequired fault imposes (none without one)."""
+        required = self._fault(FaultKind.DIGESTS_REQUIRED)
+        return required.keys if isinstance(required, DigestsRequired) else ()
+
+    def _answer_digest(self, key: str, value: str) -> str:
+        """HeaderDigest/DataDigest: the first acceptable value in the initiator's list."""
+        if self._fault(FaultKind.REJECT_DIGESTS) is not None:
+            self._inject_once(FaultKind.REJECT_DIGESTS)
+            return REJECT
+        if key in self._required_digests():
+            self._inject_once(FaultKind.DIGESTS_REQUIRED)
+            accepted = {Digest.CRC32C.value}
+        else:
+            accepted = {digest.value for digest in self._config.digests}
+        choice = next((item for item in value.split(",") if item in accepted), None)
+        if choice is None:
+            return REJECT
+        self._digest_choice[key] = choice
+        return choice
 
     # -- login responses -------------------------------------------------------------------
 
@@ -1341,8 +1371,17 @@ class TargetConnection:
 
     def _login_succeeded(self) -> None:
         self._state = ConnectionState.FULL_FEATURE
-        self._header_digest = self._digest_choice.get("HeaderDigest") == Digest.CRC32C.value
-        self._data_digest = self._digest_choice.get("DataDigest") == Digest.CRC32C.value
+        # DigestsRequired turns its digests on whatever was agreed (or rejected, or not said).
+        required = self._required_digests()
+        if required:
+            self._inject_once(FaultKind.DIGESTS_REQUIRED)
+        crc32c = Digest.CRC32C.value
+        self._header_digest = (
+            "HeaderDigest" in required or self._digest_choice.get("HeaderDigest") == crc32c
+        )
+        self._data_digest = (
+            "DataDigest" in required or self._digest_choice.get("DataDigest") == crc32c
+        )
         # Digests and our declared limit apply from the first PDU after the final response.
         self._buffer.max_data_segment_length = self._config.max_recv_data_segment_length
         self._buffer.header_digest = self._header_digest
