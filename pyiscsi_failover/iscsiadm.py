@@ -52,11 +52,12 @@ import re
 import shlex
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 import trio
 
@@ -76,6 +77,7 @@ __all__ = [
     "DEFAULT_LEDGER_PATH",
     "DELETE_MODES",
     "DEVICE_POLL_INTERVAL",
+    "LEDGER_LOCK_TIMEOUT",
     "AttachResult",
     "Command",
     "DeleteMode",
@@ -546,6 +548,13 @@ DEFAULT_LEDGER_PATH: Final = Path("/var/lib/pyiscsi-failover/created-records.jso
 _LEDGER_VERSION: Final = 1
 #: A ledger lists a handful of records; a file this large is not one we wrote.
 _MAX_LEDGER_BYTES: Final = 1 << 20
+#: Seconds a ledger change waits for another process's lock before it fails.
+LEDGER_LOCK_TIMEOUT: Final = 5.0
+#: Seconds between attempts to take a busy ledger lock.
+_LOCK_POLL_INTERVAL: Final = 0.01
+
+
+_T = TypeVar("_T")
 
 
 def _reason(exc: OSError) -> str:
@@ -591,13 +600,25 @@ class RecordLedger:
     ``RecordLedger()`` is the one at :data:`DEFAULT_LEDGER_PATH`, which :func:`attach` and
     :func:`detach` use unless given another.
 
-    The methods are synchronous: the file is tiny and the lock is only ever held for a moment, and
-    :func:`attach` relies on there being no checkpoint between its success and the note it adds.
+    The lock is taken without blocking (``LOCK_EX | LOCK_NB``) and retried every few
+    milliseconds; a lock still held by someone else after ``lock_timeout`` seconds is a
+    :class:`LedgerError` naming the lock file, never an endless wait. Reading needs no lock
+    (a write replaces the file whole). :meth:`add`/:meth:`remove` wait with ``time.sleep`` for
+    synchronous callers; :meth:`add_async`/:meth:`remove_async` wait with ``trio.sleep``, so the
+    event loop never blocks, and once they hold the lock they read, write and return without a
+    checkpoint. That is what :func:`attach` relies on: a cancellation can land while it waits for
+    the lock (and undoes the attach like any failure), never between the note and its success.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        lock_timeout: float = LEDGER_LOCK_TIMEOUT,
+    ) -> None:
         # Looked up at call time, so that tests can point the default somewhere harmless.
         self.path = Path(DEFAULT_LEDGER_PATH if path is None else path)
+        self.lock_timeout = lock_timeout
 
     def __repr__(self) -> str:
         return f"RecordLedger({str(self.path)!r})"
@@ -611,26 +632,48 @@ class RecordLedger:
         return any(entry.matches(t) for entry in self._read())
 
     def add(self, t: NodeTarget) -> None:
-        """Note that we created ``t``'s record (replacing any entry for the same record)."""
-        entry = LedgerEntry.of(t)
+        """Note that we created ``t``'s record (replacing any entry for the same record).
+
+        Blocks the calling thread while another process holds the lock (at most
+        ``lock_timeout`` seconds); async code uses :meth:`add_async`.
+        """
         self._make_directory()
-        with self._locked():
-            others = [e for e in self._read() if not e.matches(t)]
-            self._write([*others, entry])
+        self._with_lock(self._lock_sync(), self._add_locked, t)
+
+    async def add_async(self, t: NodeTarget) -> None:
+        """:meth:`add` for trio code: waits for a busy lock without blocking the event loop."""
+        self._make_directory()
+        self._with_lock(await self._lock_async(), self._add_locked, t)
+
+    def remove(self, t: NodeTarget) -> bool:
+        """Forget ``t``'s record; return whether there was an entry. Writes only if there was.
+
+        Blocks like :meth:`add`; async code uses :meth:`remove_async`.
+        """
+        if not self.is_ours(t):
+            return False
+        return self._with_lock(self._lock_sync(), self._remove_locked, t)
+
+    async def remove_async(self, t: NodeTarget) -> bool:
+        """:meth:`remove` for trio code: waits for a busy lock without blocking the event loop."""
+        if not self.is_ours(t):
+            return False
+        return self._with_lock(await self._lock_async(), self._remove_locked, t)
+
+    def _add_locked(self, t: NodeTarget) -> None:
+        entry = LedgerEntry.of(t)
+        others = [e for e in self._read() if not e.matches(t)]
+        self._write([*others, entry])
         logger.debug(
             "noted in %s: we created the record of %s at %s", self.path, t.iqn, entry.portal
         )
 
-    def remove(self, t: NodeTarget) -> bool:
-        """Forget ``t``'s record; return whether there was an entry. Writes only if there was."""
-        if not self.is_ours(t):
-            return False
-        with self._locked():
-            entries = self._read()
-            others = [e for e in entries if not e.matches(t)]
-            if len(others) == len(entries):
-                return False  # another process removed it meanwhile
-            self._write(others)
+    def _remove_locked(self, t: NodeTarget) -> bool:
+        entries = self._read()
+        others = [e for e in entries if not e.matches(t)]
+        if len(others) == len(entries):
+            return False  # another process removed it meanwhile
+        self._write(others)
         logger.debug("dropped from %s: the record of %s at %s", self.path, t.iqn, t.portal)
         return True
 
@@ -695,20 +738,61 @@ class RecordLedger:
         except OSError as exc:
             raise self._error(f"cannot create its directory: {_reason(exc)}") from None
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        lock = self.path.with_name(self.path.name + ".lock")
+    # -- the lock ----------------------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        """The file whose ``flock`` serialises changes: ``PATH.lock`` beside the ledger."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _try_lock(self) -> int | None:
+        """One attempt: the locked descriptor, or ``None`` when someone else holds the lock."""
         try:
             # O_NOFOLLOW: a planted symlink must not make us create a file elsewhere.
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
         except OSError as exc:
             raise self._error(f"cannot open its lock file: {_reason(exc)}") from None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                raise self._error(f"cannot lock it: {_reason(exc)}") from None
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            os.close(fd)
+            raise self._error(f"cannot lock it: {_reason(exc)}") from None
+        return fd
+
+    def _busy(self) -> LedgerError:
+        return self._error(
+            f"its lock file {str(self.lock_path)!r} is still held by another process after "
+            f"{self.lock_timeout:g} s"
+        )
+
+    def _lock_sync(self) -> int:
+        deadline = time.monotonic() + self.lock_timeout
+        while (fd := self._try_lock()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._busy()
+            time.sleep(min(_LOCK_POLL_INTERVAL, left))
+        return fd
+
+    async def _lock_async(self) -> int:
+        deadline = trio.current_time() + self.lock_timeout
+        while (fd := self._try_lock()) is None:
+            left = deadline - trio.current_time()
+            if left <= 0:
+                raise self._busy()
+            await trio.sleep(min(_LOCK_POLL_INTERVAL, left))
+        return fd
+
+    @staticmethod
+    def _with_lock(fd: int, change: Callable[[NodeTarget], _T], t: NodeTarget) -> _T:
+        """Run ``change(t)`` holding the lock ``fd``, then release it (closing drops the flock)."""
+        try:
+            return change(t)
         finally:
             os.close(fd)
 
@@ -841,7 +925,7 @@ async def _undo(
     return gone
 
 
-def _settle_ledger(ledger: RecordLedger, t: NodeTarget, *, gone: bool) -> None:
+async def _settle_ledger(ledger: RecordLedger, t: NodeTarget, *, gone: bool) -> None:
     """After a failed attach that created ``t``'s record: make the ledger tell the truth.
 
     A record we could not delete again is noted, so that a later detach removes it; one that is
@@ -849,17 +933,19 @@ def _settle_ledger(ledger: RecordLedger, t: NodeTarget, *, gone: bool) -> None:
     attach's own error is the one to report.
     """
     try:
-        if gone:
-            ledger.remove(t)
-        else:
-            ledger.add(t)
-            logger.warning(
-                "the node record of %s at %s we created could not be deleted; noted in %s so "
-                "that detach removes it",
-                t.iqn,
-                portal_argument(t),
-                ledger.path,
-            )
+        # Shielded: this runs while a cancellation unwinds; the lock's own deadline bounds it.
+        with trio.CancelScope(shield=True):
+            if gone:
+                await ledger.remove_async(t)
+            else:
+                await ledger.add_async(t)
+                logger.warning(
+                    "the node record of %s at %s we created could not be deleted; noted in %s "
+                    "so that detach removes it",
+                    t.iqn,
+                    portal_argument(t),
+                    ledger.path,
+                )
     except LedgerError as exc:
         logger.warning("%s", exc)
 
@@ -879,10 +965,11 @@ async def attach(
     we created. A record that existed before is left in place (with our settings applied).
 
     A record we created is noted in the ``ledger`` (by default ``RecordLedger()``, at
-    :data:`DEFAULT_LEDGER_PATH`) when the attach succeeds (after the disk appeared, with no
-    checkpoint in between), so that :func:`detach` knows it is ours. The ledger is read before any
-    iscsiadm command runs, so a broken one changes nothing; one that cannot be written at the end
-    undoes the attach like any other failure.
+    :data:`DEFAULT_LEDGER_PATH`) when the attach succeeds, after the disk appeared, so that
+    :func:`detach` knows it is ours. Waiting for a busy ledger lock is the only checkpoint in
+    between; once the note is written nothing can cancel the success. The ledger is read before
+    any iscsiadm command runs, so a broken one changes nothing; one that cannot be written at the
+    end (or whose lock stays busy) undoes the attach like any other failure.
     Raises :class:`IscsiadmError`, :class:`DeviceTimeout` when the disk does not appear, or
     :class:`LedgerError`.
     """
@@ -914,11 +1001,11 @@ async def attach(
         device = Path(dev_root) / by_path_name(t)
         await _wait_for_device(device, seconds=device_timeout)
         if created:
-            ledger.add(t)
+            await ledger.add_async(t)
     except BaseException:
         gone = await _undo(t, iscsiadm, logout=may_have_session, delete=created, ran=ran)
         if created:
-            _settle_ledger(ledger, t, gone=gone)
+            await _settle_ledger(ledger, t, gone=gone)
         raise
     logger.info("attached %s at %s as %s", t.iqn, portal_argument(t), device)
     return AttachResult(
@@ -1011,6 +1098,6 @@ async def detach(
         had_session = logout.exit_code == IscsiadmExit.SUCCESS
         fate = RecordFate.ALREADY_GONE if listed or had_session else RecordFate.ABSENT
     if listed and fate in (RecordFate.DELETED, RecordFate.ALREADY_GONE):
-        ledger.remove(t)
+        await ledger.remove_async(t)
     logger.info("detached %s at %s: %s", t.iqn, portal_argument(t), fate.description)
     return DetachResult(record=fate, commands=tuple(ran))

@@ -5,22 +5,26 @@ ledger of node records we created: detach deletes those and keeps every other re
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shlex
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +42,7 @@ from pyiscsi_failover.errors import (
 from pyiscsi_failover.iscsiadm import (
     DEFAULT_LEDGER_PATH,
     DELETE_MODES,
+    LEDGER_LOCK_TIMEOUT,
     AttachResult,
     Command,
     DetachResult,
@@ -1159,6 +1164,121 @@ def test_the_lock_file_is_never_followed_through_a_symlink(tmp_path: Path) -> No
         RecordLedger(tmp_path / "ledger.json").add(target())
     assert "cannot open its lock file" in str(info.value)
     assert not elsewhere.exists()
+
+
+@contextlib.contextmanager
+def lock_held(ledger: RecordLedger) -> Iterator[None]:
+    """Hold the ledger's lock through a descriptor of our own, as another process would."""
+    fd = os.open(ledger.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_the_lock_deadline_is_five_seconds() -> None:
+    assert LEDGER_LOCK_TIMEOUT == 5.0
+    assert RecordLedger("/x/y.json").lock_timeout == LEDGER_LOCK_TIMEOUT
+    assert RecordLedger("/x/y.json").lock_path == Path("/x/y.json.lock")
+
+
+async def test_a_lock_held_elsewhere_fails_after_the_deadline_without_blocking_trio(
+    ledger: RecordLedger, autojump_clock: trio.testing.MockClock
+) -> None:
+    ledger.add(target(portal=Portal(host="10.0.0.9")))
+    before = ledger.path.read_bytes()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(1)
+            ticks += 1
+
+    with lock_held(ledger), trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            start = trio.current_time()
+            with pytest.raises(LedgerError) as info:
+                await ledger.add_async(target())
+            waited = trio.current_time() - start
+            with pytest.raises(LedgerError):
+                await ledger.remove_async(target(portal=Portal(host="10.0.0.9")))
+            nursery.cancel_scope.cancel()
+    assert waited == pytest.approx(5.0, abs=0.02)
+    assert ticks >= 5  # the event loop kept running other tasks while we waited
+    message = str(info.value)
+    assert info.value.path == str(ledger.path)
+    assert f"its lock file {str(ledger.lock_path)!r} is still held by another process" in message
+    assert "after 5 s" in message
+    assert ledger.path.read_bytes() == before  # nothing written
+
+
+async def test_a_lock_released_in_time_is_taken(
+    ledger: RecordLedger, autojump_clock: trio.testing.MockClock
+) -> None:
+    ledger.path.parent.mkdir(mode=0o700)
+    holder = os.open(ledger.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    async def release_after_a_second() -> None:
+        await trio.sleep(1)
+        os.close(holder)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release_after_a_second)
+            start = trio.current_time()
+            await ledger.add_async(target())
+            waited = trio.current_time() - start
+    assert 1.0 <= waited <= 1.02
+    assert ledger.entries() == (LedgerEntry.of(target()),)
+
+
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes our stdin
+"""
+
+
+def test_the_synchronous_methods_give_up_on_a_lock_another_process_holds(
+    tmp_path: Path,
+) -> None:
+    ledger = RecordLedger(tmp_path / "ledger.json", lock_timeout=0.2)
+    argv = [sys.executable, "-c", HOLDER, str(ledger.lock_path)]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout.readline() == "locked\n"
+            with pytest.raises(LedgerError, match=r"still held by another process after 0\.2 s"):
+                ledger.add(target())
+            assert not ledger.path.exists()
+            holder.stdin.close()
+            assert holder.wait(timeout=30) == 0
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+    ledger.add(target())  # the lock is free again
+    assert ledger.entries() == (LedgerEntry.of(target()),)
+
+
+async def test_attach_whose_ledger_lock_stays_busy_is_undone(
+    fake: Fake, ledger: RecordLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    busy = RecordLedger(ledger.path, lock_timeout=0.2)
+    t = local_target()
+    fake.device_for(t)
+    ledger.path.parent.mkdir(mode=0o700)
+    with lock_held(ledger), trio.fail_after(30), pytest.raises(LedgerError) as info:
+        await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=busy)
+    assert "still held by another process" in str(info.value)
+    assert fake.ops()[-3:] == ["login", "logout", "delete"]
+    assert fake.saved() == {"records": [], "sessions": []}
+    assert busy.entries() == ()
 
 
 def test_concurrent_adds_lose_no_entry(tmp_path: Path) -> None:
