@@ -285,17 +285,22 @@ def test_json_shape() -> None:
         "detail",
         "elapsed_ms",
         "redirected_to",
+        "redirect_refused",
+        "notes",
     }
+    assert (attempts[0]["redirected_to"], attempts[0]["redirect_refused"]) == (None, None)
+    assert attempts[0]["notes"] == []
 
 
 # ---------------------------------------------------------------------------------------------
 # Every attempt within its own bound, cancelled ones included
 #
-# A richer simulated candidate whose timing follows transport.login's contract: the connect has
-# its own deadline, the login another, and a login abandoned (deadline or cancellation) once our
-# request is on the wire waits, shielded and within the logout bound, for the target's answer and
-# logs out if it let us in. A successful login's logout is shielded and bounded too. So no
-# attempt, cancelled or not, may take longer than connect + login + logout bounds.
+# A richer simulated candidate whose timing follows transport.login's contract for one hop (no
+# redirects): the connect has its own deadline, the login another, and a login abandoned
+# (deadline or cancellation) once our request is on the wire waits, shielded and within the
+# logout bound, for the target's answer and logs out if it let us in. A successful login's logout
+# is shielded and bounded too. So no attempt, cancelled or not, may take longer than the
+# candidate's budget (connect + login) plus the logout bound.
 
 LOGIN_TIMEOUT = 10.0
 #: The prober leaves the transport's default logout bound in place.
