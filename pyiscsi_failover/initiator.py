@@ -91,6 +91,7 @@ MAX_LOGIN_ROUNDS: Final = 32
 MAX_EMPTY_CONTINUATIONS: Final = 16
 MAX_TEXT_BYTES: Final = 4 * 1024 * 1024
 _SERIAL_MASK: Final = 0xFFFFFFFF
+_NOT_ISCSI: Final = "not an iSCSI target (its reply is not an iSCSI PDU)"
 
 
 def probe_isid(token_bytes: Callable[[int], bytes] = secrets.token_bytes) -> ISID:
@@ -248,6 +249,13 @@ class InitiatorConnection:
         self._target_logged_in = False
         self._parameters: OperationalParameters | None = None
         self._heard_pdu = False  # whether the peer ever sent one valid PDU
+        self._first_byte: int | None = None  # of the peer's stream, to tell a non-iSCSI peer
+
+    @property
+    def peer_is_not_iscsi(self) -> bool:
+        """Whether the peer's bytes so far show it is no iSCSI target (an HTTP or SSH server):
+        it sent no valid PDU, and its first byte cannot start a target's PDU."""
+        return not self._heard_pdu and _not_from_a_target(self._first_byte)
 
     def __repr__(self) -> str:
         # The config holds Secrets; they print as *** anyway, but keep the repr short.
@@ -369,8 +377,12 @@ class InitiatorConnection:
             if self.state not in (State.DONE, State.FAILED):
                 failed_in = self._phase()
                 self.state = State.FAILED
+                if self.peer_is_not_iscsi:
+                    raise NotAnISCSITarget(_NOT_ISCSI)
                 raise ConnectionLost(f"target closed the connection during {failed_in}")
             return
+        if self._first_byte is None:
+            self._first_byte = data[0]
         self._buffer.feed(data)
 
     def next_event(self) -> Event | NeedData:
@@ -379,11 +391,9 @@ class InitiatorConnection:
                 pdu = self._buffer.next_pdu()
             except PDUDecodeError as exc:
                 self.state = State.FAILED
-                if not self._heard_pdu and exc.field == "Opcode":
+                if self.peer_is_not_iscsi:
                     # An HTTP or SSH server on the port: say that, not "opcode 0x08".
-                    raise NotAnISCSITarget(
-                        "not an iSCSI target (its reply is not an iSCSI PDU)"
-                    ) from exc
+                    raise NotAnISCSITarget(_NOT_ISCSI) from exc
                 raise
             if pdu is None:
                 return NEED_DATA
@@ -707,6 +717,13 @@ class InitiatorConnection:
                     data=pdu.data,
                 )
             )
+
+
+def _not_from_a_target(first_byte: int | None) -> bool:
+    """Whether a stream's first byte cannot start a target's PDU: bits 7 and 6 (reserved and I)
+    are always 0 there, and target opcodes are 0x20..0x3f. Text protocols start with a letter
+    (bit 6 set), so an HTTP or SSH server is told apart from a target that sent a bad PDU."""
+    return first_byte is not None and (first_byte & 0xC0 != 0 or first_byte & 0x3F < 0x20)
 
 
 def _parse_tpgt(value: str) -> int:

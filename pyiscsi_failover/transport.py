@@ -29,6 +29,7 @@ from pyiscsi_failover.errors import (
     LocalProtocolError,
     LoginFailed,
     NetworkError,
+    NotAnISCSITarget,
     ProtocolError,
     RedirectLoopError,
     RedirectRefused,
@@ -261,6 +262,8 @@ async def _next_event(
     except ConnectionLost as exc:
         # Before OSError, which it subclasses: the state machine already said what was lost.
         raise ConnectionLost(f"{portal}: {exc}") from exc
+    except NotAnISCSITarget as exc:
+        raise NotAnISCSITarget(f"{portal}: {exc}") from exc
     except OSError as exc:
         raise _network_error(exc, portal, conn.state.value) from exc
 
@@ -398,6 +401,11 @@ async def login(
                             origin=portal,
                         )
             except trio.TooSlowError as exc:
+                if conn.peer_is_not_iscsi:
+                    # It spoke first and waits for us to speak its protocol (SSH does).
+                    raise NotAnISCSITarget(
+                        f"{current}: not an iSCSI target (its reply is not an iSCSI PDU)"
+                    ) from exc
                 stage = conn.state.value
                 if isinstance(event, LoginRedirected):
                     stage = f"resolving the redirect to {event.address}"
@@ -409,9 +417,10 @@ async def login(
                 # Our caller gave up on us (the prober chose another candidate).
                 await _abandon_login(stream, conn, current, sending, logout_timeout)
                 raise
-            except (ProtocolError, AuthenticationError):
+            except (ProtocolError, AuthenticationError) as exc:
                 # We refused an answer; if the target had already logged us in, log out.
                 await _logout_refused_login(stream, conn, current, logout_timeout)
+                _name_portal(exc, current)
                 raise
             login_s += time.monotonic() - connected_at
             if isinstance(event, LoginRedirected):
@@ -563,6 +572,14 @@ async def discover(
         redirect_policy=redirect_policy,
         send_targets="All",
     )
+
+
+def _name_portal(exc: ISCSIError, portal: Portal) -> None:
+    """Prefix the portal to a sans-IO error's message (the state machine does not know it),
+    keeping the exception's type and fields; a message that names it already is left alone."""
+    message = str(exc)
+    if not message.startswith(f"{portal}: "):
+        exc.args = (f"{portal}: {message}", *exc.args[1:])
 
 
 def _key(portal: Portal) -> tuple[str, int]:

@@ -139,12 +139,12 @@ CASES = [
     Case(WrongChapResponse(), Outcome.AUTH_FAILED, r"wrong CHAP_R"),
     Case(
         GarbageKeyValues(),
-        Outcome.PROTOCOL_ERROR,
+        Outcome.NEGOTIATION_FAILED,
         r"invalid MaxRecvDataSegmentLength.*'banana'",
     ),
     Case(
         GarbageKeyValues(keys=("HeaderDigest", "DataDigest"), value="Irrelevant"),
-        Outcome.PROTOCOL_ERROR,
+        Outcome.NEGOTIATION_FAILED,
         r"Digest=Irrelevant",
     ),
     Case(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from functools import partial
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ from pyiscsi_failover.errors import (
     ConnectTimeout,
     LocalProtocolError,
     LoginFailed,
+    NotAnISCSITarget,
     ProtocolError,
     RedirectLoopError,
     Unreachable,
@@ -162,3 +164,37 @@ async def test_a_refused_final_login_answer_is_still_logged_out() -> None:
         assert [login.succeeded for login in running.logins] == [True]
         assert not running.lingering_sessions
         assert [record.logged_out for record in running.connections] == [True]
+
+
+@pytest.mark.parametrize(
+    ("banner", "then_wait"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", False),
+        (b"HTTP/1.1 400 Bad Request\r\n" + b"X-Padding: x\r\n" * 8 + b"\r\n", False),
+        (b"SSH-2.0-OpenSSH_9.2p1\r\n", True),
+    ],
+    ids=["http-short", "http-long", "ssh-waits"],
+)
+async def test_a_peer_that_is_not_iscsi_is_named_as_such(banner: bytes, then_wait: bool) -> None:
+    """An HTTP or SSH server on the port is one clear line naming the portal, not "unknown
+    opcode 0x08", whether it closes after a short reply, sends a whole (undecodable) header's
+    worth, or waits for us after its banner (we then stop at the login deadline).
+    A target's bad PDU (the hostile suite's malformed-pdu) stays a decode error."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            await stream.send_all(banner)
+            if then_wait:
+                await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        portal = Portal(host="127.0.0.1", port=port)
+        with trio.fail_after(5), pytest.raises(NotAnISCSITarget) as caught:
+            await login(
+                portal, LoginConfig(initiator_name=INITIATOR, target_name=IQN), login_timeout=0.3
+            )
+        nursery.cancel_scope.cancel()
+    assert str(caught.value) == f"{portal}: not an iSCSI target (its reply is not an iSCSI PDU)"
