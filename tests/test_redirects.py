@@ -34,7 +34,13 @@ from pyiscsi_failover.testing import (
     TargetSpec,
     serve_target,
 )
-from pyiscsi_failover.transport import RedirectMode, RedirectPolicy, login
+from pyiscsi_failover.transport import (
+    IPNetwork,
+    RedirectMode,
+    RedirectPolicy,
+    login,
+    parse_network,
+)
 
 HOST = "127.0.0.1"
 #: Another loopback address, so that allow lists can tell the two apart.
@@ -49,6 +55,10 @@ BUDGET = CONNECT_TIMEOUT + LOGIN_TIMEOUT
 SLACK = 0.3
 TEST_DEADLINE = 15.0
 GOOD = "good"
+
+
+def nets(*cidrs: str) -> tuple[IPNetwork, ...]:
+    return tuple(parse_network(cidr) for cidr in cidrs)
 
 
 def hop(index: int) -> str:
@@ -181,8 +191,11 @@ def connections_to(running: RunningTarget, name: str) -> int:
     ("policy", "reason"),
     [
         (RedirectPolicy(mode=RedirectMode.NEVER), r"redirects are not followed"),
-        (RedirectPolicy(allow=("127.0.0.1/32",)), r"not in the allowed networks 127\.0\.0\.1/32"),
-        (RedirectPolicy(allow=("10.0.0.0/8", "::1/128")), r"not in the allowed networks 10\."),
+        (
+            RedirectPolicy(allow=nets("127.0.0.1/32")),
+            r"not in the allowed networks 127\.0\.0\.1/32",
+        ),
+        (RedirectPolicy(allow=nets("10.0.0.0/8", "::1/128")), r"not in the allowed networks 10\."),
     ],
     ids=["never", "outside-v4", "other-networks"],
 )
@@ -203,7 +216,7 @@ async def test_a_refused_redirect_sends_nothing_there(policy: RedirectPolicy, re
 async def test_an_allowed_redirect_is_followed(allow: tuple[str, ...]) -> None:
     with trio.fail_after(TEST_DEADLINE):
         async with serve_target(pair_config(to="other")) as running:
-            await login_with(running, RedirectPolicy(allow=allow))
+            await login_with(running, RedirectPolicy(allow=nets(*allow)))
             await running.wait_idle()
     assert connections_to(running, "other") == 1
 
@@ -242,7 +255,7 @@ async def test_a_host_name_must_resolve_only_to_allowed_addresses(
         ),
         targets=(TargetSpec(name=IQN),),
     )
-    policy = RedirectPolicy(allow=allow)
+    policy = RedirectPolicy(allow=nets(*allow))
     with trio.fail_after(TEST_DEADLINE):
         async with serve_target(config) as running:
             if follows:
