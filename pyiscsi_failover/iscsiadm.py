@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
 import shlex
+import stat
 import subprocess
 import tempfile
 import time
@@ -597,6 +599,11 @@ class RecordLedger:
     old ledger or the new one, never part of one. A directory we create gets mode 0700, the file
     always 0600. Every failure to read, parse or write it is a :class:`LedgerError`.
 
+    The ledger decides which records get deleted, so it is trusted only as ssh trusts its own
+    files: the file is opened with ``O_NOFOLLOW`` (a symlink is refused), and it and its directory
+    must belong to us (the effective uid) or root and must not be writable by group or others;
+    anything else is a :class:`LedgerError` naming the path and the problem.
+
     ``RecordLedger()`` is the one at :data:`DEFAULT_LEDGER_PATH`, which :func:`attach` and
     :func:`detach` use unless given another.
 
@@ -686,12 +693,58 @@ class RecordLedger:
             path=str(self.path),
         )
 
-    def _read(self) -> tuple[LedgerEntry, ...]:
+    def _refuse_unsafe(self, st: os.stat_result, what: str) -> None:
+        """Refuse a file or directory someone else could have written (as ssh does its own)."""
+        euid = os.geteuid()
+        if st.st_uid not in (euid, 0):
+            raise self._error(
+                f"{what} belongs to uid {st.st_uid}; only we (uid {euid}) or root may own it"
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise self._error(
+                f"{what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+            )
+
+    def _open_directory(self) -> int | None:
+        """The ledger's directory, opened and checked; ``None`` when it does not exist."""
+        directory = self.path.parent
         try:
-            with self.path.open("rb") as f:
-                raw = f.read(_MAX_LEDGER_BYTES + 1)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(f"cannot open its directory: {_reason(exc)}") from None
+        try:
+            self._refuse_unsafe(os.fstat(fd), f"its directory {str(directory)!r}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _read(self) -> tuple[LedgerEntry, ...]:
+        dir_fd = self._open_directory()
+        if dir_fd is None:
+            return ()
+        try:
+            # O_NOFOLLOW: a symlink planted in place of the ledger is refused, not followed;
+            # O_NONBLOCK: a FIFO there cannot hang the open (fstat then refuses it).
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(self.path.name, flags, dir_fd=dir_fd)
         except FileNotFoundError:
             return ()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._error("it is a symbolic link, which is never followed") from None
+            raise self._error(f"cannot read it: {_reason(exc)}") from None
+        finally:
+            os.close(dir_fd)
+        try:
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise self._error("it is not a regular file")
+                self._refuse_unsafe(st, "it")
+                raw = f.read(_MAX_LEDGER_BYTES + 1)
         except OSError as exc:
             raise self._error(f"cannot read it: {_reason(exc)}") from None
         if len(raw) > _MAX_LEDGER_BYTES:
@@ -732,11 +785,16 @@ class RecordLedger:
         return tuple(entries)
 
     def _make_directory(self) -> None:
+        """Create the directory if needed and check it, before the lock file is made there."""
         try:
-            # Only a directory we create gets 0700; an existing one (say /tmp) is left as it is.
+            # Only a directory we create gets 0700; an existing one is left as it is (and must
+            # then pass _refuse_unsafe: /tmp, say, does not).
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise self._error(f"cannot create its directory: {_reason(exc)}") from None
+        dir_fd = self._open_directory()
+        if dir_fd is not None:
+            os.close(dir_fd)
 
     # -- the lock ----------------------------------------------------------------------------
 

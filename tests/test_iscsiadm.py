@@ -1055,7 +1055,7 @@ async def test_a_ledger_path_that_cannot_be_read_stops_attach_before_it_starts(
         await attach(
             local_target(), iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root, ledger=ledger
         )
-    assert "cannot read it: Not a directory" in str(info.value)
+    assert "cannot open its directory: Not a directory" in str(info.value)
     assert fake.ops() == []
 
 
@@ -1279,6 +1279,107 @@ async def test_attach_whose_ledger_lock_stays_busy_is_undone(
     assert fake.ops()[-3:] == ["login", "logout", "delete"]
     assert fake.saved() == {"records": [], "sessions": []}
     assert busy.entries() == ()
+
+
+STRANGER = 54321  # a uid that is neither ours nor root's
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> RecordLedger:
+    """A valid ledger with one entry, in a private directory."""
+    directory = tmp_path / "private"
+    directory.mkdir(mode=0o700)
+    ledger = RecordLedger(directory / "created-records.json")
+    ledger.add(target())
+    return ledger
+
+
+def refused(ledger: RecordLedger) -> str:
+    """The message of the LedgerError that reading and adding both raise; nothing written."""
+    before = ledger.path.read_bytes() if ledger.path.is_file() else None
+    with pytest.raises(LedgerError) as read:
+        ledger.entries()
+    with pytest.raises(LedgerError) as added:
+        ledger.add(local_target())
+    after = ledger.path.read_bytes() if ledger.path.is_file() else None
+    assert before == after
+    assert str(read.value) == str(added.value)
+    assert read.value.path == str(ledger.path)
+    assert str(read.value).startswith(f"node-record ledger {str(ledger.path)!r}: ")
+    return str(read.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file away (chown)")
+def test_a_ledger_owned_by_someone_else_is_refused(written: RecordLedger) -> None:
+    os.chown(written.path, STRANGER, -1)
+    assert f"it belongs to uid {STRANGER}; only we (uid 0) or root may own it" in refused(written)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away (chown)")
+def test_a_ledger_in_a_directory_owned_by_someone_else_is_refused(written: RecordLedger) -> None:
+    os.chown(written.path.parent, STRANGER, -1)
+    message = refused(written)
+    assert f"its directory {str(written.path.parent)!r} belongs to uid {STRANGER}" in message
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_a_ledger_writable_by_group_or_others_is_refused(written: RecordLedger, mode: int) -> None:
+    written.path.chmod(mode)
+    assert f"it is writable by group or others (mode {mode:04o})" in refused(written)
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o1777])
+def test_a_ledger_in_a_directory_writable_by_others_is_refused(
+    written: RecordLedger, mode: int
+) -> None:
+    written.path.parent.chmod(mode)
+    message = refused(written)
+    assert f"its directory {str(written.path.parent)!r} is writable by group or others" in message
+    assert f"(mode {mode:04o})" in message
+
+
+def test_a_new_ledger_is_never_started_in_a_world_writable_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    ledger = RecordLedger(shared / "created-records.json")
+    with pytest.raises(LedgerError, match="is writable by group or others"):
+        ledger.add(target())
+    assert list(shared.iterdir()) == []  # not even a lock file
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away (chown)")
+def test_files_of_ours_or_roots_are_trusted(
+    written: RecordLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = (LedgerEntry.of(target()),)
+    # Seen as a non-root user: the ledger and directory root owns are trusted...
+    monkeypatch.setattr(os, "geteuid", lambda: STRANGER)
+    assert written.entries() == entries
+    # ...and so are the user's own; another user's are not.
+    os.chown(written.path, STRANGER, -1)
+    os.chown(written.path.parent, STRANGER, -1)
+    assert written.entries() == entries
+    monkeypatch.setattr(os, "geteuid", lambda: STRANGER + 1)
+    with pytest.raises(LedgerError, match=f"belongs to uid {STRANGER}; only we"):
+        written.entries()
+
+
+def test_a_symlink_in_place_of_the_ledger_is_refused_not_followed(
+    written: RecordLedger, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes(written.path.read_bytes())
+    written.path.unlink()
+    written.path.symlink_to(elsewhere)
+    assert "it is a symbolic link, which is never followed" in refused(written)
+    assert json.loads(elsewhere.read_text())["records"] == [{"iqn": IQN, "portal": "10.0.0.1:3260"}]
+
+
+def test_a_fifo_in_place_of_the_ledger_is_refused_without_hanging(written: RecordLedger) -> None:
+    written.path.unlink()
+    os.mkfifo(written.path, 0o600)
+    assert "it is not a regular file" in refused(written)
 
 
 def test_concurrent_adds_lose_no_entry(tmp_path: Path) -> None:
