@@ -1332,6 +1332,147 @@ def test_digests_required_needs_a_digest() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Sans-IO: opcodes the target does not implement
+
+REPORT_LUNS_CDB = bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0])
+
+
+def raw_request(
+    opcode: int,
+    ini: MiniInitiator,
+    *,
+    immediate: bool = False,
+    data: bytes = b"",
+    ahs: bytes = b"",
+    header_digest: bool = False,
+    data_digest: bool = False,
+) -> bytes:
+    """An initiator PDU the codec cannot build: BHS laid out by hand (RFC 7143 section 11).
+
+    Bytes 16-19 hold the ITT, 24-27 CmdSN and 28-31 ExpStatSN (for Data-Out and SNACK the
+    first two are other fields, which the target must not care about); a SCSI Command gets a
+    REPORT LUNS CDB. Non-immediate SCSI commands take a CmdSN, as ``MiniInitiator.text`` does.
+    """
+    bhs = bytearray(48)
+    bhs[0] = opcode | (0x40 if immediate else 0)
+    bhs[1] = 0x80  # F
+    bhs[4] = len(ahs) // 4
+    bhs[5:8] = len(data).to_bytes(3, "big")
+    bhs[16:20] = ini.next_itt().to_bytes(4, "big")
+    bhs[24:28] = ini.cmdsn.to_bytes(4, "big")
+    bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
+    if opcode == 0x01:
+        bhs[1] |= 0x40  # R: read
+        bhs[20:24] = (16).to_bytes(4, "big")  # expected data transfer length
+        bhs[32:48] = REPORT_LUNS_CDB
+    if opcode in (0x01, 0x02) and not immediate:
+        ini.cmdsn += 1
+    header = bytes(bhs) + ahs
+    parts = [header, crc32c(header) if header_digest else b""]
+    if data:
+        padded = data + bytes(-len(data) % 4)
+        parts += [padded, crc32c(padded) if data_digest else b""]
+    return b"".join(parts)
+
+
+UNSUPPORTED = {
+    0x01: "SCSI Command",
+    0x02: "SCSI Task Management Function Request",
+    0x05: "SCSI Data-Out",
+    0x10: "SNACK Request",
+    0x1C: "vendor-specific request 0x1c",
+}
+
+
+@pytest.mark.parametrize("opcode", list(UNSUPPORTED), ids=[f"0x{op:02x}" for op in UNSUPPORTED])
+@pytest.mark.parametrize("shape", ["bare", "with-data", "with-ahs-and-data", "immediate"])
+async def test_unimplemented_opcode_is_rejected_and_the_session_goes_on(
+    opcode: int, shape: str
+) -> None:
+    link = connect(simple_config())
+    assert (await do_login(link, target=DISK1)).status is LoginStatus.SUCCESS
+    statsn_before = link.ini.expstatsn
+    raw = raw_request(
+        opcode,
+        link.ini,
+        immediate=shape == "immediate",
+        data=b"" if shape in ("bare", "immediate") else b"immediate data!",
+        ahs=bytes(8) if shape == "with-ahs-and-data" else b"",
+    )
+    [answer] = link.send_bytes(raw)
+    assert isinstance(answer, Reject)
+    assert answer.reason is RejectReason.COMMAND_NOT_SUPPORTED
+    assert answer.data == raw[:48]  # the offending header, ITT and all
+    assert answer.statsn == statsn_before
+    assert link.of_type(Rejected) == [
+        Rejected(reason=RejectReason.COMMAND_NOT_SUPPORTED, pdu_type=UNSUPPORTED[opcode])
+    ]
+    assert link.conn.state is ConnectionState.FULL_FEATURE
+    # The connection is still framed right and serving: a NOP, SendTargets and a logout.
+    [nop] = link.send(link.ini.nop(b"still here"))
+    assert isinstance(nop, NopIn)
+    assert nop.data == b"still here"
+    pairs, _ = await send_targets(link, "")
+    assert pairs[0] == ("TargetName", DISK1)
+    assert isinstance(await logout(link), LogoutResponse)
+    assert link.conn.closed
+    assert link.of_type(ProtocolViolation) == []  # the command took its CmdSN
+
+
+async def test_unimplemented_opcodes_with_digests_and_cut_anywhere() -> None:
+    link = connect(simple_config())
+    await do_login(
+        link, target=DISK1, operational=[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]
+    )
+    link.buffer.header_digest = link.buffer.data_digest = True
+    stream = b"".join(
+        raw_request(opcode, link.ini, data=b"xyz", header_digest=True, data_digest=True)
+        for opcode in UNSUPPORTED
+    ) + encode_pdu(link.ini.logout(), header_digest=True, data_digest=True)
+    answers: list[PDU] = []
+    for index in range(len(stream)):  # one byte at a time
+        answers += link.send_bytes(stream[index : index + 1])
+    assert [type(a) for a in answers] == [Reject] * len(UNSUPPORTED) + [LogoutResponse]
+    assert [a.data[0] & 0x3F for a in answers if isinstance(a, Reject)] == list(UNSUPPORTED)
+    assert link.of_type(ProtocolViolation) == []
+
+
+async def test_unimplemented_opcode_with_a_bad_digest_or_length_closes() -> None:
+    link = connect(simple_config())
+    await do_login(link, target=DISK1, operational=[("HeaderDigest", "CRC32C")])
+    raw = bytearray(raw_request(0x01, link.ini, header_digest=True))
+    raw[-1] ^= 0xFF
+    assert link.send_bytes(bytes(raw)) == []
+    assert link.conn.closed
+    assert "HeaderDigest" in link.of_type(ProtocolViolation)[0].description  # type: ignore[attr-defined]
+    # A data segment above the target's MaxRecvDataSegmentLength is refused by its header.
+    link = connect(simple_config())
+    await do_login(link, target=DISK1)
+    huge = bytearray(raw_request(0x05, link.ini))
+    huge[5:8] = (8193).to_bytes(3, "big")
+    assert link.send_bytes(bytes(huge)) == []
+    assert link.conn.closed
+
+
+async def test_unimplemented_opcode_during_login_fails_it() -> None:
+    link = connect(simple_config())
+    response, _ = await login_step(
+        link,
+        [("InitiatorName", INITIATOR), ("TargetName", DISK1), ("AuthMethod", "None")],
+        None,
+        csg=Stage.SECURITY_NEGOTIATION,
+    )
+    assert response.status is LoginStatus.SUCCESS
+    [answer] = link.send_bytes(raw_request(0x01, link.ini))
+    assert isinstance(answer, LoginResponse)
+    assert answer.status is LoginStatus.INVALID_DURING_LOGIN
+    # Before any login it is no iSCSI conversation at all: the connection closes.
+    fresh = connect(simple_config())
+    assert fresh.send_bytes(raw_request(0x01, fresh.ini)) == []
+    assert fresh.conn.closed
+
+
+# --------------------------------------------------------------------------------------------
 # Configuration and fault descriptions
 
 
@@ -1642,6 +1783,28 @@ async def test_redirect_over_tcp_to_another_bound_portal() -> None:
                 LoginStatus.TARGET_MOVED_TEMPORARILY,
                 LoginStatus.SUCCESS,
             ]
+
+
+async def test_server_rejects_a_scsi_command_and_answers_the_logout_after_it() -> None:
+    with trio.fail_after(NET_TIMEOUT):
+        async with serve_target(server_config(())) as running:
+            link = await open_link(running.portals[0])
+            async with link.stream:
+                await do_login(link, target=DISK1)
+                command = raw_request(0x01, link.ini)
+                await link.stream.send_all(command)
+                answer = await link.receive()
+                assert isinstance(answer, Reject)
+                assert answer.reason is RejectReason.COMMAND_NOT_SUPPORTED
+                assert answer.data == command
+                await logout(link)
+            await running.wait_idle()
+    [record] = running.connections
+    assert record.logged_out
+    assert Rejected(reason=RejectReason.COMMAND_NOT_SUPPORTED, pdu_type="SCSI Command") in (
+        record.events
+    )
+    assert record.violations == []
 
 
 async def test_server_reflects_a_challenge_from_an_earlier_connection() -> None:

@@ -18,7 +18,11 @@ What it implements, deliberately a small and strict subset of RFC 7143:
 * Full feature phase: Text ``SendTargets`` (``All`` in Discovery sessions, ``<iqn>`` or empty in
   Normal ones) listing every portal that serves each target, split over several Text Responses
   with F=0 and a TTT when large or when :class:`~.faults.SplitText` asks; NOP-Out answered with
-  NOP-In; Logout answered and the connection closed; anything else rejected.
+  NOP-In; Logout answered and the connection closed. Opcodes an initiator may send but this
+  target does not implement (SCSI Command, Task Management, Data-Out, SNACK, vendor-specific
+  0x1c-0x1e) get a Reject "command not supported" (0x05) carrying their header, and the
+  connection goes on (a SCSI Command still takes its CmdSN); a target-only opcode from the
+  initiator gets Reject "protocol error"; bytes that are no PDU close the connection.
 * Status codes: 0x0203 unknown target, 0x0201 authentication failure, 0x0202 initiator not in
   the target's ACL, 0x0101/0x0102 redirect, 0x0301 service unavailable, 0x0207 missing
   parameter, 0x0209 session type, 0x0205 version, 0x020a TSIH, 0x020b bad PDU during login.
@@ -60,7 +64,7 @@ from pyiscsi_failover.protocol.chap import (
     ChapAuthenticator,
     chap_response,
 )
-from pyiscsi_failover.protocol.framing import PDUBuffer
+from pyiscsi_failover.protocol.digest import DIGEST_LENGTH, crc32c
 from pyiscsi_failover.protocol.negotiation import Digest, SessionType
 from pyiscsi_failover.protocol.pdu import (
     ISID,
@@ -75,6 +79,7 @@ from pyiscsi_failover.protocol.pdu import (
     LogoutResponseCode,
     NopIn,
     NopOut,
+    Opcode,
     Reject,
     RejectReason,
     Stage,
@@ -97,7 +102,7 @@ from pyiscsi_failover.protocol.text import (
     parse_boolean,
     parse_number,
 )
-from pyiscsi_failover.protocol.wire import encode_pdu
+from pyiscsi_failover.protocol.wire import BHS_LENGTH, decode_pdu, encode_pdu, pdu_length
 from pyiscsi_failover.testing.faults import (
     DigestsRequired,
     DowngradeToNone,
@@ -603,6 +608,143 @@ class _Identity:
     chap_username: str | None = None
 
 
+#: Opcodes an initiator may send (RFC 7143 section 11.1) that this target does not implement,
+#: by name. In full feature phase they are answered with Reject "command not supported" and the
+#: connection goes on; the codec does not know them, so :class:`_Inbox` frames them itself.
+_UNSUPPORTED_OPCODES: dict[int, str] = {
+    0x01: "SCSI Command",
+    0x02: "SCSI Task Management Function Request",
+    0x05: "SCSI Data-Out",
+    0x10: "SNACK Request",
+    0x1C: "vendor-specific request 0x1c",
+    0x1D: "vendor-specific request 0x1d",
+    0x1E: "vendor-specific request 0x1e",
+}
+#: Those of them that carry CmdSN (bytes 24-27) and ExpStatSN (28-31) and may be immediate.
+_COMMAND_OPCODES = frozenset({0x01, 0x02})
+_KNOWN_OPCODES = frozenset(int(opcode) for opcode in Opcode)
+_OPCODE_MASK = 0x3F
+_IMMEDIATE_BIT = 0x40
+
+
+@dataclass(frozen=True, slots=True)
+class _Unsupported:
+    """A whole PDU whose opcode is valid from an initiator but not implemented here."""
+
+    header: bytes  # the 48-byte BHS, as received
+
+    @property
+    def opcode(self) -> int:
+        return self.header[0] & _OPCODE_MASK
+
+    @property
+    def name(self) -> str:
+        return _UNSUPPORTED_OPCODES[self.opcode]
+
+    @property
+    def immediate(self) -> bool:
+        return bool(self.header[0] & _IMMEDIATE_BIT)
+
+    def field(self, offset: int) -> int:
+        return int.from_bytes(self.header[offset : offset + 4], "big")
+
+
+class _Inbox:
+    """The target's receive buffer: bytes in, whole PDUs out, like :class:`PDUBuffer`.
+
+    It differs in one way: a PDU with an opcode of :data:`_UNSUPPORTED_OPCODES` comes out as an
+    :class:`_Unsupported` (framed from its BHS lengths, digests checked) instead of failing the
+    stream, so the target can reject it and carry on. Any other decode error is final, as
+    there: PDU boundaries are lost.
+    """
+
+    __slots__ = ("_buffer", "_start", "data_digest", "header_digest", "max_data_segment_length")
+
+    def __init__(self, *, max_data_segment_length: int) -> None:
+        self._buffer = bytearray()
+        self._start = 0
+        self.max_data_segment_length = max_data_segment_length
+        self.header_digest = False
+        self.data_digest = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer) - self._start
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_pdu(self) -> PDU | _Unsupported | None:
+        """The next whole PDU, or None until more bytes arrive; PDUDecodeError for garbage."""
+        start = self._start
+        if len(self._buffer) - start < BHS_LENGTH:
+            return None
+        bhs = bytes(self._buffer[start : start + BHS_LENGTH])
+        unsupported = bhs[0] & _OPCODE_MASK in _UNSUPPORTED_OPCODES
+        if unsupported:
+            total, data_at, data_length = self._layout(bhs)
+        else:
+            total = pdu_length(
+                bhs,
+                header_digest=self.header_digest,
+                data_digest=self.data_digest,
+                max_data_segment_length=self.max_data_segment_length,
+            )
+        if len(self._buffer) - start < total:
+            return None
+        raw = bytes(self._buffer[start : start + total])
+        self._start += total
+        if self._start * 2 >= len(self._buffer):
+            del self._buffer[: self._start]
+            self._start = 0
+        if unsupported:
+            self._check_digests(raw, data_at, data_length)
+            return _Unsupported(header=bhs)
+        return decode_pdu(
+            raw,
+            header_digest=self.header_digest,
+            data_digest=self.data_digest,
+            max_data_segment_length=self.max_data_segment_length,
+        )
+
+    def _layout(self, bhs: bytes) -> tuple[int, int, int]:
+        """(total length, where the data starts, DataSegmentLength) of a PDU the codec lacks."""
+        data_length = int.from_bytes(bhs[5:8], "big")
+        if data_length > self.max_data_segment_length:
+            raise PDUDecodeError(
+                f"DataSegmentLength: {data_length} exceeds the limit of "
+                f"{self.max_data_segment_length} bytes",
+                field="DataSegmentLength",
+                offset=5,
+                value=data_length,
+            )
+        data_at = BHS_LENGTH + bhs[4] * 4 + (DIGEST_LENGTH if self.header_digest else 0)
+        total = data_at + data_length + -data_length % 4
+        if self.data_digest and data_length:
+            total += DIGEST_LENGTH
+        return total, data_at, data_length
+
+    def _check_digests(self, raw: bytes, data_at: int, data_length: int) -> None:
+        if self.header_digest:
+            at = data_at - DIGEST_LENGTH
+            if raw[at:data_at] != crc32c(raw[:at]):
+                raise PDUDecodeError(
+                    f"HeaderDigest at byte {at}: wrong CRC32C",
+                    field="HeaderDigest",
+                    offset=at,
+                    value=raw[at:data_at],
+                )
+        if self.data_digest and data_length:
+            at = len(raw) - DIGEST_LENGTH
+            if raw[at:] != crc32c(raw[data_at:at]):
+                raise PDUDecodeError(
+                    f"DataDigest at byte {at}: wrong CRC32C",
+                    field="DataDigest",
+                    offset=at,
+                    value=raw[at:],
+                )
+
+
 class TargetConnection:
     """One connection of the test target: bytes in, bytes and events out.
 
@@ -633,7 +775,7 @@ class TargetConnection:
         self._faults: tuple[Fault, ...] = tuple(
             fault for fault in self._portal_config.faults if fault.kind.layer is FaultLayer.PROTOCOL
         )
-        self._buffer = PDUBuffer(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
+        self._buffer = _Inbox(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
         self._outgoing: deque[bytes] = deque()
         self._events: deque[Event] = deque()
         self._state = ConnectionState.FREE
@@ -743,7 +885,10 @@ class TargetConnection:
                 return
             if pdu is None:
                 return
-            self._dispatch(pdu)
+            if isinstance(pdu, _Unsupported):
+                self._on_unsupported(pdu)
+            else:
+                self._dispatch(pdu)
 
     def next_event(self) -> Event | None:
         """The oldest event not yet taken, or None."""
@@ -767,7 +912,7 @@ class TargetConnection:
             if isinstance(pdu, LoginRequest):
                 self._on_login(pdu)
             else:
-                self._on_unexpected_during_login(pdu)
+                self._on_unexpected_during_login(type(pdu).__name__)
             return
         assert state is ConnectionState.FULL_FEATURE
         match pdu:
@@ -1388,8 +1533,7 @@ class TargetConnection:
         self._buffer.data_digest = self._data_digest
         self._events.append(self._finished(LoginStatus.SUCCESS, tsih=self._tsih))
 
-    def _on_unexpected_during_login(self, pdu: PDU) -> None:
-        name = type(pdu).__name__
+    def _on_unexpected_during_login(self, name: str) -> None:
         if self._state is ConnectionState.FREE:
             self._violation(f"{name} before any Login Request")
             self._state = ConnectionState.CLOSED
@@ -1600,12 +1744,26 @@ class TargetConnection:
         if code is LogoutResponseCode.CLOSED:
             self._state = ConnectionState.LOGGED_OUT
 
+    def _on_unsupported(self, pdu: _Unsupported) -> None:
+        """A valid opcode we do not implement: Reject "command not supported", keep serving."""
+        if self._state in _LOGIN_STATES:
+            self._on_unexpected_during_login(pdu.name)
+            return
+        if pdu.opcode in _COMMAND_OPCODES:
+            # The rejected command still takes its CmdSN, so the initiator's next one fits.
+            self._check_cmdsn(pdu.field(24), immediate=pdu.immediate, what=pdu.name)
+            self._check_expstatsn(pdu.field(28), pdu.name)
+        self._reject_header(pdu.header, RejectReason.COMMAND_NOT_SUPPORTED, pdu.name)
+
     def _reject(self, pdu: PDU, reason: RejectReason) -> None:
         try:
             header = encode_pdu(pdu)[:48]
         except ISCSIError:
             header = bytes(48)
-        self._events.append(Rejected(reason=reason, pdu_type=type(pdu).__name__))
+        self._reject_header(header, reason, type(pdu).__name__)
+
+    def _reject_header(self, header: bytes, reason: RejectReason, pdu_type: str) -> None:
+        self._events.append(Rejected(reason=reason, pdu_type=pdu_type))
         self._queue(
             Reject(
                 reason=reason,
