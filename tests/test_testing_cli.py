@@ -29,8 +29,10 @@ from pyiscsi_failover.protocol.wire import encode_pdu
 from pyiscsi_failover.testing import (
     Blackhole,
     DelayPDUs,
+    DigestsRequired,
     Redirect,
     Refuse,
+    RejectDigests,
     ServiceUnavailable,
     SplitStyle,
     SplitText,
@@ -189,6 +191,64 @@ async def test_process_applies_faults_from_the_command_line() -> None:
             assert answer.status is LoginStatus.SERVICE_UNAVAILABLE
             code, _, _ = await _stop(served, signal.SIGTERM)
     assert code == 0
+
+
+async def test_process_serves_a_slow_redirect_hop_and_a_redirect_loop() -> None:
+    """Several faults on one portal (--fault repeated): a -> b slowly, then b <-> c forever."""
+    with trio.fail_after(TIMEOUT):
+        async with target_process(
+            "--portal",
+            f"a={_loopback()}:0",
+            "--portal",
+            f"b={_loopback()}:0",
+            "--portal",
+            f"c={_loopback()}:0",
+            "--target",
+            DISK,
+            "--fault",
+            "a=delay:0.1",
+            "--fault",
+            "a=redirect:b",
+            "--fault",
+            "b=redirect:c",
+            "--fault",
+            "c=redirect-permanent:b",
+        ) as served:
+            start = trio.current_time()
+            answer = await _discovery_login(served.portals["a"])
+            assert trio.current_time() - start >= 0.1
+            hops = [answer]
+            for _ in range(3):
+                moved = Portal.parse(decode_keys(hops[-1].data)["TargetAddress"])
+                hops.append(await _discovery_login(moved))
+            addresses = [decode_keys(hop.data)["TargetAddress"] for hop in hops]
+            code, _, _ = await _stop(served, signal.SIGTERM)
+    b, c = served.portals["b"], served.portals["c"]
+    assert addresses == [f"{b},{b.tpgt}", f"{c},{c.tpgt}", f"{b},{b.tpgt}", f"{c},{c.tpgt}"]
+    assert [hop.status for hop in hops] == [
+        LoginStatus.TARGET_MOVED_TEMPORARILY,  # a
+        LoginStatus.TARGET_MOVED_TEMPORARILY,  # b
+        LoginStatus.TARGET_MOVED_PERMANENTLY,  # c
+        LoginStatus.TARGET_MOVED_TEMPORARILY,  # b again
+    ]
+    assert code == 0
+    portal_lines = [line for line in served.stderr.seen if line.startswith("portal a ")]
+    assert portal_lines[0].endswith(" delay:0.1 redirect:b")
+
+
+def test_digest_faults_parse_on_portals_and_targets() -> None:
+    config = _config(
+        "--portal",
+        "a=127.0.0.1:0",
+        "--target",
+        DISK,
+        "--fault",
+        "a=reject-digests",
+        "--fault",
+        f"{DISK}=digests-required:header",
+    )
+    assert config.portals[0].faults == (RejectDigests(),)
+    assert config.targets[0].faults == (DigestsRequired(data=False),)
 
 
 async def test_process_never_prints_a_secret(tmp_path: Path) -> None:

@@ -1807,6 +1807,102 @@ async def test_server_rejects_a_scsi_command_and_answers_the_logout_after_it() -
     assert record.violations == []
 
 
+def chain_config(*portal_faults: tuple[str, tuple[object, ...]]) -> TargetConfig:
+    """Named portals on fresh loopback addresses, each with its faults, serving DISK1."""
+    return TargetConfig(
+        portals=tuple(
+            PortalConfig(host=_unique_loopback(), port=0, tpgt=index + 1, name=name, faults=faults)  # type: ignore[arg-type]
+            for index, (name, faults) in enumerate(portal_faults)
+        ),
+        targets=(TargetSpec(name=DISK1),),
+    )
+
+
+async def login_once(where: Portal) -> tuple[LoginResult, StreamLink]:
+    link = await open_link(where)
+    async with link.stream:
+        result = await do_login(link, target=DISK1)
+        if result.status is LoginStatus.SUCCESS:
+            await logout(link)
+    return result, link
+
+
+async def test_redirect_chain_with_a_slow_hop_on_each_portal() -> None:
+    """a -> b -> c -> d, where every redirecting portal also holds back its answer."""
+    hop = DelayPDUs(seconds=0.1)
+    config = chain_config(
+        ("a", (hop, Redirect(to="b"))),
+        ("b", (hop, Redirect(to="c"))),
+        ("c", (hop, Redirect(to="d", permanent=True))),
+        ("d", ()),
+    )
+    with trio.fail_after(NET_TIMEOUT):
+        async with serve_target(config) as running:
+            where = running.portal("a")
+            visited = [where]
+            start = trio.current_time()
+            while True:
+                result, _ = await login_once(where)
+                if result.status is LoginStatus.SUCCESS:
+                    break
+                assert result.final is not None and result.final.status_class == 1
+                where = Portal.parse(result.keys["TargetAddress"])
+                visited.append(where)
+            elapsed = trio.current_time() - start
+            await running.wait_idle()
+    assert visited == [running.portal(name) for name in "abcd"]
+    assert [record.status for record in running.logins] == [
+        LoginStatus.TARGET_MOVED_TEMPORARILY,
+        LoginStatus.TARGET_MOVED_TEMPORARILY,
+        LoginStatus.TARGET_MOVED_PERMANENTLY,
+        LoginStatus.SUCCESS,
+    ]
+    assert elapsed >= 3 * hop.seconds  # each redirect was held back
+    assert [r.faults for r in running.connections] == [[FaultKind.REDIRECT]] * 3 + [[]]
+    assert running.lingering_sessions == []
+
+
+async def test_redirect_chain_ending_in_a_silent_portal() -> None:
+    config = chain_config(
+        ("a", (Redirect(to="b"),)), ("b", (Redirect(to="c"),)), ("c", (Silent(),))
+    )
+    with trio.fail_after(NET_TIMEOUT):
+        async with serve_target(config) as running:
+            result, _ = await login_once(running.portal("a"))
+            result, _ = await login_once(Portal.parse(result.keys["TargetAddress"]))
+            end = Portal.parse(result.keys["TargetAddress"])
+            assert end == running.portal("c")
+            link = await open_link(end)
+            async with link.stream, trio.open_nursery() as nursery:
+                nursery.start_soon(do_login, link)  # never answered
+                await running.wait_for(
+                    lambda r: any(c.portal_name == "c" and c.bytes_received for c in r.connections)
+                )
+                nursery.cancel_scope.cancel()
+            await running.wait_idle()
+    silent = [record for record in running.connections if record.portal_name == "c"]
+    assert [(record.bytes_sent, record.login) for record in silent] == [(0, None)]
+    assert silent[0].bytes_received > 0
+
+
+async def test_redirect_loop_between_two_portals() -> None:
+    config = chain_config(("a", (Redirect(to="b"),)), ("b", (Redirect(to="a"),)))
+    with trio.fail_after(NET_TIMEOUT):
+        async with serve_target(config) as running:
+            where = running.portal("a")
+            visited = []
+            for _ in range(5):
+                result, _ = await login_once(where)
+                assert result.status is LoginStatus.TARGET_MOVED_TEMPORARILY
+                visited.append(where)
+                where = Portal.parse(result.keys["TargetAddress"])
+            await running.wait_idle()
+    a, b = running.portal("a"), running.portal("b")
+    assert visited == [a, b, a, b, a]
+    assert where == b
+    assert [record.portal_name for record in running.connections] == list("ababa")
+
+
 async def test_server_reflects_a_challenge_from_an_earlier_connection() -> None:
     config = server_config(
         (ReflectChallenge(),), chap=ChapSettings(accounts=(ALICE,), mutual=TARGET_CREDS)
