@@ -52,6 +52,11 @@ offending key (``target_alternative_portals[2]``) and whose message shows the va
 secret's value is always shown as ``***``. Errors about JSON text are raised outside the ``except``
 block so they do not carry the decoder's exception, whose ``doc`` holds the whole text.
 
+Input files: :func:`read_limited` reads a connection_info or secret file (or stdin) whole but
+never more than :data:`MAX_INPUT_BYTES`, so ``-c /dev/zero`` is an error rather than a hang; it is
+the one function here that touches a file. JSON text given to :func:`parse_connection_info` has
+the same cap.
+
 Pure: never imports trio, socket or subprocess.
 """
 
@@ -60,16 +65,18 @@ from __future__ import annotations
 import copy
 import hmac
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, NoReturn
+from typing import IO, Final, Literal, NoReturn
 
 from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
 from pyiscsi_failover.errors import ConnectionInfoError
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 
 __all__ = [
+    "MAX_INPUT_BYTES",
     "MAX_LUN",
     "SOURCES",
     "Candidate",
@@ -79,11 +86,16 @@ __all__ = [
     "format_provider_location",
     "parse_connection_info",
     "parse_provider_location",
+    "read_limited",
     "redacted",
 ]
 
 #: Highest LUN accepted: 14-bit flat-space addressing (SAM), the most Linux by-path names carry.
 MAX_LUN: Final = 16383
+
+#: The most :func:`read_limited` reads and :func:`parse_connection_info` parses. Real
+#: connection_info and secret files are a few hundred bytes; more than this is not one.
+MAX_INPUT_BYTES: Final = 1 << 20
 
 #: Which shape a :class:`ConnectionInfo` came from.
 Source = Literal["single", "alternatives", "multipath", "provider_location"]
@@ -358,8 +370,14 @@ def _refuse_constant(name: str) -> NoReturn:
     raise _BadConstant(name)
 
 
+def _size(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit and not limit % (1 << 20) else f"{limit} bytes"
+
+
 def _load_json(raw: str | bytes | bytearray | memoryview) -> object:
     """Decode JSON text, or raise ConnectionInfoError that holds nothing of the text."""
+    if len(raw) > MAX_INPUT_BYTES:  # characters or bytes: either way far more than a real one
+        _fail(_TOP, f"JSON text is larger than {_size(MAX_INPUT_BYTES)}")
     problem: str | None = None
     key = _TOP
     result: object = None
@@ -580,6 +598,58 @@ def _secret(data: Mapping[str, object], key: str, method_key: str) -> Secret:
     if value is None:
         _fail(key, f"is missing (required when {method_key} is CHAP)")
     return Secret(_text(value, key, secret=True))
+
+
+def read_limited(
+    source: str | os.PathLike[str] | IO[bytes] | IO[str],
+    *,
+    what: str,
+    limit: int = MAX_INPUT_BYTES,
+) -> bytes:
+    """The whole content of a file (by path) or an open stream, if it is 1..``limit`` bytes.
+
+    For connection_info and CHAP secret files, and stdin: reads at most ``limit + 1`` bytes, so
+    ``/dev/zero`` or a runaway pipe costs nothing. A path is opened as given (symlinks and pipes,
+    such as ``<(...)``, are fine). A text stream is read as text and returned UTF-8 encoded.
+    ``what`` names the input in errors (``"connection_info"``, ``"CHAP secret file"``).
+
+    Raises :class:`ConnectionInfoError` naming ``what`` and the file: cannot be read, larger than
+    ``limit``, empty (0 bytes; stripping is the caller's business), or a text stream that is not
+    UTF-8. The error never carries the content, not even as its ``__context__``.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        name = repr(os.fspath(source))
+        problem: str | None = None
+        data: bytes | str = b""
+        try:
+            with open(source, "rb") as f:
+                data = f.read(limit + 1)
+        except OSError as exc:
+            problem = f"cannot read {what} {name}: {exc.strerror or type(exc).__name__}"
+    else:
+        label = getattr(source, "name", None)
+        name = label if isinstance(label, str) else "stream"
+        problem = None
+        try:
+            data = source.read(limit + 1)
+        except UnicodeDecodeError as exc:
+            problem = f"{what} {name} is not UTF-8 text (bad byte at offset {exc.start})"
+        except OSError as exc:
+            problem = f"cannot read {what} {name}: {exc.strerror or type(exc).__name__}"
+    raw = b""
+    if problem is None:
+        try:
+            raw = data.encode("utf-8", errors="surrogateescape") if isinstance(data, str) else data
+        except UnicodeEncodeError:  # a lone surrogate from a str stream
+            problem = f"{what} {name} is not valid text (it has a lone surrogate)"
+    if problem is not None:
+        # Raised outside the except blocks: a codec error would carry the content as context.
+        raise ConnectionInfoError(problem)
+    if len(raw) > limit:
+        raise ConnectionInfoError(f"{what} {name} is larger than {_size(limit)}")
+    if not raw:
+        raise ConnectionInfoError(f"{what} {name} is empty")
+    return raw
 
 
 # --------------------------------------------------------------------------------------------

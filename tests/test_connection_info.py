@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pyiscsi_failover.connection_info import (
+    MAX_INPUT_BYTES,
     MAX_LUN,
     Candidate,
     ConnectionInfo,
@@ -21,6 +25,7 @@ from pyiscsi_failover.connection_info import (
     format_provider_location,
     parse_connection_info,
     parse_provider_location,
+    read_limited,
     redacted,
 )
 from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
@@ -822,3 +827,108 @@ def test_pure_module_imports_no_io() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------- read_limited
+
+A_SECRET = "Planted-Secret-7781"
+
+
+def test_read_limited_reads_a_whole_small_file(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(A_SECRET.encode() + b"\n")
+    assert read_limited(path, what="CHAP secret file") == A_SECRET.encode() + b"\n"
+    assert read_limited(str(path), what="CHAP secret file") == A_SECRET.encode() + b"\n"
+
+
+def test_read_limited_accepts_exactly_the_limit_and_refuses_one_more(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_bytes(b" " * MAX_INPUT_BYTES)
+    assert len(read_limited(path, what="connection_info")) == MAX_INPUT_BYTES == 1 << 20
+    path.write_bytes(b" " * (MAX_INPUT_BYTES + 1))
+    with pytest.raises(ConnectionInfoError) as info:
+        read_limited(path, what="connection_info")
+    assert str(info.value) == f"connection_info {str(path)!r} is larger than 1 MiB"
+    with pytest.raises(ConnectionInfoError, match=r"is larger than 10 bytes"):
+        read_limited(path, what="connection_info", limit=10)
+
+
+def test_read_limited_stops_reading_an_endless_file() -> None:
+    with pytest.raises(ConnectionInfoError) as info:
+        read_limited("/dev/zero", what="CHAP secret file")
+    assert str(info.value) == "CHAP secret file '/dev/zero' is larger than 1 MiB"
+
+
+def test_read_limited_refuses_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    with pytest.raises(ConnectionInfoError) as info:
+        read_limited(path, what="CHAP secret file")
+    assert str(info.value) == f"CHAP secret file {str(path)!r} is empty"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"), [("missing", "No such file or directory"), (".", "Is a directory")]
+)
+def test_read_limited_names_a_file_it_cannot_read(tmp_path: Path, name: str, reason: str) -> None:
+    path = tmp_path / name
+    with pytest.raises(ConnectionInfoError) as info:
+        read_limited(path, what="connection_info")
+    assert str(info.value) == f"cannot read connection_info {str(path)!r}: {reason}"
+    assert isinstance(info.value, ISCSIError)
+
+
+def test_read_limited_reads_binary_and_text_streams() -> None:
+    assert read_limited(io.BytesIO(b"{}"), what="connection_info") == b"{}"
+    text = io.StringIO('{"k": "\u00e9"}')
+    assert read_limited(text, what="connection_info") == '{"k": "\u00e9"}'.encode()
+    # A text stream's limit counts bytes too: 6 characters, 12 bytes.
+    with pytest.raises(ConnectionInfoError, match="stream is larger than 10 bytes"):
+        read_limited(io.StringIO("\u00e9" * 6), what="connection_info", limit=10)
+    with pytest.raises(ConnectionInfoError, match="connection_info stream is empty"):
+        read_limited(io.StringIO(""), what="connection_info")
+
+
+def test_read_limited_names_stdin_and_keeps_a_bad_byte_out_of_the_error() -> None:
+    class Stdin(io.TextIOWrapper):
+        name = "<stdin>"
+
+    stream = Stdin(io.BytesIO(A_SECRET.encode() + b"\xff"), encoding="utf-8")
+    with pytest.raises(ConnectionInfoError) as info:
+        read_limited(stream, what="connection_info")
+    assert str(info.value) == "connection_info <stdin> is not UTF-8 text (bad byte at offset 19)"
+    assert info.value.__context__ is None and info.value.__cause__ is None
+    with pytest.raises(ConnectionInfoError) as lone:
+        read_limited(io.StringIO(A_SECRET + "\ud800"), what="CHAP secret file")
+    assert "lone surrogate" in str(lone.value)
+    assert lone.value.__context__ is None
+    assert A_SECRET not in str(lone.value) + repr(lone.value)
+
+
+def test_read_limited_reads_a_pipe_by_path(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "wb") as f:
+            f.write(b'{"target_portal": "10.0.0.1"}')
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert read_limited(fifo, what="connection_info") == b'{"target_portal": "10.0.0.1"}'
+    finally:
+        writer.join(timeout=30)
+
+
+def test_parse_connection_info_refuses_json_text_over_the_limit() -> None:
+    text = json.dumps(simple()) + " " * MAX_INPUT_BYTES
+    for raw in (text, text.encode()):
+        with pytest.raises(ConnectionInfoError) as info:
+            parse_connection_info(raw)
+        assert info.value.key == "connection_info"
+        assert "larger than 1 MiB" in str(info.value)
+    # The limit itself is fine.
+    exact = json.dumps(simple())
+    exact += " " * (MAX_INPUT_BYTES - len(exact))
+    assert parse_connection_info(exact).main.iqn == IQN
