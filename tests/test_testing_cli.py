@@ -30,6 +30,7 @@ from pyiscsi_failover.testing import (
     Blackhole,
     DelayPDUs,
     DigestsRequired,
+    FaultKind,
     Redirect,
     Refuse,
     RejectDigests,
@@ -420,6 +421,18 @@ def test_help_documents_the_output_and_the_chap_file(capsys: pytest.CaptureFixtu
     assert "portal NAME HOST:PORT,TPGT" in text
     assert "--chap-file" in text
     assert "never printed" in text
+
+
+def test_help_and_readme_name_every_fault(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    for kind in FaultKind:
+        assert kind.value in help_text, kind
+    for spelling in ("digests-required[:header|data|both]", "reject-digests"):
+        assert spelling in help_text
+        assert f"`{spelling}`" in readme
 
 
 def test_refuse_fault_is_accepted_on_a_portal() -> None:

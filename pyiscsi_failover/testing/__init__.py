@@ -2,8 +2,10 @@
 
 It speaks enough of RFC 7143 for login (no auth, one-way or mutual CHAP), discovery
 (SendTargets) and logout, and can misbehave on purpose, per portal or per target: refuse or
-blackhole connections, stay silent, reset, stall, redirect, send garbage, weaken CHAP... (see
-:mod:`~pyiscsi_failover.testing.faults`). It speaks no SCSI.
+blackhole connections, stay silent, reset, stall, redirect, send garbage, weaken CHAP, demand
+or reject digests... (see :mod:`~pyiscsi_failover.testing.faults`). It speaks no SCSI: SCSI
+Commands and the other opcodes it does not implement get a Reject "command not supported",
+and the session goes on.
 
 ::
 

@@ -7,10 +7,14 @@ much*. Who carries it out depends on the layer the fault lives in (see :data:`Fa
 * ``TIMING`` faults (silent, delay, slow drip) and the RST of ``reset-mid-login`` are applied
   by the server to the bytes the state machine produces;
 * ``PROTOCOL`` faults are applied by the sans-IO :class:`~pyiscsi_failover.testing.target.
-  TargetConnection` to the PDUs it builds.
+  TargetConnection` to the PDUs it builds; the digest faults (``digests-required``,
+  ``reject-digests``) also change what it answers to HeaderDigest/DataDigest and which digests
+  it sends and expects after login.
 
 Every fault can be set on a portal; protocol faults can also be set on one target (they then
-apply to Normal sessions with that target only). :func:`parse_fault` reads the command-line
+apply to Normal sessions with that target only). One portal or target may carry several
+faults of different kinds: ``delay`` with ``redirect`` makes a slow hop of a redirect chain,
+and two portals redirecting to each other make a loop. :func:`parse_fault` reads the command-line
 spelling (``delay:0.5``, ``redirect:127.0.0.2:3260``...) and ``str(fault)`` gives it back.
 
 Pure: never imports trio, socket or subprocess.

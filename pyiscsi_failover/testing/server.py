@@ -6,7 +6,8 @@ are in ``running.portals``, in configuration order), runs one sans-IO
 :class:`~pyiscsi_failover.testing.target.TargetConnection` per accepted connection, and closes
 every socket it made on the way out. Tests then assert on ``running.connections`` and
 ``running.logins`` ("every login was followed by a logout", "no session lingered") and wait on
-:meth:`RunningTarget.wait_for` instead of sleeping.
+:meth:`RunningTarget.wait_for` instead of sleeping (``ConnectionRecord.bytes_buffered`` tells
+that a partial PDU arrived, e.g. one whose required digest never comes).
 
 Faults carried out here rather than in the state machine:
 

@@ -12,7 +12,9 @@ What it implements, deliberately a small and strict subset of RFC 7143:
 
 * Login: SecurityNegotiation with ``AuthMethod=None`` or CHAP (one-way or mutual, any
   algorithm, via :class:`~pyiscsi_failover.protocol.chap.ChapAuthenticator`), then
-  LoginOperationalNegotiation answering each operational key by its result function, declaring
+  LoginOperationalNegotiation answering each operational key by its result function (digests:
+  the first of the initiator's list that :attr:`TargetConfig.digests` accepts, unless a digest
+  fault decides; CRC32C digests start with the first PDU after the final response), declaring
   MaxRecvDataSegmentLength, answering unknown keys ``NotUnderstood``; TargetPortalGroupTag in
   the first response; TSIH on success; Login Requests and Responses split with C=1 both ways.
 * Full feature phase: Text ``SendTargets`` (``All`` in Discovery sessions, ``<iqn>`` or empty in
@@ -21,8 +23,9 @@ What it implements, deliberately a small and strict subset of RFC 7143:
   NOP-In; Logout answered and the connection closed. Opcodes an initiator may send but this
   target does not implement (SCSI Command, Task Management, Data-Out, SNACK, vendor-specific
   0x1c-0x1e) get a Reject "command not supported" (0x05) carrying their header, and the
-  connection goes on (a SCSI Command still takes its CmdSN); a target-only opcode from the
-  initiator gets Reject "protocol error"; bytes that are no PDU close the connection.
+  connection goes on (a SCSI Command still takes its CmdSN); a Login Request or a target's
+  PDU (NOP-In, Text Response...) gets Reject "protocol error"; any other opcode, or bytes that
+  are no PDU, close the connection.
 * Status codes: 0x0203 unknown target, 0x0201 authentication failure, 0x0202 initiator not in
   the target's ACL, 0x0101/0x0102 redirect, 0x0301 service unavailable, 0x0207 missing
   parameter, 0x0209 session type, 0x0205 version, 0x020a TSIH, 0x020b bad PDU during login.
