@@ -1454,6 +1454,35 @@ async def test_unimplemented_opcode_with_a_bad_digest_or_length_closes() -> None
     assert link.conn.closed
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    opcode=st.sampled_from([*UNSUPPORTED, 0x1D, 0x1E]),
+    body=st.binary(min_size=47, max_size=200),
+    digests=st.booleans(),
+    chunk=st.integers(1, 64),
+)
+def test_unimplemented_opcodes_with_any_fields_never_raise(
+    opcode: int, body: bytes, digests: bool, chunk: int
+) -> None:
+    """Whatever the rest of the header says, the PDU is rejected, awaited or the link closed."""
+    operational = [("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")] if digests else None
+    link = connect(simple_config())
+    trio.run(lambda: do_login(link, target=DISK1, operational=operational))
+    link.buffer.header_digest = link.buffer.data_digest = digests
+    stream = bytes([opcode | (body[0] & 0x40)]) + body[1:]
+    answers: list[PDU] = []
+    for start in range(0, len(stream), chunk):
+        answers += link.send_bytes(stream[start : start + chunk])
+    assert all(isinstance(answer, Reject) for answer in answers)
+    if answers:
+        assert answers[0].data == stream[:48]  # type: ignore[attr-defined]
+        assert not link.conn.closed
+    else:
+        assert link.conn.closed or link.conn.buffered > 0
+    link.send_bytes(b"")
+    assert link.conn.closed
+
+
 async def test_unimplemented_opcode_during_login_fails_it() -> None:
     link = connect(simple_config())
     response, _ = await login_step(
