@@ -41,7 +41,7 @@ Decisions worth knowing:
   ``target_auth_username``/``target_auth_password`` (``discovery_target_auth_*``) as aliases; two
   spellings with different values are an error. Mutual CHAP needs ``auth_method`` CHAP, and its
   secret must differ from ours (RFC 7143: a secret that authenticates initiators must never
-  authenticate targets).
+  authenticate targets). A secret over 255 bytes (UTF-8) is refused: open-iscsi cannot hold it.
 * JSON text must be UTF-8; duplicate keys, ``NaN`` and ``Infinity`` are refused (a duplicated
   ``target_portal`` or ``auth_password`` is ambiguous). ``driver_volume_type`` must be ``iscsi``.
 * ``provider_location`` is a volume-table field, not part of ``data``: read it with
@@ -71,7 +71,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Final, Literal, NoReturn
 
-from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
+from pyiscsi_failover.credentials import MASK, MAX_SECRET_BYTES, ChapCredentials, Secret
 from pyiscsi_failover.errors import ConnectionInfoError
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 
@@ -582,7 +582,7 @@ def _parse_chap(
     if password_in is None:
         _fail(keys.password_in[0], f"is missing, but {keys.username_in[0]} is given")
     theirs = ChapCredentials(
-        _text(user_in[1], user_in[0]), Secret(_text(password_in[1], password_in[0], secret=True))
+        _text(user_in[1], user_in[0]), _chap_secret(password_in[1], password_in[0])
     )
     if theirs.secret == ours.secret:
         _fail(
@@ -597,7 +597,19 @@ def _secret(data: Mapping[str, object], key: str, method_key: str) -> Secret:
     value = data.get(key)
     if value is None:
         _fail(key, f"is missing (required when {method_key} is CHAP)")
-    return Secret(_text(value, key, secret=True))
+    return _chap_secret(value, key)
+
+
+def _chap_secret(value: object, key: str) -> Secret:
+    text = _text(value, key, secret=True)
+    size = len(text.encode("utf-8"))  # cannot fail: _text refused lone surrogates
+    if size > MAX_SECRET_BYTES:
+        _fail(
+            key,
+            f"is {size} bytes long; open-iscsi holds CHAP secrets of at most "
+            f"{MAX_SECRET_BYTES} bytes",
+        )
+    return Secret(text)
 
 
 def read_limited(

@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
+from typing import Final
 
-from pyiscsi_failover.errors import LocalProtocolError
+from pyiscsi_failover.errors import ConnectionInfoError, LocalProtocolError
 
-__all__ = ["MASK", "ChapCredentials", "Secret"]
+__all__ = ["MASK", "MAX_SECRET_BYTES", "ChapCredentials", "Secret"]
 
 #: What a secret looks like wherever it would otherwise be printed.
 MASK = "***"
+
+#: The longest CHAP secret open-iscsi can hold: its buffers are ``AUTH_STR_MAX_LEN`` (256)
+#: bytes including the terminating NUL, and iscsiadm cuts record values at 255 bytes. A longer
+#: secret could pass our own probe and then fail (or be cut) in the hand-off, so it is refused
+#: up front.
+MAX_SECRET_BYTES: Final = 255
 
 
 def _encodable(text: str) -> bool:
@@ -88,7 +95,9 @@ class ChapCredentials:
     """A CHAP name and secret: ours (checked by the target) or the target's (mutual CHAP).
 
     A plain ``str``/``bytes`` secret is wrapped in :class:`Secret` on construction, so a caller
-    that forgets the wrapper still never gets the secret printed.
+    that forgets the wrapper still never gets the secret printed. A secret longer than
+    :data:`MAX_SECRET_BYTES` is a :class:`~pyiscsi_failover.errors.ConnectionInfoError` with
+    ``key="secret"`` that gives its length, never its content.
     """
 
     username: str
@@ -102,6 +111,12 @@ class ChapCredentials:
             object.__setattr__(self, "secret", Secret(secret))
         elif not isinstance(secret, Secret):
             raise TypeError(f"a CHAP secret is a Secret, not {type(secret).__name__}")
+        if len(self.secret) > MAX_SECRET_BYTES:
+            raise ConnectionInfoError(
+                f"the CHAP secret of {self.username!r} is {len(self.secret)} bytes; open-iscsi "
+                f"holds at most {MAX_SECRET_BYTES}",
+                key="secret",
+            )
 
     def __repr__(self) -> str:
         return f"ChapCredentials(username={self.username!r}, secret={MASK!r})"

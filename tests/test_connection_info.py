@@ -932,3 +932,46 @@ def test_parse_connection_info_refuses_json_text_over_the_limit() -> None:
     exact = json.dumps(simple())
     exact += " " * (MAX_INPUT_BYTES - len(exact))
     assert parse_connection_info(exact).main.iqn == IQN
+
+
+# ---------------------------------------------------------------------------- secret length
+
+
+@pytest.mark.parametrize(
+    ("key", "extra"),
+    [
+        ("auth_password", {}),
+        ("auth_password_in", {"auth_username_in": "tgt"}),
+        ("target_auth_password", {"target_auth_username": "tgt"}),
+        (
+            "discovery_auth_password",
+            {"discovery_auth_method": "CHAP", "discovery_auth_username": "d"},
+        ),
+    ],
+)
+def test_a_chap_secret_over_255_bytes_is_refused_naming_its_key(
+    key: str, extra: dict[str, object]
+) -> None:
+    def info_with(secret: str) -> dict[str, object]:
+        chap: dict[str, object] = {
+            "auth_method": "CHAP",
+            "auth_username": "alice",
+            "auth_password": "Our-Own-Secret-0001",
+            **extra,
+        }
+        if key.startswith("discovery"):
+            chap["discovery_auth_password"] = secret
+        else:
+            chap[key] = secret
+        return simple(**chap)
+
+    fits = "K" * 253 + "\u00e9"  # 255 bytes
+    parse_connection_info(info_with(fits))
+    too_long = "K" * 255 + "\u00e9"  # 257 bytes, 256 characters
+    with pytest.raises(ConnectionInfoError) as info:
+        parse_connection_info(info_with(too_long))
+    assert info.value.key == key
+    assert str(info.value) == (
+        f"{key}: is 257 bytes long; open-iscsi holds CHAP secrets of at most 255 bytes"
+    )
+    assert "KKKK" not in repr(info.value)

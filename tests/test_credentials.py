@@ -10,7 +10,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
+from pyiscsi_failover.credentials import MASK, MAX_SECRET_BYTES, ChapCredentials, Secret
+from pyiscsi_failover.errors import ConnectionInfoError, ISCSIError
 
 RECOGNISABLE = "Zebra-Quartz-9137-secret"
 
@@ -110,3 +111,22 @@ def test_no_secret_in_any_repr(username: str, secret: str) -> None:
     assume(secret not in repr(username))
     for text in [*shown(creds), *shown(creds.secret)]:
         assert secret not in text
+
+
+def test_a_secret_of_255_bytes_is_accepted_and_256_refused_without_showing_it() -> None:
+    assert MAX_SECRET_BYTES == 255
+    longest = "S" * 253 + "\u00e9"  # 255 bytes in UTF-8, 254 characters
+    assert len(ChapCredentials("alice", Secret(longest)).secret) == 255
+    assert len(ChapCredentials("alice", Secret(b"x" * 255)).secret) == 255
+    for too_long in ("S" * 254 + "\u00e9", b"x" * 256, Secret(RECOGNISABLE * 11)):
+        with pytest.raises(ConnectionInfoError) as info:
+            ChapCredentials("alice", too_long)  # type: ignore[arg-type]
+        error = info.value
+        assert error.key == "secret"
+        assert isinstance(error, ISCSIError) and isinstance(error, ValueError)
+        assert "open-iscsi holds at most 255" in str(error)
+        assert "'alice'" in str(error)
+        assert RECOGNISABLE not in str(error) + repr(error)
+        assert "SSSS" not in str(error) and "xxxx" not in str(error)
+    with pytest.raises(ConnectionInfoError, match="is 264 bytes"):
+        ChapCredentials("alice", Secret(RECOGNISABLE * 11))
