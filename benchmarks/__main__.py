@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from benchmarks import cost, failover, plot, scale
+from benchmarks import coldstart, cost, failover, plot, scale
 from benchmarks.common import BenchError, machine_facts, print_table, section
 
 Runner = Callable[..., dict[str, object]]
@@ -22,6 +22,7 @@ BENCHMARKS: Final[dict[str, Runner]] = {
     "failover": failover.run,
     "scale": scale.run,
     "cost": cost.run,
+    "coldstart": coldstart.run,
     "plot": plot.run,
 }
 
@@ -42,7 +43,8 @@ def _goal_rows(name: str, payload: dict[str, object]) -> list[list[object]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="pyiscsi-failover benchmarks: failover latency, scale, per-login cost, plot.",
+        description="pyiscsi-failover benchmarks: failover overhead, scale, per-login cost against "
+        "libiscsi, CLI cold start, plot.",
     )
     parser.add_argument(
         "--quick",
