@@ -29,12 +29,12 @@ reserved *code value* in a defined field is a protocol error):
 * The AHS is skipped on decode (no AHS type exists for these opcodes); the 8-bit
   TotalAHSLength bounds it to 1020 bytes. Logout PDUs carry no data segment, so one is an error.
 
-Speed (measured; see ``_FLAG_BITS``): the flag bytes are plain ``Int8ub`` fields unpacked with
-named masks rather than ``BitStruct`` s, and construct parses or builds the BHS alone, once,
-instead of a whole-PDU ``Struct`` that re-derived the lengths and digests ``_layout`` already
-knows. That made encode+decode about 2.7 times faster (a Login Response: 166 to 65 us) than the
-earlier whole-PDU ``Struct`` s with ``BitStruct`` flags, with the same error fields, offsets,
-values and messages, reported in the same order.
+Speed: per PDU, construct parses or builds the 48-byte BHS alone, once, with its Struct
+compiled by ``.compile()`` (see ``_COMPILED``: the interpreted Struct stays the definition and
+reports every error); what surrounds the BHS is sliced and joined in plain Python from
+``_layout``. The flag bytes are plain ``Int8ub`` fields split with named masks rather than
+``BitStruct`` s (see ``_FLAG_BITS``). Errors keep their fields, offsets, values and messages,
+reported in wire order.
 
 Pure: never imports trio, socket or subprocess.
 """
