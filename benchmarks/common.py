@@ -261,6 +261,26 @@ def warn_if_busy() -> None:
         )
 
 
+def _source_state() -> dict[str, object]:
+    """The commit measured, and which tracked files differed from it (editable install)."""
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None:
+        return {"commit": None}
+
+    def git(*args: str) -> str | None:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
+        )
+        return done.stdout if done.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    commit = git("rev-parse", "HEAD")
+    return {
+        "commit": None if commit is None else commit.strip(),
+        "uncommitted_changes": sorted(line[3:] for line in (changed or "").splitlines()),
+    }
+
+
 def machine_facts() -> dict[str, object]:
     """What a reader needs to compare these numbers with theirs."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -280,6 +300,7 @@ def machine_facts() -> dict[str, object]:
         },
         "load_average_at_start": load_average(),
         "rlimit_nofile": [soft, hard],
+        "source": _source_state(),
     }
 
 
