@@ -36,8 +36,9 @@ in every command, log line, result and error we produce; the record file under
 ``/etc/iscsi/nodes`` (root only) holds it in clear, as open-iscsi always does.
 
 The builders are pure; the runner and :func:`attach`/:func:`detach` use trio and subprocesses,
-the ledger plain files. This module never imports socket or construct, and the runner never uses
-``check=True``: ``CalledProcessError`` would carry the unmasked argv.
+the ledger plain files. This module imports neither socket nor construct itself (the digest and
+CHAP enums come from the pure protocol modules), and the runner never uses ``check=True``:
+``CalledProcessError`` would carry the unmasked argv.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ from pyiscsi_failover.errors import (
     LocalProtocolError,
 )
 from pyiscsi_failover.names import Portal, validate_iscsi_name
+from pyiscsi_failover.protocol.chap import ChapAlgorithm
+from pyiscsi_failover.protocol.negotiation import Digest
 
 __all__ = [
     "DEFAULT_LEDGER_PATH",
@@ -231,6 +234,12 @@ class NodeTarget:
     ``tpgt`` defaults to ``portal.tpgt``; giving both with different values is an error.
     ``chap`` is our CHAP identity; ``target_chap`` the target's, for mutual CHAP
     (``node.session.auth.username_in``/``password_in``) and only together with ``chap``.
+
+    What the probe proved can be handed on too, so that the kernel negotiates what was tested
+    rather than what ``iscsid.conf`` says: ``header_digest``/``data_digest`` become
+    ``node.conn[0].iscsi.HeaderDigest``/``DataDigest``, and ``chap_algorithms`` (only with
+    ``chap``; non-empty, no repeats, in order of preference) ``node.session.auth.chap_algs``.
+    ``None`` leaves the record's value alone (``iscsid.conf``'s default for a new record).
     """
 
     portal: Portal
@@ -239,6 +248,9 @@ class NodeTarget:
     tpgt: int | None = None
     chap: ChapCredentials | None = None
     target_chap: ChapCredentials | None = None
+    header_digest: Digest | None = None
+    data_digest: Digest | None = None
+    chap_algorithms: tuple[ChapAlgorithm, ...] | None = None
 
     def __post_init__(self) -> None:
         portal: object = self.portal
@@ -271,6 +283,36 @@ class NodeTarget:
             raise ConnectionInfoError(
                 "target_chap (mutual CHAP) needs chap as well", key="target_chap"
             )
+        for key in ("header_digest", "data_digest"):
+            digest: object = getattr(self, key)
+            if digest is not None and not isinstance(digest, Digest):
+                raise ConnectionInfoError(
+                    f"{key} must be a Digest or None, not {type(digest).__name__}", key=key
+                )
+        self._check_chap_algorithms()
+
+    def _check_chap_algorithms(self) -> None:
+        algorithms: object = self.chap_algorithms
+        if algorithms is None:
+            return
+        key = "chap_algorithms"
+        if not isinstance(algorithms, (tuple, list)):
+            raise ConnectionInfoError(
+                f"{key} must be a tuple of ChapAlgorithm or None, not {type(algorithms).__name__}",
+                key=key,
+            )
+        if not algorithms:
+            raise ConnectionInfoError(f"{key} is empty: give at least one, or None", key=key)
+        for algorithm in algorithms:
+            if not isinstance(algorithm, ChapAlgorithm):
+                raise ConnectionInfoError(
+                    f"{key} must hold ChapAlgorithm members, not {algorithm!r}", key=key
+                )
+        if len(set(algorithms)) != len(algorithms):
+            raise ConnectionInfoError(f"{key} lists an algorithm twice", key=key)
+        if self.chap is None:
+            raise ConnectionInfoError(f"{key} needs chap: without CHAP none is used", key=key)
+        object.__setattr__(self, key, tuple(algorithms))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -373,11 +415,33 @@ def session_list() -> Command:
     return Command(parts=("iscsiadm", "-m", "session"))
 
 
+#: open-iscsi's names for the CHAP algorithms in ``node.session.auth.chap_algs`` (iscsid.conf).
+_CHAP_ALG_NAMES: Final[dict[ChapAlgorithm, str]] = {
+    ChapAlgorithm.MD5: "MD5",
+    ChapAlgorithm.SHA1: "SHA1",
+    ChapAlgorithm.SHA256: "SHA256",
+    ChapAlgorithm.SHA3_256: "SHA3-256",
+}
+
+
+def _digest_updates(t: NodeTarget) -> list[Command]:
+    # Digest.value is the RFC 7143 text ("None", "CRC32C"), which is also open-iscsi's spelling.
+    pairs = (("HeaderDigest", t.header_digest), ("DataDigest", t.data_digest))
+    return [
+        node_update(t, f"node.conn[0].iscsi.{name}", digest.value)
+        for name, digest in pairs
+        if digest is not None
+    ]
+
+
 def _auth_updates(t: NodeTarget) -> list[Command]:
     # authmethod is always set, so iscsid.conf's defaults cannot add or drop CHAP behind our back.
     if t.chap is None:
         return [node_update(t, "node.session.auth.authmethod", "None")]
     commands = [node_update(t, "node.session.auth.authmethod", "CHAP")]
+    if t.chap_algorithms is not None:
+        names = ",".join(_CHAP_ALG_NAMES[a] for a in t.chap_algorithms)
+        commands.append(node_update(t, "node.session.auth.chap_algs", names))
     pairs = [("", t.chap)]
     if t.target_chap is not None:
         pairs.append(("_in", t.target_chap))
@@ -394,7 +458,12 @@ def _auth_updates(t: NodeTarget) -> list[Command]:
 
 def _setup_plan(t: NodeTarget, *, create: bool) -> list[Command]:
     first = [node_new(t)] if create else []
-    return [*first, node_update(t, "node.startup", "manual"), *_auth_updates(t)]
+    return [
+        *first,
+        node_update(t, "node.startup", "manual"),
+        *_digest_updates(t),
+        *_auth_updates(t),
+    ]
 
 
 def handoff_plan(t: NodeTarget, *, create: bool = True) -> list[Command]:
@@ -402,6 +471,7 @@ def handoff_plan(t: NodeTarget, *, create: bool = True) -> list[Command]:
 
     ``create=False`` leaves out ``-o new``, for a record that already exists (``-o new`` would
     reset it). ``node.startup`` is set to ``manual``: failover, not boot, decides what to log in.
+    The digests and CHAP algorithms are written when ``t`` carries them (see :class:`NodeTarget`).
     """
     return [*_setup_plan(t, create=create), node_login(t)]
 

@@ -69,6 +69,8 @@ from pyiscsi_failover.iscsiadm import (
     session_list,
 )
 from pyiscsi_failover.names import Portal
+from pyiscsi_failover.protocol.chap import ChapAlgorithm
+from pyiscsi_failover.protocol.negotiation import Digest
 
 IQN = "iqn.2010-10.org.openstack:volume-0001"
 SECRET = "Zebra-Quartz-9137-secret"
@@ -198,6 +200,82 @@ def test_handoff_plan_for_an_existing_record_skips_new() -> None:
         ("-o", "update", "-n", "node.session.auth.password", "-v", SECRET),
         ("--login",),
     ]
+
+
+def test_handoff_plan_writes_what_the_probe_proved_golden() -> None:
+    t = chap_target(
+        header_digest=Digest.CRC32C,
+        data_digest=Digest.NONE,
+        chap_algorithms=(ChapAlgorithm.SHA3_256, ChapAlgorithm.SHA256, ChapAlgorithm.MD5),
+    )
+    update = (*NODE, "-o", "update", "-n")
+    assert [c.argv for c in handoff_plan(t)] == [
+        (*NODE, "-o", "new"),
+        (*update, "node.startup", "-v", "manual"),
+        (*update, "node.conn[0].iscsi.HeaderDigest", "-v", "CRC32C"),
+        (*update, "node.conn[0].iscsi.DataDigest", "-v", "None"),
+        (*update, "node.session.auth.authmethod", "-v", "CHAP"),
+        (*update, "node.session.auth.chap_algs", "-v", "SHA3-256,SHA256,MD5"),
+        (*update, "node.session.auth.username", "-v", "alice"),
+        (*update, "node.session.auth.password", "-v", SECRET),
+        (*NODE, "--login"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("algorithms", "written"),
+    [
+        ((ChapAlgorithm.MD5,), "MD5"),
+        ((ChapAlgorithm.SHA1,), "SHA1"),
+        ((ChapAlgorithm.SHA256, ChapAlgorithm.SHA1), "SHA256,SHA1"),
+        ([ChapAlgorithm.MD5, ChapAlgorithm.SHA3_256], "MD5,SHA3-256"),  # a list is taken too
+    ],
+)
+def test_chap_algs_use_open_iscsis_names_in_the_given_order(
+    algorithms: Sequence[ChapAlgorithm], written: str
+) -> None:
+    t = chap_target(chap_algorithms=algorithms)
+    assert t.chap_algorithms == tuple(algorithms)
+    chap_algs = [c.argv[-1] for c in handoff_plan(t) if "node.session.auth.chap_algs" in c.argv]
+    assert chap_algs == [written]
+
+
+def test_digests_alone_and_without_chap_golden() -> None:
+    plan = handoff_plan(target(data_digest=Digest.CRC32C), create=False)
+    assert [c.argv[7:] for c in plan] == [
+        ("-o", "update", "-n", "node.startup", "-v", "manual"),
+        ("-o", "update", "-n", "node.conn[0].iscsi.DataDigest", "-v", "CRC32C"),
+        ("-o", "update", "-n", "node.session.auth.authmethod", "-v", "None"),
+        ("--login",),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"header_digest": "CRC32C"}, "header_digest must be a Digest or None, not str"),
+        ({"data_digest": True}, "data_digest must be a Digest or None, not bool"),
+        ({"chap_algorithms": ()}, "chap_algorithms is empty"),
+        ({"chap_algorithms": (5,)}, "must hold ChapAlgorithm members, not 5"),
+        ({"chap_algorithms": "MD5"}, "must be a tuple of ChapAlgorithm or None, not str"),
+        (
+            {"chap_algorithms": (ChapAlgorithm.MD5, ChapAlgorithm.MD5)},
+            "lists an algorithm twice",
+        ),
+    ],
+)
+def test_node_target_refuses_bad_digests_and_chap_algorithms(
+    changes: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(ConnectionInfoError) as info:
+        target(chap=ChapCredentials("alice", Secret(SECRET)), **changes)
+    assert fragment in str(info.value)
+    assert info.value.key == next(iter(changes))
+
+
+def test_chap_algorithms_need_chap() -> None:
+    with pytest.raises(ConnectionInfoError, match="chap_algorithms needs chap"):
+        target(chap_algorithms=(ChapAlgorithm.MD5,))
 
 
 def test_dry_run_plan_golden() -> None:

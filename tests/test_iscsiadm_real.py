@@ -10,6 +10,7 @@ record uses a fresh IQN and a 127.0.0.X portal and is removed afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -39,6 +40,8 @@ from pyiscsi_failover.iscsiadm import (
     portal_argument,
 )
 from pyiscsi_failover.names import Portal
+from pyiscsi_failover.protocol.chap import ChapAlgorithm
+from pyiscsi_failover.protocol.negotiation import Digest
 
 SECRET = "Zebra-Quartz-9137-secret"
 SECRET_IN = "Mutual-Walrus-5521-secret"
@@ -145,6 +148,51 @@ async def test_node_record_create_update_read_delete(iscsiadm: Iscsiadm, node: N
         await iscsiadm.check(node_delete(node))
         gone = await iscsiadm.run(node_show(node))
     assert gone.status is IscsiadmExit.NO_OBJS_FOUND
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "algorithms", "chap_algs"),
+    [
+        (
+            Digest.CRC32C,
+            Digest.NONE,
+            (ChapAlgorithm.SHA3_256, ChapAlgorithm.SHA256, ChapAlgorithm.SHA1, ChapAlgorithm.MD5),
+            "SHA3-256,SHA256,SHA1,MD5",
+        ),
+        (Digest.NONE, Digest.CRC32C, (ChapAlgorithm.MD5, ChapAlgorithm.SHA256), "MD5,SHA256"),
+    ],
+)
+async def test_the_record_shows_the_digests_and_chap_algorithms_we_wrote(
+    iscsiadm: Iscsiadm,
+    node: NodeTarget,
+    header: Digest,
+    data: Digest,
+    algorithms: tuple[ChapAlgorithm, ...],
+    chap_algs: str,
+) -> None:
+    proved = dataclasses.replace(
+        node, header_digest=header, data_digest=data, chap_algorithms=algorithms
+    )
+    with trio.fail_after(30):
+        for cmd in handoff_plan(proved)[:-1]:  # everything but --login
+            await iscsiadm.check(cmd)
+        shown = await iscsiadm.check(node_show(proved))
+    record = _record(shown.stdout)
+    assert record["node.conn[0].iscsi.HeaderDigest"] == header.value
+    assert record["node.conn[0].iscsi.DataDigest"] == data.value
+    assert record["node.session.auth.chap_algs"] == chap_algs
+    # Updating an existing record in place (create=False) changes them again.
+    again = dataclasses.replace(
+        proved, header_digest=data, data_digest=header, chap_algorithms=(ChapAlgorithm.SHA1,)
+    )
+    with trio.fail_after(30):
+        for cmd in handoff_plan(again, create=False)[:-1]:
+            await iscsiadm.check(cmd)
+        shown = await iscsiadm.check(node_show(again))
+    record = _record(shown.stdout)
+    assert record["node.conn[0].iscsi.HeaderDigest"] == data.value
+    assert record["node.conn[0].iscsi.DataDigest"] == header.value
+    assert record["node.session.auth.chap_algs"] == "SHA1"
 
 
 async def test_ipv6_portal_record(iscsiadm: Iscsiadm) -> None:
