@@ -40,6 +40,7 @@ from pyiscsi_failover.testing import (
     Blackhole,
     ChapSettings,
     DelayPDUs,
+    DigestsRequired,
     DowngradeToNone,
     Fault,
     FaultKind,
@@ -53,6 +54,7 @@ from pyiscsi_failover.testing import (
     RedirectLoop,
     ReflectChallenge,
     Refuse,
+    RejectDigests,
     ResetMidLogin,
     RunningTarget,
     ServiceUnavailable,
@@ -165,6 +167,9 @@ CASES = [
     ),
     Case(NonUTF8Text(), Outcome.PROTOCOL_ERROR, r"not valid UTF-8"),
     Case(ServiceUnavailable(), Outcome.TARGET_ERROR, r"service unavailable \(0x0301\)"),
+    # Our default offer (None,CRC32C) lets a target that requires digests choose them.
+    Case(DigestsRequired(), Outcome.OK, r"login and logout succeeded"),
+    Case(RejectDigests(), Outcome.NEGOTIATION_FAILED, r"rejected HeaderDigest=None,CRC32C"),
     Case(SplitText(chunk=32, login=True), Outcome.OK, r"login and logout succeeded"),
     Case(
         SplitText(chunk=64, style=SplitStyle.TGT, login=True),

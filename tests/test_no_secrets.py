@@ -110,6 +110,8 @@ FAULT_SPELLINGS = (
     "non-utf8-text",
     "split-text:16:continue:login",
     "service-unavailable",
+    "digests-required",
+    "reject-digests",
 )
 FAULTS: dict[str, Fault] = {spelling: parse_fault(spelling) for spelling in FAULT_SPELLINGS}
 FAKE_ISCSIADM = Path(__file__).parent / "fake_iscsiadm" / "iscsiadm"
