@@ -31,9 +31,11 @@ Both use the ledger at :data:`DEFAULT_LEDGER_PATH` unless given another, so that
 defaults are as safe as the CLI's.
 
 Known open-iscsi limit: iscsiadm takes the CHAP password on its command line, so while the
-``-o update`` runs it is visible in ``/proc/PID/cmdline`` to root and to our own user. We mask it
-in every command, log line, result and error we produce; the record file under
-``/etc/iscsi/nodes`` (root only) holds it in clear, as open-iscsi always does.
+``-o update`` runs it is in ``/proc/PID/cmdline``, which any local user can read unless ``/proc``
+is mounted with ``hidepid=2`` (not the default; os-brick has the same exposure). That is why each
+password travels in its own short ``-o update`` and nowhere else. We mask it in every command, log
+line, result and error we produce; the record file under ``/etc/iscsi/nodes`` (root only) holds it
+in clear, as open-iscsi always does.
 
 The builders are pure; the runner and :func:`attach`/:func:`detach` use trio and subprocesses,
 the ledger plain files. This module imports neither socket nor construct itself (the digest and
