@@ -1,11 +1,19 @@
 """The ``pyiscsi-failover`` command: discover, login, probe, attach, detach, demo.
 
 ``run(argv) -> int`` does everything so tests can call it directly; only ``main`` exits. Exit
-status: 0 success, 1 a target or network failure, 2 bad usage or input, each with a one-line
-reason on stderr and never a traceback. CHAP secrets are read from files or the environment, never
-from argv, and are printed nowhere (not in output, errors, JSON or debug logs). This module is the
-only one that configures logging, and ``run`` puts the logging configuration back as it found it,
-so calling it from tests or other programs leaves no handler behind.
+status: 0 success, 1 a target or network failure (or output that cannot be written), 2 bad usage
+or input, 130 interrupted; each failure with a one-line reason on stderr and never a traceback.
+A reader that closes the pipe early (``| head -1``) changes nothing: the rest of the output is
+dropped quietly and the status is the command's own. CHAP secrets are read from files or the
+environment, never from argv, and are printed nowhere (not in output, errors, JSON or debug
+logs). This module is the only one that configures logging, and ``run`` puts the logging
+configuration back as it found it, so calling it from tests or other programs leaves no handler
+behind.
+
+Start-up cost matters (a probe is often run from a script on every attach), so this module
+imports only the standard library and ``errors`` at the top: building the parser and ``--help``
+never load trio, construct or the protocol. Each command imports what it needs when it runs,
+and the library defaults shown in ``--help`` are mirrored below (tests check they agree).
 """
 
 from __future__ import annotations
@@ -13,9 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
-import dataclasses
-import enum
-import json
 import logging
 import math
 import os
@@ -25,16 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
-import trio
-
 from pyiscsi_failover import __version__
-from pyiscsi_failover.connection_info import (
-    MAX_LUN,
-    Candidate,
-    ConnectionInfo,
-    parse_connection_info,
-)
-from pyiscsi_failover.credentials import ChapCredentials, Secret
 from pyiscsi_failover.errors import (
     ConnectionInfoError,
     InvalidName,
@@ -42,53 +38,61 @@ from pyiscsi_failover.errors import (
     ISCSIError,
     LocalProtocolError,
 )
-from pyiscsi_failover.host import default_initiator_name
-from pyiscsi_failover.initiator import LoginConfig, LoginRejected, LoginSucceeded
-from pyiscsi_failover.iscsiadm import (
-    DEFAULT_LEDGER_PATH,
-    Iscsiadm,
-    NodeTarget,
-    RecordLedger,
-    attach,
-    detach,
-    dry_run_plan,
-)
-from pyiscsi_failover.names import Portal, validate_iscsi_name
-from pyiscsi_failover.prober import (
-    DEFAULT_STAGGER,
-    Attempt,
-    AttemptFinished,
-    AttemptStarted,
-    Check,
-    Outcome,
-    Policy,
-    ProbeOptions,
-    ProbeResult,
-    ProgressEvent,
-    probe,
-)
-from pyiscsi_failover.transport import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_LOGIN_TIMEOUT,
-    LoginReport,
-    discover,
-    login,
-)
 
 if TYPE_CHECKING:
+    import ipaddress
+
     from _typeshed import SupportsWrite
+
+    from pyiscsi_failover.connection_info import ConnectionInfo
+    from pyiscsi_failover.credentials import ChapCredentials, Secret
+    from pyiscsi_failover.initiator import LoginConfig
+    from pyiscsi_failover.iscsiadm import DeleteMode, NodeTarget
+    from pyiscsi_failover.names import Portal
+    from pyiscsi_failover.prober import Attempt, Outcome, ProbeOptions, ProbeResult, ProgressEvent
+    from pyiscsi_failover.protocol.chap import ChapAlgorithm
+    from pyiscsi_failover.transport import LoginReport, RedirectPolicy
 
 __all__ = ["build_parser", "main", "run"]
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
 
 SECRET_ENV: Final = "PYISCSI_CHAP_SECRET"  # noqa: S105 (a variable name, not a secret)
 TARGET_SECRET_ENV: Final = "PYISCSI_TARGET_CHAP_SECRET"  # noqa: S105
+#: What is read at most from ``-c FILE``, stdin or a secret file: ``/dev/zero`` must not fill
+#: the memory, and no connection_info or secret comes anywhere near this.
+MAX_INPUT_BYTES: Final = 1 << 20
 _DEV_ROOT: Final = Path("/dev/disk/by-path")
-#: ``--state-file``'s default, read when the parser is built (tests point it elsewhere).
-_STATE_FILE = DEFAULT_LEDGER_PATH
+
+# Library defaults shown in --help, mirrored so that building the parser imports no protocol
+# code; tests/test_cli.py checks each one against the library.
+_DEFAULT_CONNECT_TIMEOUT: Final = 3.0  # transport.DEFAULT_CONNECT_TIMEOUT
+_DEFAULT_LOGIN_TIMEOUT: Final = 10.0  # transport.DEFAULT_LOGIN_TIMEOUT
+_MAX_REDIRECTS: Final = 4  # transport.MAX_REDIRECTS
+_MAX_REDIRECTS_LIMIT: Final = 64  # what transport.RedirectPolicy accepts
+_REDIRECT_MODES: Final = ("follow", "never")  # transport.RedirectMode values
+_DEFAULT_STAGGER: Final = 0.25  # prober.DEFAULT_STAGGER
+_DEFAULT_CONCURRENCY: Final = 16  # prober.DEFAULT_CONCURRENCY
+_POLICIES: Final = ("sequential", "ordered", "staggered")  # prober.Policy values
+_CHECKS: Final = ("tcp", "login")  # prober.Check values
+_MAX_LUN: Final = 16383  # connection_info.MAX_LUN
+#: protocol.chap.DEFAULT_ALGORITHMS, in open-iscsi's names.
+_DEFAULT_CHAP_ALGORITHMS: Final = "MD5,SHA1,SHA256,SHA3-256"
+_DELETE_MODES: Final = ("if-ours", "always", "never")  # iscsiadm.DELETE_MODES, CLI spelling
+#: ``--state-file``'s default (iscsiadm.DEFAULT_LEDGER_PATH), read when the parser is built
+#: (tests point it elsewhere).
+_STATE_FILE = Path("/var/lib/pyiscsi-failover/created-records.json")
+
+#: The logger of protocol/chap.py, whose short-secret warning is shown once per run.
+_CHAP_LOGGER: Final = "pyiscsi_failover.protocol.chap"
+_CHAP_HINT: Final = "target requires CHAP: give --chap-user and a secret"
+_INITIATOR_HELP: Final = (
+    "our InitiatorName (default: open-iscsi's in /etc/iscsi/initiatorname.iscsi, else one made "
+    "from the host name)"
+)
 
 #: The package's logger: the CLI configures it (and only it) for the duration of ``run``.
 _package_logger = logging.getLogger("pyiscsi_failover")
@@ -100,6 +104,10 @@ _N = TypeVar("_N", int, float)
 
 class _UsageError(Exception):
     """Bad command-line usage; becomes exit status 2 with its message."""
+
+
+class _OutputError(Exception):
+    """stdout cannot be written (a full disk); becomes exit status 1 with its message."""
 
 
 #: Where ``--help``/``--version`` go during ``run``: its ``stdout``. A context variable rather
@@ -121,7 +129,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def print_help(self, file: SupportsWrite[str] | None = None) -> None:
-        super().print_help(file if file is not None else _help_out.get())
+        _write_help(self.format_help(), file)
 
     def error(self, message: str) -> NoReturn:
         raise _UsageError(message)
@@ -146,11 +154,23 @@ class _VersionAction(argparse.Action):
         values: object,
         option_string: str | None = None,
     ) -> NoReturn:
-        out = _help_out.get() or sys.stdout
-        # As argparse does for --help: a reader that went away is not worth an error.
-        with contextlib.suppress(OSError):
-            out.write(f"{parser.prog} {__version__}\n")
+        _write_help(f"{parser.prog} {__version__}\n")
         parser.exit()
+
+
+def _write_help(text: str, file: SupportsWrite[str] | None = None) -> None:
+    """Write ``--help``/``--version`` text: a reader that went away is not worth an error (as
+    argparse has it), but a full disk is (argparse would swallow it and exit 0)."""
+    out = file or _help_out.get() or sys.stdout
+    try:
+        out.write(text)
+        flush = getattr(out, "flush", None)
+        if flush is not None:
+            flush()
+    except BrokenPipeError:
+        pass
+    except OSError as exc:
+        raise _OutputError(f"cannot write output: {exc.strerror or type(exc).__name__}") from None
 
 
 # -- argument parsing ------------------------------------------------------------------------------
@@ -178,13 +198,44 @@ def _checked(
 _positive = _checked(float, lambda v: 0 < v < math.inf, "must be a positive number of seconds")
 _non_negative = _checked(float, lambda v: 0 <= v < math.inf, "must be a number of seconds >= 0")
 _count = _checked(int, lambda v: v >= 1, "must be at least 1")
-_lun = _checked(int, lambda v: 0 <= v <= MAX_LUN, f"is not a LUN in 0..{MAX_LUN}")
+_lun = _checked(int, lambda v: 0 <= v <= _MAX_LUN, f"is not a LUN in 0..{_MAX_LUN}")
+_redirect_count = _checked(
+    int,
+    lambda v: 0 <= v <= _MAX_REDIRECTS_LIMIT,
+    f"is not a number of redirects in 0..{_MAX_REDIRECTS_LIMIT}",
+)
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``--redirect-allow``: a CIDR (a bare address is a /32 or /128)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IP network in CIDR form (10.0.0.0/8, fd00::/8)"
+        ) from None
+
+
+def _chap_algorithms(text: str) -> tuple[ChapAlgorithm, ...]:
+    # Imported here: only a command line that gives the option pays for the protocol package.
+    from pyiscsi_failover.protocol.chap import parse_chap_algorithms
+
+    try:
+        return parse_chap_algorithms(text)
+    except LocalProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
     # Accepted before and after the subcommand; the subcommand's copy only counts when given.
     parser.add_argument(
-        "-v", "--verbose", action="count", default=default, help="log more (-vv: debug)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="log more: -v info, -vv debug (default: warnings only)",
     )
 
 
@@ -198,18 +249,47 @@ def _refuse_secret(file_option: str, env: str) -> Callable[[str], str]:
     return refuse
 
 
-def _add_credentials(parser: argparse.ArgumentParser) -> None:
+def _add_credentials(parser: argparse.ArgumentParser, *, offer: bool = True) -> None:
     group = parser.add_argument_group(
         "CHAP",
         f"secrets come only from files or ${SECRET_ENV} / ${TARGET_SECRET_ENV}, never from argv",
     )
-    group.add_argument("--initiator-name", help="InitiatorName (default: open-iscsi's, if any)")
-    group.add_argument("--chap-user", help="our CHAP username (checked by the target)")
-    group.add_argument("--chap-secret-file", type=Path, help="file holding our CHAP secret")
-    group.add_argument("--target-chap-user", help="the target's CHAP username (mutual CHAP)")
     group.add_argument(
-        "--target-chap-secret-file", type=Path, help="file holding the target's secret"
+        "--initiator-name",
+        metavar="IQN",
+        help=_INITIATOR_HELP,
     )
+    group.add_argument(
+        "--chap-user",
+        metavar="USER",
+        help="our CHAP username, checked by the target (default: none, or the file's)",
+    )
+    group.add_argument(
+        "--chap-secret-file",
+        type=Path,
+        metavar="PATH",
+        help=f"file holding our CHAP secret (default: ${SECRET_ENV})",
+    )
+    group.add_argument(
+        "--target-chap-user",
+        metavar="USER",
+        help="the target's CHAP username, for mutual CHAP (default: none)",
+    )
+    group.add_argument(
+        "--target-chap-secret-file",
+        type=Path,
+        metavar="PATH",
+        help=f"file holding the target's CHAP secret (default: ${TARGET_SECRET_ENV})",
+    )
+    if offer:
+        group.add_argument(
+            "--chap-algorithms",
+            type=_chap_algorithms,
+            metavar="LIST",
+            help="CHAP_A offer in order of preference, names or numbers (default "
+            f"{_DEFAULT_CHAP_ALGORITHMS}: MD5 first because tgt reads only the first "
+            "algorithm offered; to prefer SHA-256 where the target has it: SHA256,MD5)",
+        )
     # The obvious spellings of a secret on argv are refused without echoing the value.
     for option, file_option, env in (
         ("--chap-secret", "--chap-secret-file", SECRET_ENV),
@@ -222,18 +302,59 @@ def _add_timeouts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout",
         type=_positive,
-        default=DEFAULT_CONNECT_TIMEOUT,
+        default=_DEFAULT_CONNECT_TIMEOUT,
         metavar="S",
-        help=f"TCP connect deadline per portal (default {DEFAULT_CONNECT_TIMEOUT:g})",
+        help="TCP connect deadline per portal (default %(default)g)",
     )
     parser.add_argument(
         "--login-timeout",
         "--timeout",
         dest="login_timeout",
         type=_positive,
-        default=DEFAULT_LOGIN_TIMEOUT,
+        default=_DEFAULT_LOGIN_TIMEOUT,
         metavar="S",
-        help=f"login deadline per portal after connecting (default {DEFAULT_LOGIN_TIMEOUT:g})",
+        help="login deadline per portal after connecting (default %(default)g)",
+    )
+
+
+def _add_redirects(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("redirects", "what a login does when a target redirects it")
+    group.add_argument(
+        "--redirects",
+        choices=_REDIRECT_MODES,
+        default="follow",
+        help="follow a target's redirects, or refuse them (default %(default)s)",
+    )
+    group.add_argument(
+        "--redirect-allow",
+        action="append",
+        type=_network,
+        default=[],
+        metavar="CIDR",
+        help="follow redirects only into this network; repeatable (default: any address)",
+    )
+    group.add_argument(
+        "--max-redirects",
+        type=_redirect_count,
+        default=_MAX_REDIRECTS,
+        metavar="N",
+        help="redirects one login may follow (default %(default)s)",
+    )
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout, nothing else"
+    )
+
+
+def _add_connection_info(parser: argparse.ArgumentParser, *, required: bool, what: str) -> None:
+    parser.add_argument(
+        "-c",
+        "--connection-info",
+        metavar="FILE",
+        required=required,
+        help=f"connection_info JSON file, - for stdin; {what}",
     )
 
 
@@ -249,68 +370,85 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("discover", help="SendTargets discovery: list targets and their portals")
     _add_verbose(p, argparse.SUPPRESS)
-    p.add_argument("portal", nargs="?", help="HOST[:PORT] (default port 3260)")
-    p.add_argument(
-        "-c", "--connection-info", metavar="FILE", help="use its main portal (- = stdin)"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("portal", nargs="?", help="HOST[:PORT], IPv6 as [ADDR]:PORT (port 3260)")
+    _add_connection_info(p, required=False, what="its main portal and discovery CHAP are used")
+    _add_json(p)
     _add_credentials(p)
     _add_timeouts(p)
+    _add_redirects(p)
 
     p = sub.add_parser("login", help="one full login and logout; report outcome and parameters")
     _add_verbose(p, argparse.SUPPRESS)
-    p.add_argument("portal", help="HOST[:PORT]")
+    p.add_argument("portal", help="HOST[:PORT], IPv6 as [ADDR]:PORT (port 3260)")
     p.add_argument("iqn", help="target name")
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
     _add_credentials(p)
     _add_timeouts(p)
+    _add_redirects(p)
 
     p = sub.add_parser("probe", help="probe a volume's portals in order and choose one")
     _add_verbose(p, argparse.SUPPRESS)
     _add_candidates(p)
     _add_probe_options(p)
     _add_credentials(p)
+    _add_redirects(p)
 
     p = sub.add_parser("attach", help="probe, then log in with open-iscsi (iscsiadm)")
     _add_verbose(p, argparse.SUPPRESS)
-    p.add_argument("-c", "--connection-info", metavar="FILE", required=True, help="(- = stdin)")
+    _add_connection_info(p, required=True, what="the volume to attach")
     p.add_argument("--dry-run", action="store_true", help="print the iscsiadm commands, run none")
-    p.add_argument("--iscsiadm", default="iscsiadm", help="iscsiadm binary (default: from PATH)")
+    p.add_argument(
+        "--iscsiadm", default="iscsiadm", help="iscsiadm binary (default %(default)s, from PATH)"
+    )
     p.add_argument(
         "--device-timeout",
         type=_positive,
         default=20.0,
         metavar="S",
-        help="how long to wait for the disk to appear (default 20)",
+        help="how long to wait for the disk to appear (default %(default)g)",
     )
     p.add_argument(
         "--dev-root",
         type=Path,
         default=_DEV_ROOT,
         metavar="DIR",
-        help=f"where udev links disks by path (default {_DEV_ROOT})",
+        help="where udev links disks by path (default %(default)s)",
     )
     _add_state_file(p)
     _add_probe_options(p)
     _add_credentials(p)
+    _add_redirects(p)
 
     p = sub.add_parser(
         "detach",
         help="log out of the volume's targets and delete the node records attach created",
     )
     _add_verbose(p, argparse.SUPPRESS)
-    p.add_argument("-c", "--connection-info", metavar="FILE", required=True, help="(- = stdin)")
-    p.add_argument("--iscsiadm", default="iscsiadm")
-    p.add_argument("--keep-record", action="store_true", help="log out only")
+    _add_connection_info(p, required=True, what="the volume to detach")
+    p.add_argument(
+        "--iscsiadm", default="iscsiadm", help="iscsiadm binary (default %(default)s, from PATH)"
+    )
+    p.add_argument(
+        "--delete",
+        choices=_DELETE_MODES,
+        default="if-ours",
+        help="which node records to delete after the logout: those attach created (the "
+        "ledger's), every one found, or none (default %(default)s)",
+    )
+    p.add_argument("--keep-record", action="store_true", help="log out only (--delete never)")
     _add_state_file(p)
-    p.add_argument("--json", action="store_true")
-    _add_credentials(p)
+    _add_json(p)
+    _add_credentials(p, offer=False)
 
     p = sub.add_parser("demo", help="a self-contained failover demo on loopback (no root)")
     _add_verbose(p, argparse.SUPPRESS)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--initiator-name", help="InitiatorName (default: open-iscsi's, if any)")
-    p.add_argument("--policy", choices=[x.value for x in Policy], default=Policy.ORDERED.value)
+    _add_json(p)
+    p.add_argument(
+        "--initiator-name",
+        metavar="IQN",
+        help=_INITIATOR_HELP,
+    )
+    _add_policy(p)
     return parser
 
 
@@ -321,45 +459,99 @@ def _add_state_file(parser: argparse.ArgumentParser) -> None:
         default=_STATE_FILE,
         metavar="PATH",
         help="the ledger of node records attach created; detach deletes only those "
-        f"(default {_STATE_FILE})",
+        "(default %(default)s)",
     )
 
 
 def _add_candidates(parser: argparse.ArgumentParser) -> None:
+    _add_connection_info(parser, required=False, what="or give --portal/--iqn/--lun")
     parser.add_argument(
-        "-c", "--connection-info", metavar="FILE", help="connection_info JSON (- = stdin)"
+        "--portal",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="a candidate portal, IPv6 as [ADDR]:PORT; repeat for alternatives (default port 3260)",
     )
     parser.add_argument(
-        "--portal", action="append", default=[], help="HOST[:PORT]; repeat for alternatives"
+        "--iqn",
+        action="append",
+        default=[],
+        help="target name; once, or once per --portal (no default)",
     )
     parser.add_argument(
-        "--iqn", action="append", default=[], help="target name; one, or one per --portal"
+        "--lun",
+        action="append",
+        type=_lun,
+        default=[],
+        metavar="N",
+        help=f"LUN 0..{_MAX_LUN}; once, or once per --portal (default 0)",
     )
+
+
+def _add_policy(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--lun", action="append", type=_lun, default=[], help="LUN; one, or one per --portal"
+        "--policy",
+        choices=_POLICIES,
+        default="ordered",
+        help="sequential: one after another; ordered: concurrently, the first working one in "
+        "order wins; staggered: a new one every --stagger, the first to succeed wins (default "
+        "%(default)s)",
     )
 
 
 def _add_probe_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", choices=[x.value for x in Policy], default=Policy.ORDERED.value)
-    parser.add_argument("--check", choices=[x.value for x in Check], default=Check.LOGIN.value)
-    parser.add_argument("--all", action="store_true", help="probe every candidate (health report)")
-    parser.add_argument("--stagger", type=_non_negative, default=0.25, metavar="S")
-    parser.add_argument("--concurrency", type=_count, default=16, metavar="N")
-    parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
+    _add_policy(parser)
+    parser.add_argument(
+        "--check",
+        choices=_CHECKS,
+        default="login",
+        help="what makes a candidate work: a TCP connect, or a full iSCSI login and logout "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--all", action="store_true", help="probe every candidate, as a health report"
+    )
+    parser.add_argument(
+        "--stagger",
+        type=_non_negative,
+        default=_DEFAULT_STAGGER,
+        metavar="S",
+        help="staggered: seconds before starting the next candidate (default %(default)g)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_count,
+        default=_DEFAULT_CONCURRENCY,
+        metavar="N",
+        help="ordered: candidates probed at once, at most (default %(default)s)",
+    )
+    _add_json(parser)
     _add_timeouts(parser)
 
 
 # -- inputs -------------------------------------------------------------------------------
 
 
+def _read_bounded(path: Path) -> bytes:
+    """At most :data:`MAX_INPUT_BYTES` of ``path``; more is an error (``-c /dev/zero``)."""
+    with path.open("rb") as file:
+        data = file.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise _UsageError(f"{str(path)!r} is larger than {MAX_INPUT_BYTES >> 20} MiB")
+    return data
+
+
 def _read_secret(path: Path | None, env: str, what: str) -> Secret | None:
+    from pyiscsi_failover.credentials import Secret
+
     if path is not None:
         try:
-            text = path.read_bytes()
+            text = _read_bounded(path)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise _UsageError(f"cannot read {what} secret file {str(path)!r}: {reason}") from None
+        except _UsageError as exc:
+            raise _UsageError(f"{what} secret file: {exc}") from None
         secret = text.rstrip(b"\r\n")
         if not secret:
             raise _UsageError(f"{what} secret file {str(path)!r} is empty")
@@ -373,6 +565,8 @@ def _read_secret(path: Path | None, env: str, what: str) -> Secret | None:
 
 
 def _credentials(args: argparse.Namespace) -> tuple[ChapCredentials | None, ChapCredentials | None]:
+    from pyiscsi_failover.credentials import ChapCredentials
+
     chap = target_chap = None
     if args.chap_user:
         secret = _read_secret(args.chap_secret_file, SECRET_ENV, "CHAP")
@@ -381,6 +575,9 @@ def _credentials(args: argparse.Namespace) -> tuple[ChapCredentials | None, Chap
         chap = ChapCredentials(args.chap_user, secret)
     elif args.chap_secret_file:
         raise _UsageError("--chap-secret-file needs --chap-user")
+    elif os.environ.get(SECRET_ENV):
+        # A secret the user meant to use would otherwise be silently ignored.
+        raise _UsageError(f"${SECRET_ENV} is set but --chap-user is not: give --chap-user")
     if args.target_chap_user:
         if chap is None:
             raise _UsageError("--target-chap-user (mutual CHAP) needs --chap-user too")
@@ -392,10 +589,17 @@ def _credentials(args: argparse.Namespace) -> tuple[ChapCredentials | None, Chap
         target_chap = ChapCredentials(args.target_chap_user, secret)
     elif args.target_chap_secret_file:
         raise _UsageError("--target-chap-secret-file needs --target-chap-user")
+    elif os.environ.get(TARGET_SECRET_ENV):
+        raise _UsageError(
+            f"${TARGET_SECRET_ENV} is set but --target-chap-user is not: give --target-chap-user"
+        )
     return chap, target_chap
 
 
 def _initiator_name(args: argparse.Namespace) -> str:
+    from pyiscsi_failover.host import default_initiator_name
+    from pyiscsi_failover.names import validate_iscsi_name
+
     if args.initiator_name:
         try:
             return validate_iscsi_name(args.initiator_name)
@@ -406,14 +610,48 @@ def _initiator_name(args: argparse.Namespace) -> str:
     return name
 
 
-def _portal(text: str, what: str = "portal") -> Portal:
+def _bracketed_hint(text: str) -> str | None:
+    """``[ADDR]:PORT`` when ``text`` reads as an unbracketed IPv6 address followed by a port."""
+    import ipaddress
+
+    rest, comma, tpgt = text.partition(",")
+    if rest.startswith("[") or rest.count(":") < 2:
+        return None
+    address, _, port = rest.rpartition(":")
+    if not port.isdigit():
+        return None
     try:
-        return Portal.parse(text)
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return None
+    return f"[{address}]:{port}{comma}{tpgt}"
+
+
+def _portal(text: str, what: str = "portal") -> Portal:
+    from pyiscsi_failover.names import Portal
+
+    hint = _bracketed_hint(text)
+    try:
+        portal = Portal.parse(text)
     except InvalidPortal as exc:
-        raise _UsageError(f"{what}: {exc}") from None
+        more = f"; an IPv6 address with a port is written {hint}" if hint else ""
+        raise _UsageError(f"{what}: {exc}{more}") from None
+    if hint is not None:
+        # Valid, but rarely what was meant: "::1:3260" is the address ::1:3260 on port 3260.
+        logger.warning(
+            "%s %r is read as the IPv6 address %s on port %d; for a port, write %s",
+            what,
+            text,
+            portal.host,
+            portal.port,
+            hint,
+        )
+    return portal
 
 
 def _iqn(text: str, what: str) -> str:
+    from pyiscsi_failover.names import validate_iscsi_name
+
     try:
         return validate_iscsi_name(text)
     except InvalidName as exc:
@@ -421,10 +659,12 @@ def _iqn(text: str, what: str) -> str:
 
 
 def _load_connection_info(source: str, stdin: IO[str]) -> ConnectionInfo:
+    from pyiscsi_failover.connection_info import parse_connection_info
+
     raw: str | bytes
     if source == "-":
         try:
-            raw = stdin.read()
+            raw = stdin.read(MAX_INPUT_BYTES + 1)
         except UnicodeDecodeError as exc:
             raise _UsageError(
                 f"connection_info on stdin is not UTF-8 text (bad byte at offset {exc.start})"
@@ -432,21 +672,33 @@ def _load_connection_info(source: str, stdin: IO[str]) -> ConnectionInfo:
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise _UsageError(f"cannot read connection_info from stdin: {reason}") from None
-        where = "stdin"
+        if len(raw) > MAX_INPUT_BYTES:
+            raise _UsageError(
+                f"connection_info on stdin is larger than {MAX_INPUT_BYTES >> 20} MiB"
+            )
+        where, empty = "on stdin", "empty"
     else:
         # Bytes: the parser decodes them itself (UTF-8, BOM allowed) and names a bad byte.
         try:
-            raw = Path(source).read_bytes()
+            raw = _read_bounded(Path(source))
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise _UsageError(f"cannot read connection_info {source!r}: {reason}") from None
-        where = repr(source)
+        except _UsageError as exc:
+            raise _UsageError(f"connection_info {exc}") from None
+        where, empty = repr(source), "empty file"
+    if not raw.strip():
+        raise _UsageError(f"connection_info {where}: {empty} (expected a JSON object)")
     info = parse_connection_info(raw)
     logger.debug("connection_info from %s: %r", where, info)
     return info
 
 
 def _candidates_from_args(args: argparse.Namespace, stdin: IO[str]) -> ConnectionInfo:
+    import dataclasses
+
+    from pyiscsi_failover.connection_info import parse_connection_info
+
     if args.connection_info:
         if args.portal or args.iqn or args.lun:
             raise _UsageError("give either -c FILE or --portal/--iqn/--lun, not both")
@@ -481,7 +733,50 @@ def _candidates_from_args(args: argparse.Namespace, stdin: IO[str]) -> Connectio
     return info
 
 
+def _redirect_policy(args: argparse.Namespace) -> RedirectPolicy:
+    from pyiscsi_failover.transport import RedirectMode, RedirectPolicy
+
+    return RedirectPolicy(
+        mode=RedirectMode(args.redirects),
+        allow=tuple(args.redirect_allow),
+        max_redirects=args.max_redirects,
+    )
+
+
+def _login_config(
+    args: argparse.Namespace,
+    *,
+    target_name: str | None,
+    chap: ChapCredentials | None,
+    target_chap: ChapCredentials | None,
+) -> LoginConfig:
+    from pyiscsi_failover.initiator import LoginConfig
+    from pyiscsi_failover.protocol.chap import ChapPolicy
+
+    policy = (
+        ChapPolicy()
+        if args.chap_algorithms is None
+        else ChapPolicy(algorithms=args.chap_algorithms)
+    )
+    return LoginConfig(
+        initiator_name=_initiator_name(args),
+        target_name=target_name,
+        chap=chap,
+        target_chap=target_chap,
+        chap_policy=policy,
+    )
+
+
 def _probe_options(args: argparse.Namespace) -> ProbeOptions:
+    from pyiscsi_failover.prober import Check, Policy, ProbeOptions
+    from pyiscsi_failover.protocol.chap import ChapPolicy
+    from pyiscsi_failover.transport import RedirectMode
+
+    policy = (
+        ChapPolicy()
+        if args.chap_algorithms is None
+        else ChapPolicy(algorithms=args.chap_algorithms)
+    )
     return ProbeOptions(
         policy=Policy(args.policy),
         check=Check(args.check),
@@ -491,6 +786,10 @@ def _probe_options(args: argparse.Namespace) -> ProbeOptions:
         stagger=args.stagger,
         probe_all=args.all,
         initiator_name=_initiator_name(args),
+        chap_policy=policy,
+        redirects=RedirectMode(args.redirects),
+        redirect_allow=tuple(args.redirect_allow),
+        max_redirects=args.max_redirects,
     )
 
 
@@ -498,6 +797,12 @@ def _probe_options(args: argparse.Namespace) -> ProbeOptions:
 
 
 def _jsonable(value: object) -> object:
+    import dataclasses
+    import enum
+
+    from pyiscsi_failover.credentials import Secret
+    from pyiscsi_failover.names import Portal
+
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, Secret):
@@ -515,7 +820,37 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def _names_a_portal(message: str) -> bool:
+    """Whether ``message`` starts with ``HOST:PORT: `` (or ``[ADDR]:PORT: ``)."""
+    head, sep, _ = message.partition(": ")
+    if not sep or " " in head:
+        return False
+    host, colon, port = head.rpartition(":")
+    return bool(colon and host and port.isdigit())
+
+
+def _named(portal: object, message: str) -> str:
+    """``message`` led by the portal it is about, unless it already names one.
+
+    Errors raised by the login state machine (not an iSCSI target, a failed mutual CHAP proof)
+    do not know the address; every line the user sees should.
+    """
+    return message if _names_a_portal(message) else f"{portal}: {message}"
+
+
+def _is_auth_failure(outcome: object) -> bool:
+    """A login refused with 0x0201 (authentication failure)."""
+    from pyiscsi_failover.initiator import LoginRejected
+    from pyiscsi_failover.protocol.pdu import LoginStatus
+
+    return (
+        isinstance(outcome, LoginRejected) and outcome.status is LoginStatus.AUTHENTICATION_FAILURE
+    )
+
+
 def _login_json(report: LoginReport) -> dict[str, object]:
+    from pyiscsi_failover.initiator import LoginSucceeded
+
     outcome = report.outcome
     body: dict[str, object] = {
         "portal": str(report.portal),
@@ -544,16 +879,63 @@ def _login_json(report: LoginReport) -> dict[str, object]:
     return body
 
 
+def _error_outcome(exc: ISCSIError) -> Outcome:
+    """The probe's word for an error that ended a login (``login``/``discover --json``)."""
+    from pyiscsi_failover import errors
+    from pyiscsi_failover.prober import Outcome
+
+    kinds: tuple[tuple[type[ISCSIError], Outcome], ...] = (
+        (errors.ConnectRefused, Outcome.REFUSED),
+        (errors.ConnectTimeout, Outcome.TIMEOUT),
+        (errors.ISCSITimeout, Outcome.TIMEOUT),
+        (errors.Unreachable, Outcome.UNREACHABLE),
+        (errors.AuthenticationError, Outcome.AUTH_FAILED),
+        (errors.RedirectLoopError, Outcome.REDIRECT_LOOP),
+        (errors.RedirectRefused, Outcome.REDIRECT_REFUSED),
+        (errors.NegotiationError, Outcome.NEGOTIATION_FAILED),
+    )
+    return next((o for kind, o in kinds if isinstance(exc, kind)), Outcome.PROTOCOL_ERROR)
+
+
+def _error_json(portal: Portal, exc: ISCSIError) -> dict[str, object]:
+    """What ``login``/``discover --json`` print when the login ended in an error, not an answer."""
+    from pyiscsi_failover.errors import RedirectRefused
+
+    return {
+        "portal": str(portal),
+        "outcome": _error_outcome(exc).value,
+        "detail": _named(portal, str(exc)),
+        "error": type(exc).__name__,
+        "redirect_refused": exc.address if isinstance(exc, RedirectRefused) else None,
+    }
+
+
 class _Output:
     def __init__(self, stdout: IO[str], stderr: IO[str]) -> None:
         self.stdout = stdout
         self.stderr = stderr
+        self.reader_gone = False
+
+    def _write(self, text: str) -> None:
+        if self.reader_gone:
+            return
+        try:
+            print(text, file=self.stdout, flush=True)
+        except BrokenPipeError:
+            # The reader has what it wanted (`| head -1`): drop the rest quietly; the exit
+            # status still says how the command went.
+            self.reader_gone = True
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise _OutputError(f"cannot write output: {reason}") from None
 
     def out(self, text: str = "") -> None:
-        print(text, file=self.stdout, flush=True)
+        self._write(text)
 
     def json(self, obj: object) -> None:
-        print(json.dumps(obj, indent=2, sort_keys=False), file=self.stdout, flush=True)
+        import json
+
+        self._write(json.dumps(obj, indent=2, sort_keys=False))
 
     def error(self, text: str) -> None:
         # A stderr that is gone cannot be told about it; the exit status still says it.
@@ -573,16 +955,53 @@ def _detail(attempt: Attempt) -> str:
     return detail[len(prefix) :] if detail.startswith(prefix) else detail
 
 
-def _none_works(result: ProbeResult) -> str:
+def _outcome_text(attempt: Attempt) -> str:
+    """The outcome column: ``ok (logout unanswered)`` flags a login whose logout went wrong."""
+    if attempt.ok and attempt.notes:
+        return f"{attempt.outcome.value} (logout unanswered)"
+    return attempt.outcome.value
+
+
+def _from_error(attempt: Attempt) -> bool:
+    """Whether the attempt's detail is an error's message (rather than a target's answer)."""
+    from pyiscsi_failover.prober import Outcome
+
+    finished = attempt.outcome not in (Outcome.OK, Outcome.NOT_TRIED, Outcome.CANCELLED)
+    return finished and attempt.report is None
+
+
+def _probe_json(result: ProbeResult) -> dict[str, object]:
+    """``ProbeResult.to_json`` with every error's detail naming its portal."""
+    body = result.to_json()
+    rows = body["attempts"]
+    assert isinstance(rows, list)
+    for row, attempt in zip(rows, result.attempts, strict=True):
+        if _from_error(attempt):
+            row["detail"] = _named(attempt.candidate.portal, attempt.detail)
+    return body
+
+
+def _chap_missing(result: ProbeResult, info: ConnectionInfo) -> bool:
+    """Some candidate refused us for authentication while we offered no CHAP at all."""
+    return info.chap is None and any(
+        a.report is not None and _is_auth_failure(a.report.outcome) for a in result.attempts
+    )
+
+
+def _none_works(result: ProbeResult, info: ConnectionInfo) -> str:
     """One line naming every candidate's outcome (and the reason, when there is only one)."""
     attempts = result.attempts
     if len(attempts) == 1:
         a = attempts[0]
-        return f"the only candidate does not work: #0 {a.candidate.portal}: {_detail(a)}"
-    parts = ", ".join(
-        f"#{a.candidate.index} {a.candidate.portal} {a.outcome.value}" for a in attempts
-    )
-    return f"none of the {len(attempts)} candidates works: {parts}"
+        line = f"the only candidate does not work: #0 {a.candidate.portal}: {_detail(a)}"
+    else:
+        parts = ", ".join(
+            f"#{a.candidate.index} {a.candidate.portal} {a.outcome.value}" for a in attempts
+        )
+        line = f"none of the {len(attempts)} candidates works: {parts}"
+    if _chap_missing(result, info):
+        line += f"; {_CHAP_HINT}"
+    return line
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -594,6 +1013,8 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _probe_table(result: ProbeResult) -> list[str]:
+    from pyiscsi_failover.prober import Outcome
+
     rows = [["#", "portal", "iqn", "lun", "outcome", "ms", "detail"]]
     for a in result.attempts:
         c = a.candidate
@@ -607,7 +1028,7 @@ def _probe_table(result: ProbeResult) -> list[str]:
                 str(c.portal),
                 c.iqn,
                 str(c.lun),
-                a.outcome.value,
+                _outcome_text(a),
                 "" if a.outcome is Outcome.NOT_TRIED else f"{a.elapsed_s * 1000:.0f}",
                 detail,
             ]
@@ -628,6 +1049,8 @@ def _probe_table(result: ProbeResult) -> list[str]:
 
 
 def _log_progress(event: ProgressEvent) -> None:
+    from pyiscsi_failover.prober import AttemptFinished, AttemptStarted
+
     match event:
         case AttemptStarted(candidate=c, at=at):
             logger.debug(
@@ -647,6 +1070,7 @@ def _log_progress(event: ProgressEvent) -> None:
 
 def _progress_printer(output: _Output, *, live: bool) -> Callable[[ProgressEvent], None]:
     """Progress goes to the debug log always, and to stdout when ``live`` (a terminal)."""
+    from pyiscsi_failover.prober import AttemptFinished, AttemptStarted
 
     def show(event: ProgressEvent) -> None:
         _log_progress(event)
@@ -659,7 +1083,8 @@ def _progress_printer(output: _Output, *, live: bool) -> Callable[[ProgressEvent
                 c = a.candidate
                 at = (a.started_at or 0.0) + a.elapsed_s
                 output.out(
-                    f"  [{at * 1000:7.0f} ms] #{c.index} {c.portal}: {a.outcome.value} {_detail(a)}"
+                    f"  [{at * 1000:7.0f} ms] #{c.index} {c.portal}: {_outcome_text(a)} "
+                    f"{_detail(a)}"
                 )
 
     return show
@@ -668,7 +1093,45 @@ def _progress_printer(output: _Output, *, live: bool) -> Callable[[ProgressEvent
 # -- commands -----------------------------------------------------------------------------
 
 
+class _Reported(Exception):
+    """The command already printed its failure (JSON and the stderr line); exit status 1."""
+
+
+async def _login_or_report(
+    portal: Portal, output: _Output, as_json: bool, attempt: Callable[[], Any]
+) -> LoginReport:
+    """Await ``attempt()``; an error that ends the login is reported here, JSON included."""
+    try:
+        report: LoginReport = await attempt()
+    except _USAGE_ERRORS:
+        raise
+    except ISCSIError as exc:
+        if as_json:
+            output.json(_error_json(portal, exc))
+        output.error(_named(portal, str(exc)))
+        raise _Reported from None
+    return report
+
+
+def _refusal_line(report: LoginReport, what: str, chap: ChapCredentials | None) -> str:
+    outcome = report.outcome
+    assert not report.ok
+    line = f"{report.final_portal}: {what} refused: {outcome.describe()}"  # type: ignore[union-attr]
+    if chap is None and _is_auth_failure(outcome):
+        line += f": {_CHAP_HINT}"
+    return line
+
+
+def _refusal_json(report: LoginReport, chap: ChapCredentials | None) -> dict[str, object]:
+    body = _login_json(report)
+    if chap is None and _is_auth_failure(report.outcome):
+        body["hint"] = _CHAP_HINT
+    return body
+
+
 async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    from pyiscsi_failover.transport import discover
+
     if args.connection_info and args.portal:
         raise _UsageError("give either a portal or -c FILE, not both")
     chap = target_chap = None
@@ -683,14 +1146,24 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
     cli_chap, cli_target_chap = _credentials(args)
     if cli_chap is not None:
         chap, target_chap = cli_chap, cli_target_chap
-    config = LoginConfig(initiator_name=_initiator_name(args), chap=chap, target_chap=target_chap)
-    report = await discover(
-        portal, config, connect_timeout=args.connect_timeout, login_timeout=args.login_timeout
+    config = _login_config(args, target_name=None, chap=chap, target_chap=target_chap)
+    policy = _redirect_policy(args)
+    report = await _login_or_report(
+        portal,
+        output,
+        args.json,
+        lambda: discover(
+            portal,
+            config,
+            connect_timeout=args.connect_timeout,
+            login_timeout=args.login_timeout,
+            redirect_policy=policy,
+        ),
     )
-    if isinstance(report.outcome, LoginRejected):
+    if not report.ok:
         if args.json:
-            output.json(_login_json(report))
-        output.error(f"{report.final_portal}: discovery login refused: {report.outcome.describe()}")
+            output.json(_refusal_json(report, chap))
+        output.error(_refusal_line(report, "discovery login", chap))
         return EXIT_FAILURE
     targets = [
         {
@@ -715,16 +1188,27 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
 
 
 async def _cmd_login(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    from pyiscsi_failover.initiator import LoginSucceeded
+    from pyiscsi_failover.transport import login
+
     portal = _portal(args.portal)
     iqn = _iqn(args.iqn, "iqn")
     chap, target_chap = _credentials(args)
-    config = LoginConfig(
-        initiator_name=_initiator_name(args), target_name=iqn, chap=chap, target_chap=target_chap
+    config = _login_config(args, target_name=iqn, chap=chap, target_chap=target_chap)
+    policy = _redirect_policy(args)
+    report = await _login_or_report(
+        portal,
+        output,
+        args.json,
+        lambda: login(
+            portal,
+            config,
+            connect_timeout=args.connect_timeout,
+            login_timeout=args.login_timeout,
+            redirect_policy=policy,
+        ),
     )
-    report = await login(
-        portal, config, connect_timeout=args.connect_timeout, login_timeout=args.login_timeout
-    )
-    body = _login_json(report)
+    body = _login_json(report) if report.ok else _refusal_json(report, chap)
     if args.json:
         output.json(body)
     else:
@@ -748,8 +1232,8 @@ async def _cmd_login(args: argparse.Namespace, output: _Output, stdin: IO[str]) 
             assert isinstance(negotiated, dict)
             for key, value in negotiated.items():
                 output.out(f"    {key} = {value}")
-    if isinstance(report.outcome, LoginRejected):
-        output.error(f"{report.final_portal}: login refused: {report.outcome.describe()}")
+    if not report.ok:
+        output.error(_refusal_line(report, "login", chap))
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -757,6 +1241,8 @@ async def _cmd_login(args: argparse.Namespace, output: _Output, stdin: IO[str]) 
 async def _run_probe(
     info: ConnectionInfo, options: ProbeOptions, output: _Output, as_json: bool
 ) -> ProbeResult:
+    from pyiscsi_failover.prober import probe
+
     live = output.live and not as_json  # piped output stays a clean table, --json one object
     if live:
         output.out(
@@ -771,18 +1257,21 @@ async def _cmd_probe(args: argparse.Namespace, output: _Output, stdin: IO[str]) 
     info = _candidates_from_args(args, stdin)
     result = await _run_probe(info, _probe_options(args), output, args.json)
     if args.json:
-        output.json(result.to_json())
+        output.json(_probe_json(result))
     else:
         for line in _probe_table(result):
             output.out(line)
     if result.chosen is None:
-        output.error(_none_works(result))
+        output.error(_none_works(result, info))
         return EXIT_FAILURE
     return EXIT_OK
 
 
-def _chosen_node(info: ConnectionInfo, attempt: Attempt) -> NodeTarget:
-    c: Candidate = attempt.candidate
+def _chosen_node(info: ConnectionInfo, attempt: Attempt, options: ProbeOptions) -> NodeTarget:
+    """The hand-off: where the probe logged in, with what it negotiated and offered."""
+    from pyiscsi_failover.iscsiadm import NodeTarget
+
+    c = attempt.candidate
     return NodeTarget(
         portal=attempt.handoff_portal or c.portal,
         iqn=c.iqn,
@@ -793,22 +1282,25 @@ def _chosen_node(info: ConnectionInfo, attempt: Attempt) -> NodeTarget:
 
 
 async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    from pyiscsi_failover.iscsiadm import Iscsiadm, RecordLedger, attach, dry_run_plan
+
     args.portal, args.iqn, args.lun = [], [], []
     info = _candidates_from_args(args, stdin)
-    result = await _run_probe(info, _probe_options(args), output, args.json)
+    options = _probe_options(args)
+    result = await _run_probe(info, options, output, args.json)
     if result.chosen is None:
         if args.json:
-            output.json({"probe": result.to_json(), "attach": None})
+            output.json({"probe": _probe_json(result), "attach": None})
         else:
             for line in _probe_table(result):
                 output.out(line)
-        output.error(f"{_none_works(result)}; nothing attached")
+        output.error(f"{_none_works(result, info)}; nothing attached")
         return EXIT_FAILURE
-    node = _chosen_node(info, result.chosen)
+    node = _chosen_node(info, result.chosen, options)
     if args.dry_run:
         commands = dry_run_plan(node)
         if args.json:
-            output.json({"probe": result.to_json(), "dry_run": commands})
+            output.json({"probe": _probe_json(result), "dry_run": commands})
         else:
             for line in _probe_table(result):
                 output.out(line)
@@ -825,7 +1317,7 @@ async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str])
         ledger=RecordLedger(args.state_file),
     )
     if args.json:
-        output.json({"probe": result.to_json(), "attach": _jsonable(attached)})
+        output.json({"probe": _probe_json(result), "attach": _jsonable(attached)})
     else:
         for line in _probe_table(result):
             output.out(line)
@@ -840,25 +1332,38 @@ async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str])
 
 
 async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    from pyiscsi_failover.iscsiadm import (
+        Iscsiadm,
+        NodeTarget,
+        RecordFate,
+        RecordLedger,
+        detach,
+    )
+    from pyiscsi_failover.names import Portal
+
     info = _load_connection_info(args.connection_info, stdin)
+    if args.keep_record and args.delete != "if-ours":
+        raise _UsageError("give --keep-record or --delete, not both")
+    mode: DeleteMode = "never" if args.keep_record else _DELETE_CHOICES[args.delete]
     iscsiadm = Iscsiadm(binary=args.iscsiadm)
     ledger = RecordLedger(args.state_file)
     nodes = [NodeTarget(portal=c.portal, iqn=c.iqn, lun=c.lun) for c in info.candidates]
     # A permanent redirect made attach hand off an address that is not a candidate: the
     # ledger remembers it, so records we created for these IQNs elsewhere are detached too.
     iqns = {node.iqn for node in nodes}
-    for entry in [] if args.keep_record else ledger.entries():
+    for entry in [] if mode == "never" else ledger.entries():
         if entry.iqn in iqns and not any(entry.matches(node) for node in nodes):
             nodes.append(NodeTarget(portal=Portal.parse(entry.portal), iqn=entry.iqn, lun=0))
     done = []
     lines = []
     for node in nodes:
-        result = await detach(
-            node, iscsiadm=iscsiadm, delete_record=not args.keep_record, ledger=ledger
-        )
+        result = await detach(node, iscsiadm=iscsiadm, delete=mode, ledger=ledger)
         portal = str(node.portal)
         done.append({"portal": portal, "iqn": node.iqn, "record": result.record.value})
-        lines.append(f"detached {node.iqn} at {portal}: {result.record.description}")
+        if result.record is RecordFate.ABSENT:
+            lines.append(f"{node.iqn} at {portal}: {result.record.description}")
+        else:
+            lines.append(f"detached {node.iqn} at {portal}: {result.record.description}")
     if args.json:
         output.json({"detached": done})
     else:
@@ -867,22 +1372,36 @@ async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str])
     return EXIT_OK
 
 
-_POLICY_WORDS: Final = {
-    Policy.SEQUENTIAL: "policy sequential (one candidate after another)",
-    Policy.ORDERED: "policy ordered (concurrently, but the first working one in order wins)",
-    Policy.STAGGERED: f"policy staggered (a new candidate every {DEFAULT_STAGGER:g} s, the first "
-    "to succeed wins)",
+#: ``--delete``'s spellings and the library's modes.
+_DELETE_CHOICES: Final[dict[str, DeleteMode]] = {
+    "if-ours": "if_ours",
+    "always": "always",
+    "never": "never",
 }
 
 
+def _policy_words(policy: str) -> str:
+    if policy == "sequential":
+        return "policy sequential (one candidate after another)"
+    if policy == "ordered":
+        return "policy ordered (concurrently, but the first working one in order wins)"
+    return (
+        f"policy staggered (a new candidate every {_DEFAULT_STAGGER:g} s, the first to succeed "
+        "wins)"
+    )
+
+
 async def _cmd_demo(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    import json
+
     from pyiscsi_failover.demo import demo_target, explain, shown_connection_info
+    from pyiscsi_failover.prober import Policy, ProbeOptions, probe
 
     options = ProbeOptions(policy=Policy(args.policy), initiator_name=_initiator_name(args))
     async with demo_target() as (running, info):
         if args.json:
             result = await probe(info, options)
-            output.json(result.to_json())
+            output.json(_probe_json(result))
         else:
             output.out(
                 "pyiscsi-failover demo: one volume on three loopback portals (our test target)"
@@ -891,7 +1410,7 @@ async def _cmd_demo(args: argparse.Namespace, output: _Output, stdin: IO[str]) -
             for line in json.dumps(shown_connection_info(running), indent=2).splitlines():
                 output.out(f"    {line}")
             output.out(
-                f"probing in the given order, {_POLICY_WORDS[options.policy]}; connect timeout "
+                f"probing in the given order, {_policy_words(args.policy)}; connect timeout "
                 f"{options.connect_timeout:g} s, login timeout {options.login_timeout:g} s:"
             )
             result = await probe(info, options, on_progress=_progress_printer(output, live=True))
@@ -954,6 +1473,27 @@ class _LoggingState:
 _logging_state: Final = _LoggingState()
 
 
+def _this_run_once(thread: int) -> Callable[[logging.LogRecord], bool]:
+    """A handler filter: records of this run's thread only, and each CHAP warning only once.
+
+    The weak-secret warning comes from every CHAP exchange, so a probe of five candidates would
+    say it five times; the user needs it once per run.
+    """
+    seen: set[str] = set()
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.thread != thread:
+            return False
+        if record.name == _CHAP_LOGGER and record.levelno >= logging.WARNING:
+            message = record.getMessage()
+            if message in seen:
+                return False
+            seen.add(message)
+        return True
+
+    return keep
+
+
 @contextlib.contextmanager
 def _logging_to(verbosity: int, stderr: IO[str]) -> Iterator[None]:
     """Send this run's log records to ``stderr`` while the command runs, then undo it.
@@ -964,8 +1504,7 @@ def _logging_to(verbosity: int, stderr: IO[str]) -> Iterator[None]:
     handler = logging.StreamHandler(stderr)
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("pyiscsi-failover: %(levelname)s %(name)s: %(message)s"))
-    thread = threading.get_ident()
-    handler.addFilter(lambda record: record.thread == thread)
+    handler.addFilter(_this_run_once(threading.get_ident()))
     _logging_state.enter(handler, level)
     try:
         yield
@@ -1000,9 +1539,14 @@ def _failure(output: _Output, exc: BaseException) -> int:
     leaf = _leaf(exc)
     if isinstance(leaf, KeyboardInterrupt):
         output.error("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
+    if isinstance(leaf, _Reported):
+        return EXIT_FAILURE  # already said, on stdout (JSON) and stderr
     if isinstance(leaf, BrokenPipeError):
-        return EXIT_FAILURE  # stdout or stderr went away: there is no one left to tell
+        return EXIT_FAILURE  # stderr went away (stdout's loss is handled where it is written)
+    if isinstance(leaf, _OutputError):
+        output.error(str(leaf))
+        return EXIT_FAILURE
     if isinstance(leaf, _USAGE_ERRORS):
         output.error(str(leaf))
         return EXIT_USAGE
@@ -1048,10 +1592,11 @@ def run(
     except _UsageError as exc:
         output.error(str(exc))
         return EXIT_USAGE
+    except _OutputError as exc:
+        output.error(str(exc))
+        return EXIT_FAILURE
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    except BrokenPipeError:
-        return EXIT_FAILURE
     finally:
         _help_out.reset(token)
     if extra:
@@ -1061,19 +1606,34 @@ def run(
     with _logging_to(args.verbose, output.stderr):
         logger.debug("pyiscsi-failover %s, command %s", __version__, args.command)
         try:
+            import trio
+
             return trio.run(command, args, output, sys.stdin if stdin is None else stdin)
         except BaseException as exc:
             return _failure(output, exc)
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit has nothing to say."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def main() -> NoReturn:
     code = run()
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader left (``| head``): point stdout at /dev/null so the interpreter's own
-        # flush at exit does not print a second error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        code = code or EXIT_FAILURE
+    if sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _discard_stdout()  # the reader left (`| head`): nothing more to say
+        except OSError as exc:
+            _discard_stdout()
+            if code == EXIT_OK:  # else the failure was already told (or is the first news)
+                reason = exc.strerror or type(exc).__name__
+                with contextlib.suppress(OSError):
+                    print(f"pyiscsi-failover: cannot write output: {reason}", file=sys.stderr)
+                code = EXIT_FAILURE
     sys.exit(code)

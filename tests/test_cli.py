@@ -70,6 +70,8 @@ ATTEMPT_KEYS: Final = {
     "detail",
     "elapsed_ms",
     "redirected_to",
+    "redirect_refused",
+    "notes",
 }
 OUTCOMES: Final = {
     "ok",
@@ -82,6 +84,8 @@ OUTCOMES: Final = {
     "target_error",
     "protocol_error",
     "redirect_loop",
+    "redirect_refused",
+    "negotiation_failed",
     "not_tried",
     "cancelled",
 }
@@ -633,7 +637,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, Path]:
         (["probe", "-c", "{dir}"], "cannot read connection_info"),
         (["probe", "-c", "{empty}", "--portal", "127.0.0.1"], "not both"),
         (["probe", "-c", "{empty}", "--iqn", OPEN_IQN], "not both"),
-        (["probe", "-c", "{empty}"], "connection_info: invalid JSON"),
+        (["probe", "-c", "{empty}"], "empty file (expected a JSON object)"),
         (["attach", "-c", "{missing}", "--dry-run"], "cannot read connection_info"),
         (["detach", "-c", "{missing}"], "cannot read connection_info"),
     ],
@@ -809,7 +813,8 @@ def test_probe_command_line_credentials_replace_the_files(
 def test_probe_none_works_exits_1_with_json_and_one_line(
     targets: Targets, argv: list[str], outcome: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(cli.SECRET_ENV, SECRET)
+    if "--chap-user" in argv:  # the secret set without --chap-user would be a usage error
+        monkeypatch.setenv(cli.SECRET_ENV, SECRET)
     names = {**targets.open.portals, **targets.chap.portals}
     filled = [a.format(**names) for a in argv]
     if "--initiator-name" not in filled:
@@ -1029,18 +1034,19 @@ def test_detach_logs_out_of_every_candidate_and_keeps_records_it_did_not_make(
     fate = "kept_on_request" if keep else "kept_not_ours"
     assert ran.json() == {
         "detached": [
-            {"portal": refused, "iqn": CHAP_IQN, "record": fate},
+            # No record and no session at the refused portal: nothing to detach there.
+            {"portal": refused, "iqn": CHAP_IQN, "record": "absent"},
             {"portal": chap, "iqn": CHAP_IQN, "record": fate},
         ]
     }
-    assert fake.ops() == ["logout", "logout"]
+    assert fake.ops() == ["logout", "show", "logout", "show"]
     assert fake.saved() == {"records": [key], "sessions": []}
     assert not state_file.parent.exists()  # detach only reads the ledger here
     text = cli_run(*argv)
     reason = "record kept, as asked" if keep else "record kept: not created by pyiscsi-failover"
     assert text.code == 0, text
     assert text.out.splitlines() == [
-        f"detached {CHAP_IQN} at {refused}: {reason}",
+        f"{CHAP_IQN} at {refused}: nothing to detach: no node record and no session",
         f"detached {CHAP_IQN} at {chap}: {reason}",
     ]
 
@@ -1077,10 +1083,10 @@ def test_attach_then_detach_deletes_the_record_attach_made(
     )
     assert detached.code == 0, detached
     assert detached.out.splitlines() == [
-        f"detached {CHAP_IQN} at {refused}: record kept: not created by pyiscsi-failover",
+        f"{CHAP_IQN} at {refused}: nothing to detach: no node record and no session",
         f"detached {CHAP_IQN} at {chap}: record deleted",
     ]
-    assert fake.ops()[-4:] == ["logout", "logout", "show", "delete"]
+    assert fake.ops()[-5:] == ["logout", "show", "logout", "show", "delete"]
     assert fake.saved() == {"records": [], "sessions": []}
     assert json.loads(state_file.read_text()) == {"version": 1, "records": []}
 
@@ -1098,7 +1104,7 @@ def test_a_record_that_existed_before_attach_survives_detach(
     assert attached.out.splitlines()[-1].startswith("node record: already there")
     assert detached.code == 0, detached
     assert detached.out.splitlines()[-1].endswith("record kept: not created by pyiscsi-failover")
-    assert fake.ops()[-2:] == ["logout", "logout"]
+    assert fake.ops()[-4:] == ["logout", "show", "logout", "show"]
     assert fake.saved() == {"records": [key], "sessions": []}
     assert not state_file.exists()
 
@@ -1336,14 +1342,28 @@ def test_unexpected_errors_become_one_line(
     assert_no_secret(ran.err)
 
 
-def test_a_vanished_stdout_is_exit_1_without_output(targets: Targets) -> None:
+def test_a_vanished_stdout_keeps_the_exit_status_without_output(targets: Targets) -> None:
     class Closed(io.StringIO):
         def write(self, text: str) -> int:
             raise BrokenPipeError(32, "Broken pipe")
 
     err = io.StringIO()
     argv = ["probe", "--check", "tcp", "--iqn", OPEN_IQN, "--portal", targets.open.portals["ok"]]
+    # The reader left (`| head -1`): the probe still worked, and says so by its status only.
+    assert cli.run(argv, stdout=Closed(), stderr=err) == 0
+    assert err.getvalue() == ""
+    argv = [
+        "probe",
+        "--check",
+        "tcp",
+        "--iqn",
+        OPEN_IQN,
+        "--portal",
+        targets.open.portals["refused"],
+    ]
     assert cli.run(argv, stdout=Closed(), stderr=err) == 1
+    assert err.getvalue().startswith("pyiscsi-failover: the only candidate does not work")
+    err = io.StringIO()
     # --help and --version ignore a reader that went away, as argparse does, and exit 0.
     assert cli.run(["--version"], stdout=Closed(), stderr=err) == 0
     assert cli.run(["probe", "--help"], stdout=Closed(), stderr=err) == 0
@@ -1430,7 +1450,7 @@ def test_a_closed_pipe_is_not_a_traceback(targets: Targets) -> None:
     process.stdout.close()
     err = process.stderr.read()
     process.stderr.close()
-    assert process.wait(timeout=60) == 1
+    assert process.wait(timeout=60) == 0  # the probe worked; the reader's leaving changes nothing
     assert err == ""
 
 
@@ -1512,10 +1532,519 @@ def test_detach_finds_a_record_attach_made_at_a_redirected_address(
     assert ran.code == 0, ran
     assert ran.json() == {
         "detached": [
-            {"portal": refused, "iqn": CHAP_IQN, "record": "kept_not_ours"},
-            {"portal": chap, "iqn": CHAP_IQN, "record": "kept_not_ours"},
+            {"portal": refused, "iqn": CHAP_IQN, "record": "absent"},
+            {"portal": chap, "iqn": CHAP_IQN, "record": "absent"},
             {"portal": moved, "iqn": CHAP_IQN, "record": "deleted"},
         ]
     }
     assert fake.saved() == {"records": [], "sessions": []}
     assert json.loads(state_file.read_text()) == {"version": 1, "records": []}
+
+
+# --------------------------------------------------------------------------------------------
+# --help: every option explained, library defaults mirrored, no heavy imports
+
+
+def _subparsers(parser: Any) -> dict[str, Any]:
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("no subcommands")
+
+
+#: Options whose absence (a None default) still means a value, which their help must name.
+NONE_MEANS_SOMETHING: Final = {
+    "initiator_name",
+    "chap_user",
+    "chap_secret_file",
+    "target_chap_user",
+    "target_chap_secret_file",
+    "chap_algorithms",
+}
+
+
+def test_every_option_has_a_one_line_help_and_shows_its_default() -> None:
+    import argparse
+
+    parser = cli.build_parser()
+    parsers = {"(top)": parser, **_subparsers(parser)}
+    assert set(parsers) == {"(top)", "discover", "login", "probe", "attach", "detach", "demo"}
+    checked = 0
+    for name, sub in parsers.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+                continue
+            where = (name, action.dest)
+            if action.help == argparse.SUPPRESS:
+                assert action.dest in {"chap_secret", "target_chap_secret"}, where
+                continue
+            assert action.help and "\n" not in action.help, where
+            meaningful = action.default not in (None, False, [], argparse.SUPPRESS)
+            if meaningful or action.dest in NONE_MEANS_SOMETHING:
+                # A value the user leaves out is worth a word: the default, or what happens.
+                assert "default" in action.help, where
+            checked += 1
+    assert checked > 60
+    # The defaults are shown expanded, as the parser will use them.
+    probe = " ".join(cli_run("probe", "--help").out.split())  # as one line, unwrapped
+    for shown in ("(default ordered)", "(default login)", "(default 0.25)", "(default 16)"):
+        assert shown in probe
+    assert "(default 4)" in probe and "(default follow)" in probe
+    assert "MD5,SHA1,SHA256,SHA3-256" in probe and "SHA256,MD5" in probe
+
+
+def test_the_defaults_shown_are_the_librarys() -> None:
+    from pyiscsi_failover import connection_info, iscsiadm, prober, transport
+    from pyiscsi_failover.protocol import chap
+
+    assert cli._DEFAULT_CONNECT_TIMEOUT == transport.DEFAULT_CONNECT_TIMEOUT
+    assert cli._DEFAULT_LOGIN_TIMEOUT == transport.DEFAULT_LOGIN_TIMEOUT
+    assert cli._MAX_REDIRECTS == transport.MAX_REDIRECTS
+    assert tuple(m.value for m in transport.RedirectMode) == cli._REDIRECT_MODES
+    assert cli._DEFAULT_STAGGER == prober.DEFAULT_STAGGER
+    assert cli._DEFAULT_CONCURRENCY == prober.DEFAULT_CONCURRENCY
+    assert tuple(p.value for p in prober.Policy) == cli._POLICIES
+    assert tuple(c.value for c in prober.Check) == cli._CHECKS
+    assert cli._MAX_LUN == connection_info.MAX_LUN
+    assert cli._STATE_FILE == iscsiadm.DEFAULT_LEDGER_PATH
+    assert tuple(cli._DELETE_CHOICES.values()) == iscsiadm.DELETE_MODES
+    offer = ",".join(a.open_iscsi_name for a in chap.DEFAULT_ALGORITHMS)
+    assert offer == cli._DEFAULT_CHAP_ALGORITHMS
+    assert chap.parse_chap_algorithms(cli._DEFAULT_CHAP_ALGORITHMS) == chap.DEFAULT_ALGORITHMS
+    assert {o.value for o in prober.Outcome} == OUTCOMES
+    # The largest accepted --max-redirects is the largest the library accepts.
+    transport.RedirectPolicy(max_redirects=cli._MAX_REDIRECTS_LIMIT)
+    with pytest.raises(ISCSIError):
+        transport.RedirectPolicy(max_redirects=cli._MAX_REDIRECTS_LIMIT + 1)
+
+
+def test_building_the_parser_imports_no_trio_construct_or_protocol() -> None:
+    code = (
+        "import sys\n"
+        "import pyiscsi_failover.cli as cli\n"
+        "cli.build_parser().parse_args(['probe', '--portal', 'h', '--iqn', 'iqn.2024-01.x:y'])\n"
+        "heavy = ('trio', 'construct', 'socket', 'subprocess', 'pyiscsi_failover.protocol',\n"
+        "         'pyiscsi_failover.prober', 'pyiscsi_failover.transport')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout == "[]\n", done.stdout
+    # And --help, as a process, gets as far as printing without them (the same module).
+    shown = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pyiscsi_failover", "probe", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert shown.stdout.startswith("usage: pyiscsi-failover probe")
+    imported = {line.split("|")[-1].strip() for line in shown.stderr.splitlines()}
+    assert not {"trio", "construct", "pyiscsi_failover.protocol"} & imported
+
+
+# --------------------------------------------------------------------------------------------
+# Redirect and CHAP offer options
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--redirects", "sometimes"], "argument --redirects: invalid choice: 'sometimes'"),
+        (["--redirect-allow", "10.0.0.0/33"], "'10.0.0.0/33' is not an IP network in CIDR"),
+        (["--redirect-allow", "example.com"], "--redirect-allow"),
+        (["--max-redirects", "-1"], "'-1' is not a number of redirects in 0..64"),
+        (["--max-redirects", "65"], "0..64"),
+        (["--max-redirects", "x"], "'x' is not an integer"),
+        (["--chap-algorithms", "MD4"], "argument --chap-algorithms: "),
+        (["--chap-algorithms", "MD5,MD5"], "--chap-algorithms"),
+        (["--chap-algorithms", ""], "--chap-algorithms"),
+    ],
+)
+@pytest.mark.parametrize("command", ["probe", "attach", "login", "discover"])
+def test_bad_redirect_and_chap_offer_values_exit_2(
+    command: str, argv: list[str], fragment: str
+) -> None:
+    head = {
+        "probe": ["probe", "--portal", "127.0.0.1", "--iqn", OPEN_IQN],
+        "attach": ["attach", "-c", "never-read.json", "--dry-run"],
+        "login": ["login", "127.0.0.1", OPEN_IQN],
+        "discover": ["discover", "127.0.0.1"],
+    }[command]
+    ran = cli_run(*head, *argv, *NAME)
+    assert_fails(ran, 2, fragment)
+    assert ran.out == ""
+
+
+def test_redirect_and_chap_offer_options_reach_the_library() -> None:
+    from pyiscsi_failover.prober import ProbeOptions
+    from pyiscsi_failover.protocol.chap import ChapAlgorithm, ChapPolicy
+    from pyiscsi_failover.transport import RedirectMode, RedirectPolicy
+
+    parser = cli.build_parser()
+    base = ["probe", "--portal", "h", "--iqn", OPEN_IQN, *NAME]
+    options = cli._probe_options(parser.parse_args(base))
+    defaults = ProbeOptions(initiator_name=INITIATOR)
+    assert options.chap_policy == ChapPolicy() == defaults.chap_policy
+    assert options.redirect_policy == RedirectPolicy() == defaults.redirect_policy
+    args = parser.parse_args(
+        [
+            *base,
+            *("--redirects", "never", "--max-redirects", "0"),
+            *("--redirect-allow", "10.0.0.0/8", "--redirect-allow", "fd00::1"),
+            *("--chap-algorithms", "sha256,5"),
+        ]
+    )
+    options = cli._probe_options(args)
+    assert options.redirects is RedirectMode.NEVER
+    assert [str(n) for n in options.redirect_allow] == ["10.0.0.0/8", "fd00::1/128"]
+    assert options.max_redirects == 0
+    assert options.chap_policy.algorithms == (ChapAlgorithm.SHA256, ChapAlgorithm.MD5)
+    login_args = parser.parse_args(
+        ["login", "h", OPEN_IQN, "--chap-algorithms", "SHA3-256", "--redirects", "never"]
+    )
+    config = cli._login_config(login_args, target_name=OPEN_IQN, chap=None, target_chap=None)
+    assert config.chap_policy.algorithms == (ChapAlgorithm.SHA3_256,)
+    assert cli._redirect_policy(login_args).mode is RedirectMode.NEVER
+
+
+def test_probe_refuses_a_redirect_when_told_never_and_names_the_address(
+    targets: Targets,
+) -> None:
+    served = targets.open
+    redirect, ok = served.portals["redirect"], served.portals["ok"]
+    argv = ["probe", "--portal", redirect, "--iqn", OPEN_IQN, *NAME, *FAST]
+    ran = cli_run(*argv, "--redirects", "never", "--json")
+    line = assert_fails(ran, 1, "the only candidate does not work")
+    (attempt,) = ran.json()["attempts"]
+    assert attempt["outcome"] == "redirect_refused"
+    assert attempt["redirect_refused"] == ok
+    assert attempt["detail"].startswith(f"{redirect}: redirect to {ok} refused")
+    assert f"redirect to {ok} refused: redirects are not followed" in line
+    table = cli_run(*argv, "--redirects", "never")
+    assert "redirect_refused" in table.out.splitlines()[1]
+    # Outside the allowed networks: refused before anything is sent there.
+    ran = cli_run(*argv, "--redirect-allow", "10.0.0.0/8", "--json")
+    (attempt,) = ran.json()["attempts"]
+    assert (attempt["outcome"], attempt["redirect_refused"]) == ("redirect_refused", ok)
+    assert "not in the allowed networks 10.0.0.0/8" in attempt["detail"]
+    # Allowed, and within --max-redirects: followed as before.
+    ran = cli_run(*argv, "--redirect-allow", "127.0.0.0/8", "--max-redirects", "1", "--json")
+    assert ran.code == 0, ran
+    assert ran.json()["chosen"]["portal"] == ok
+    # --max-redirects 0: the first redirect is one too many.
+    ran = cli_run(*argv, "--max-redirects", "0", "--json")
+    assert ran.json()["attempts"][0]["outcome"] == "redirect_loop"
+
+
+def test_login_and_discover_json_describe_a_refused_redirect(targets: Targets) -> None:
+    redirect, ok = targets.open.portals["redirect"], targets.open.portals["ok"]
+    for argv in (["login", redirect, OPEN_IQN], ["discover", redirect]):
+        ran = cli_run(*argv, "--redirects", "never", "--json", *NAME, *FAST)
+        line = assert_fails(ran, 1, f"{redirect}: redirect to {ok} refused")
+        body = ran.json()
+        assert body["outcome"] == "redirect_refused"
+        assert body["redirect_refused"] == ok
+        assert body["detail"] == line.removeprefix("pyiscsi-failover: ")
+
+
+# --------------------------------------------------------------------------------------------
+# Failures: one clear line, naming the portal
+
+
+@pytest.mark.parametrize("command", ["login", "discover"])
+def test_login_and_discover_json_print_one_object_for_network_errors(
+    targets: Targets, command: str
+) -> None:
+    refused = targets.open.portals["refused"]
+    argv = [command, refused, *([OPEN_IQN] if command == "login" else [])]
+    ran = cli_run(*argv, "--json", *NAME, *FAST)
+    line = assert_fails(ran, 1, f"{refused}: connection refused")
+    assert ran.json() == {
+        "portal": refused,
+        "outcome": "refused",
+        "detail": f"{refused}: connection refused",
+        "error": "ConnectRefused",
+        "redirect_refused": None,
+    }
+    assert line == f"pyiscsi-failover: {refused}: connection refused"
+    ran = cli_run(command, UNREACHABLE, *argv[2:], "--json", *NAME, *FAST)
+    assert ran.code == 1 and ran.json()["outcome"] == "unreachable"
+    # Input errors stay one line on stderr, with nothing on stdout.
+    ran = cli_run(command, "127.0.0.1:0", *argv[2:], "--json", *NAME)
+    assert_fails(ran, 2, "port")
+    assert ran.out == ""
+
+
+async def _http_ish(stream: trio.SocketStream) -> None:
+    async with stream:
+        await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+async def _cli_in_thread(*argv: str) -> Ran:
+    out, err = io.StringIO(), io.StringIO()
+    code = await trio.to_thread.run_sync(
+        lambda: cli.run(list(argv), stdout=out, stderr=err, stdin=io.StringIO())
+    )
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+async def test_a_peer_that_is_not_iscsi_is_named_in_one_line() -> None:
+    import functools
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, _http_ish, 0, host="127.0.0.1")
+            )
+            portal = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            said = f"{portal}: not an iSCSI target (its reply is not an iSCSI PDU)"
+            ran = await _cli_in_thread("login", portal, OPEN_IQN, *NAME, *FAST)
+            assert assert_fails(ran, 1) == f"pyiscsi-failover: {said}"
+            ran = await _cli_in_thread("login", portal, OPEN_IQN, "--json", *NAME, *FAST)
+            assert ran.json()["detail"] == said
+            assert ran.json()["error"] == "NotAnISCSITarget"
+            ran = await _cli_in_thread("discover", portal, *NAME, *FAST)
+            assert assert_fails(ran, 1) == f"pyiscsi-failover: {said}"
+            probe = ["probe", "--portal", portal, "--iqn", OPEN_IQN, *NAME, *FAST]
+            ran = await _cli_in_thread(*probe, "--json")
+            assert_fails(ran, 1, said)
+            (attempt,) = ran.json()["attempts"]
+            assert (attempt["outcome"], attempt["detail"]) == ("protocol_error", said)
+            ran = await _cli_in_thread(*probe)
+            row = ran.out.splitlines()[1]
+            assert row.startswith(f" 0  {portal}")
+            assert row.endswith("not an iSCSI target (its reply is not an iSCSI PDU)")
+            nursery.cancel_scope.cancel()
+
+
+def test_a_failed_mutual_chap_proof_names_the_portal(
+    targets: Targets, secret_file: Path, tmp_path: Path
+) -> None:
+    chap = targets.chap.portals["chap"]
+    wrong = tmp_path / "wrong-target-secret"
+    wrong.write_text(WRONG_SECRET)
+    argv = ["login", chap, CHAP_IQN, "--chap-user", USER, "--chap-secret-file", str(secret_file)]
+    argv += ["--target-chap-user", TARGET_USER, "--target-chap-secret-file", str(wrong)]
+    ran = cli_run(*argv, *NAME, *FAST)
+    assert_fails(ran, 1, f"pyiscsi-failover: {chap}: ", "CHAP_R")
+    assert_no_secret(ran.out, ran.err)
+    ran = cli_run(*argv, "--json", *NAME, *FAST)
+    assert ran.json()["outcome"] == "auth_failed"
+    assert ran.json()["detail"].startswith(f"{chap}: ")
+
+
+def test_a_target_that_requires_chap_says_so_when_none_was_given(targets: Targets) -> None:
+    chap = targets.chap.portals["chap"]
+    ran = cli_run("login", chap, CHAP_IQN, *NAME, *FAST)
+    assert_fails(
+        ran,
+        1,
+        f"{chap}: login refused: authentication failure (0x0201)",
+        "target requires CHAP: give --chap-user and a secret",
+    )
+    ran = cli_run("login", chap, CHAP_IQN, "--json", *NAME, *FAST)
+    assert ran.json()["hint"] == "target requires CHAP: give --chap-user and a secret"
+    ran = cli_run("discover", chap, *NAME, *FAST)
+    assert_fails(ran, 1, "discovery login refused", "target requires CHAP")
+    refused = targets.open.portals["refused"]
+    probe = ["probe", "--portal", refused, "--portal", chap, "--iqn", CHAP_IQN, *NAME, *FAST]
+    assert_fails(cli_run(*probe), 1, "#1 ", "auth_failed; target requires CHAP: give --chap-user")
+
+
+def test_a_wrong_secret_gets_no_chap_hint(targets: Targets, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text(WRONG_SECRET)
+    chap = targets.chap.portals["chap"]
+    argv = ["login", chap, CHAP_IQN, "--chap-user", USER, "--chap-secret-file", str(wrong)]
+    line = assert_fails(cli_run(*argv, *NAME, *FAST), 1, "authentication failure (0x0201)")
+    assert "requires CHAP" not in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["login", "127.0.0.1", OPEN_IQN],
+        ["discover", "127.0.0.1"],
+        ["probe", "--portal", "127.0.0.1", "--iqn", OPEN_IQN],
+        ["attach", "-c", "never-read.json", "--dry-run"],
+    ],
+)
+@pytest.mark.parametrize("env", [cli.SECRET_ENV, cli.TARGET_SECRET_ENV])
+def test_a_secret_in_the_environment_without_its_user_exits_2(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: str, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(env, SECRET)
+    argv = [a.replace("never-read.json", str(tmp_path / "ci.json")) for a in argv]
+    write_json(tmp_path / "ci.json", {"target_portal": "127.0.0.1", "target_iqn": OPEN_IQN})
+    user = "--chap-user" if env == cli.SECRET_ENV else "--target-chap-user"
+    ran = cli_run(*argv, *NAME)
+    assert_fails(ran, 2, f"${env} is set but {user} is not")
+    assert_no_secret(ran.out, ran.err)
+
+
+def test_the_short_secret_warning_is_shown_once_per_run(
+    targets: Targets, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    short = tmp_path / "short"
+    short.write_text("tiny-secret")  # 11 bytes: below RFC 7143's 12
+    chap = targets.chap.portals["chap"]
+    argv = ["probe", "--all", "--policy", "sequential", "--iqn", CHAP_IQN, *NAME, *FAST]
+    argv += ["--portal", chap, "--portal", targets.open.portals["ok"]]
+    argv += ["--chap-user", USER, "--chap-secret-file", str(short)]
+    with caplog.at_level(logging.WARNING, logger="pyiscsi_failover"):
+        ran = cli_run(*argv)
+    warned = [r for r in caplog.records if "shorter than 12 bytes" in r.getMessage()]
+    assert len(warned) == 2, ran  # one per CHAP exchange, as the library logs it...
+    assert ran.err.count("shorter than 12 bytes") == 1  # ...and once on the terminal
+    # A new run warns again.
+    assert cli_run(*argv).err.count("shorter than 12 bytes") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: empty, enormous, ambiguous
+
+
+def test_an_empty_connection_info_says_so(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")
+    assert_fails(cli_run("probe", "-c", str(empty)), 2, "empty file (expected a JSON object)")
+    assert_fails(cli_run("probe", "-c", "-", stdin=" \n"), 2, "on stdin: empty")
+
+
+def test_inputs_are_read_up_to_one_mib(tmp_path: Path) -> None:
+    for argv in (
+        ["probe", "-c", "/dev/zero"],
+        ["attach", "-c", "/dev/zero", "--dry-run"],
+        ["detach", "-c", "/dev/zero"],
+        ["discover", "-c", "/dev/zero"],
+    ):
+        assert_fails(cli_run(*argv, *NAME), 2, "'/dev/zero' is larger than 1 MiB")
+    huge = " " * cli.MAX_INPUT_BYTES + "{}"
+    assert_fails(cli_run("probe", "-c", "-", stdin=huge), 2, "on stdin is larger than 1 MiB")
+    argv = ["login", "127.0.0.1", OPEN_IQN, "--chap-user", USER, "--chap-secret-file"]
+    assert_fails(cli_run(*argv, "/dev/zero", *NAME), 2, "CHAP secret file: '/dev/zero' is larger")
+    # Just under the limit is read (and then judged on its content).
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (cli.MAX_INPUT_BYTES - 2) + b"{}")
+    assert_fails(cli_run("probe", "-c", str(big), *NAME), 2, "target_portal")
+
+
+def test_an_unbracketed_ipv6_portal_with_a_port_gets_a_hint() -> None:
+    ran = cli_run("login", "::1:99999", OPEN_IQN, *NAME)
+    assert_fails(ran, 2, "an IPv6 address with a port is written [::1]:99999")
+    # "::1:3260" is a valid address (port 3260 by default), but rarely what was meant.
+    ran = cli_run("login", "::1:3260", OPEN_IQN, "--connect-timeout", "0.5", *NAME)
+    assert "is read as the IPv6 address ::1:3260 on port 3260; for a port, write [::1]:3260" in (
+        ran.err
+    )
+    # A plain IPv6 address draws no hint.
+    assert cli._bracketed_hint("::1") is None
+    assert cli._bracketed_hint("2001:db8::1") is None
+    assert cli._bracketed_hint("2001:db8::5:1") == "[2001:db8::5]:1"
+    assert cli._bracketed_hint("[::1]:3260") is None
+    assert cli._bracketed_hint("fe80::1:3260,2") == "[fe80::1]:3260,2"
+
+
+# --------------------------------------------------------------------------------------------
+# Output: the new outcomes and notes, and output that cannot be written
+
+
+def _one_attempt_result(**fields: Any) -> Any:
+    from pyiscsi_failover.connection_info import parse_connection_info
+    from pyiscsi_failover.prober import Attempt, Check, Policy, ProbeResult
+
+    info = parse_connection_info({"target_portal": "127.0.0.1:3260", "target_iqn": OPEN_IQN})
+    attempt = Attempt(candidate=info.candidates[0], elapsed_s=0.004, **fields)
+    chosen = attempt if attempt.ok else None
+    return ProbeResult(
+        policy=Policy.ORDERED,
+        check=Check.LOGIN,
+        attempts=(attempt,),
+        chosen=chosen,
+        elapsed_s=0.005,
+    )
+
+
+def test_an_unanswered_logout_is_flagged_in_the_table_and_json() -> None:
+    from pyiscsi_failover.prober import Outcome
+
+    note = "no Logout Response within 2 s"
+    result = _one_attempt_result(
+        outcome=Outcome.OK, detail=f"login succeeded; logout unanswered: {note}", notes=(note,)
+    )
+    row = cli._probe_table(result)[1].split()
+    assert row[4:7] == ["ok", "(logout", "unanswered)"]
+    assert " ".join(row[8:]) == f"login succeeded; logout unanswered: {note}"
+    body: Any = cli._probe_json(result)
+    assert body["attempts"][0]["notes"] == [note]
+    assert body["attempts"][0]["outcome"] == "ok"
+    clean = _one_attempt_result(outcome=Outcome.OK, detail="login and logout succeeded")
+    assert "unanswered" not in cli._probe_table(clean)[1]
+
+
+def test_error_details_name_their_portal_in_json_only_once() -> None:
+    from pyiscsi_failover.prober import Outcome
+
+    named = _one_attempt_result(
+        outcome=Outcome.REFUSED, detail="127.0.0.1:3260: connection refused"
+    )
+    shown: Any = cli._probe_json(named)
+    assert shown["attempts"][0]["detail"] == "127.0.0.1:3260: connection refused"
+    bare = _one_attempt_result(outcome=Outcome.NEGOTIATION_FAILED, detail="HeaderDigest=MD5?")
+    shown = cli._probe_json(bare)
+    assert shown["attempts"][0]["detail"] == "127.0.0.1:3260: HeaderDigest=MD5?"
+    assert cli._probe_table(bare)[1].split()[4:] == ["negotiation_failed", "4", "HeaderDigest=MD5?"]
+
+
+def test_output_to_a_closed_pipe_after_a_login_ends_quietly(targets: Targets) -> None:
+    # `pyiscsi-failover login ... | head -1`: the reader is gone before the lines come.
+    for argv in (
+        ["login", targets.open.portals["ok"], OPEN_IQN, *NAME, *FAST],
+        ["login", targets.open.portals["ok"], OPEN_IQN, "--json", *NAME, *FAST],
+        ["--help"],
+    ):
+        process = subprocess.Popen(
+            _command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        err = process.stderr.read()
+        process.stderr.close()
+        assert process.wait(timeout=60) == 0, err
+        assert err == ""
+    # A failure still says why on stderr and exits 1.
+    argv = ["login", targets.open.portals["ok"], OTHER_IQN + "x", *NAME, *FAST]
+    process = subprocess.Popen(
+        _command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    err = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(timeout=60) == 1
+    assert err.endswith("login refused: target not found (0x0203)\n") and err.count("\n") == 1
+
+
+def test_output_to_a_full_disk_is_one_line(targets: Targets) -> None:
+    for argv in (
+        ["login", targets.open.portals["ok"], OPEN_IQN, *NAME, *FAST],
+        ["probe", "--json", "--portal", targets.open.portals["ok"], "--iqn", OPEN_IQN, *NAME],
+        ["--help"],
+        ["--version"],
+    ):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(
+                _command(*argv),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        assert done.returncode == 1, (argv, done.stderr)
+        assert done.stderr == "pyiscsi-failover: cannot write output: No space left on device\n"
