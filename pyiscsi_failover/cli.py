@@ -62,9 +62,6 @@ EXIT_INTERRUPTED: Final = 130
 
 SECRET_ENV: Final = "PYISCSI_CHAP_SECRET"  # noqa: S105 (a variable name, not a secret)
 TARGET_SECRET_ENV: Final = "PYISCSI_TARGET_CHAP_SECRET"  # noqa: S105
-#: What is read at most from ``-c FILE``, stdin or a secret file: ``/dev/zero`` must not fill
-#: the memory, and no connection_info or secret comes anywhere near this.
-MAX_INPUT_BYTES: Final = 1 << 20
 _DEV_ROOT: Final = Path("/dev/disk/by-path")
 
 # Library defaults shown in --help, mirrored so that building the parser imports no protocol
@@ -532,27 +529,14 @@ def _add_probe_options(parser: argparse.ArgumentParser) -> None:
 # -- inputs -------------------------------------------------------------------------------
 
 
-def _read_bounded(path: Path) -> bytes:
-    """At most :data:`MAX_INPUT_BYTES` of ``path``; more is an error (``-c /dev/zero``)."""
-    with path.open("rb") as file:
-        data = file.read(MAX_INPUT_BYTES + 1)
-    if len(data) > MAX_INPUT_BYTES:
-        raise _UsageError(f"{str(path)!r} is larger than {MAX_INPUT_BYTES >> 20} MiB")
-    return data
-
-
 def _read_secret(path: Path | None, env: str, what: str) -> Secret | None:
+    from pyiscsi_failover.connection_info import read_limited
     from pyiscsi_failover.credentials import Secret
 
     if path is not None:
-        try:
-            text = _read_bounded(path)
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise _UsageError(f"cannot read {what} secret file {str(path)!r}: {reason}") from None
-        except _UsageError as exc:
-            raise _UsageError(f"{what} secret file: {exc}") from None
-        secret = text.rstrip(b"\r\n")
+        # At most 1 MiB is read (`--chap-secret-file /dev/zero`); the secret's own limit
+        # (255 bytes, open-iscsi's) is checked when the credentials are made.
+        secret = read_limited(path, what=f"{what} secret file").rstrip(b"\r\n")
         if not secret:
             raise _UsageError(f"{what} secret file {str(path)!r} is empty")
         logger.debug("%s secret read from %s (%d bytes)", what, path, len(secret))
@@ -659,12 +643,16 @@ def _iqn(text: str, what: str) -> str:
 
 
 def _load_connection_info(source: str, stdin: IO[str]) -> ConnectionInfo:
-    from pyiscsi_failover.connection_info import parse_connection_info
+    from pyiscsi_failover.connection_info import (
+        MAX_INPUT_BYTES,
+        parse_connection_info,
+        read_limited,
+    )
 
     raw: str | bytes
     if source == "-":
         try:
-            raw = stdin.read(MAX_INPUT_BYTES + 1)
+            raw = stdin.read(MAX_INPUT_BYTES + 1)  # at most 1 MiB, as from a file
         except UnicodeDecodeError as exc:
             raise _UsageError(
                 f"connection_info on stdin is not UTF-8 text (bad byte at offset {exc.start})"
@@ -676,19 +664,16 @@ def _load_connection_info(source: str, stdin: IO[str]) -> ConnectionInfo:
             raise _UsageError(
                 f"connection_info on stdin is larger than {MAX_INPUT_BYTES >> 20} MiB"
             )
-        where, empty = "on stdin", "empty"
+        if not raw.strip():
+            raise _UsageError("connection_info on stdin is empty")
+        where = "stdin"
     else:
-        # Bytes: the parser decodes them itself (UTF-8, BOM allowed) and names a bad byte.
-        try:
-            raw = _read_bounded(Path(source))
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise _UsageError(f"cannot read connection_info {source!r}: {reason}") from None
-        except _UsageError as exc:
-            raise _UsageError(f"connection_info {exc}") from None
-        where, empty = repr(source), "empty file"
-    if not raw.strip():
-        raise _UsageError(f"connection_info {where}: {empty} (expected a JSON object)")
+        # Bytes, at most 1 MiB (`-c /dev/zero`): the parser decodes them itself (UTF-8, BOM
+        # allowed) and names a bad byte.
+        raw = read_limited(source, what="connection_info file")
+        if not raw.strip():
+            raise _UsageError(f"connection_info file {source!r} is empty (white space only)")
+        where = repr(source)
     info = parse_connection_info(raw)
     logger.debug("connection_info from %s: %r", where, info)
     return info
@@ -1272,12 +1257,16 @@ def _chosen_node(info: ConnectionInfo, attempt: Attempt, options: ProbeOptions) 
     from pyiscsi_failover.iscsiadm import NodeTarget
 
     c = attempt.candidate
+    negotiated = attempt.negotiated  # None after a TCP-only check: the record keeps its own
     return NodeTarget(
         portal=attempt.handoff_portal or c.portal,
         iqn=c.iqn,
         lun=c.lun,
         chap=info.chap,
         target_chap=info.target_chap,
+        header_digest=None if negotiated is None else negotiated.header_digest,
+        data_digest=None if negotiated is None else negotiated.data_digest,
+        chap_algorithms=None if info.chap is None else options.chap_policy.algorithms,
     )
 
 

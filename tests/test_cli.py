@@ -37,6 +37,7 @@ import trio
 from peers import TgtdStarter
 
 from pyiscsi_failover import __version__, cli
+from pyiscsi_failover.connection_info import MAX_INPUT_BYTES
 from pyiscsi_failover.demo import DEMO_IQN
 from pyiscsi_failover.errors import ConnectRefused, ISCSIError
 
@@ -637,7 +638,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, Path]:
         (["probe", "-c", "{dir}"], "cannot read connection_info"),
         (["probe", "-c", "{empty}", "--portal", "127.0.0.1"], "not both"),
         (["probe", "-c", "{empty}", "--iqn", OPEN_IQN], "not both"),
-        (["probe", "-c", "{empty}"], "empty file (expected a JSON object)"),
+        (["probe", "-c", "{empty}"], "is empty (white space only)"),
         (["attach", "-c", "{missing}", "--dry-run"], "cannot read connection_info"),
         (["detach", "-c", "{missing}"], "cannot read connection_info"),
     ],
@@ -929,14 +930,23 @@ def test_attach_dry_run_prints_masked_commands_and_runs_none(
     lines = ran.out.splitlines()
     plan = lines[lines.index("would run:") + 1 :]
     node = f"iscsiadm -m node -T {CHAP_IQN} -p {chap}"
+    # What the probe proved is handed on: the digests it negotiated and our CHAP_A offer.
     assert plan == [
         f"    {node} -o new",
         f"    {node} -o update -n node.startup -v manual",
+        f"    {node} -o update -n 'node.conn[0].iscsi.HeaderDigest' -v None",
+        f"    {node} -o update -n 'node.conn[0].iscsi.DataDigest' -v None",
         f"    {node} -o update -n node.session.auth.authmethod -v CHAP",
+        f"    {node} -o update -n node.session.auth.chap_algs -v MD5,SHA1,SHA256,SHA3-256",
         f"    {node} -o update -n node.session.auth.username -v {USER}",
         f"    {node} -o update -n node.session.auth.password -v ***",
         f"    {node} --login",
     ]
+    preferred = cli_run(*base, "--chap-algorithms", "SHA256,MD5").out.splitlines()
+    assert f"    {node} -o update -n node.session.auth.chap_algs -v SHA256,MD5" in preferred
+    # A TCP-only check proves no digests: the record keeps its own.
+    tcp = cli_run(*base, "--check", "tcp").out
+    assert "HeaderDigest" not in tcp and "chap_algs -v MD5,SHA1,SHA256,SHA3-256" in tcp
     as_json = cli_run(*base, "--json")
     assert as_json.code == 0, as_json
     body = as_json.json()
@@ -968,10 +978,10 @@ def test_attach_runs_iscsiadm_and_finds_the_disk(
     assert attached["device"] == str(device)
     assert (attached["created_record"], attached["session_existed"]) == (True, False)
     assert attached["commands"][-1] == f"iscsiadm -m node -T {CHAP_IQN} -p {chap} --login"
-    assert fake.ops() == ["show", "new", "update", "update", "update", "update", "login"]
+    assert fake.ops() == ["show", "new", *["update"] * 7, "login"]
     # iscsiadm got the real secret (the fake logs only its hash); we printed none.
     digest = "sha256:" + hashlib.sha256(SECRET.encode()).hexdigest()
-    assert fake.argvs()[5][-1] == digest
+    assert fake.argvs()[8][-1] == digest
     assert fake.saved()["sessions"] == [f"{CHAP_IQN} {chap}"]
     # The record we made is noted, with no secret and no CHAP name; the file is ours alone.
     ledger = json.loads(state_file.read_text())
@@ -1912,8 +1922,8 @@ def test_the_short_secret_warning_is_shown_once_per_run(
 def test_an_empty_connection_info_says_so(tmp_path: Path) -> None:
     empty = tmp_path / "empty.json"
     empty.write_bytes(b"")
-    assert_fails(cli_run("probe", "-c", str(empty)), 2, "empty file (expected a JSON object)")
-    assert_fails(cli_run("probe", "-c", "-", stdin=" \n"), 2, "on stdin: empty")
+    assert_fails(cli_run("probe", "-c", str(empty)), 2, f"connection_info file '{empty}' is empty")
+    assert_fails(cli_run("probe", "-c", "-", stdin=" \n"), 2, "connection_info on stdin is empty")
 
 
 def test_inputs_are_read_up_to_one_mib(tmp_path: Path) -> None:
@@ -1924,13 +1934,13 @@ def test_inputs_are_read_up_to_one_mib(tmp_path: Path) -> None:
         ["discover", "-c", "/dev/zero"],
     ):
         assert_fails(cli_run(*argv, *NAME), 2, "'/dev/zero' is larger than 1 MiB")
-    huge = " " * cli.MAX_INPUT_BYTES + "{}"
+    huge = " " * MAX_INPUT_BYTES + "{}"
     assert_fails(cli_run("probe", "-c", "-", stdin=huge), 2, "on stdin is larger than 1 MiB")
     argv = ["login", "127.0.0.1", OPEN_IQN, "--chap-user", USER, "--chap-secret-file"]
-    assert_fails(cli_run(*argv, "/dev/zero", *NAME), 2, "CHAP secret file: '/dev/zero' is larger")
+    assert_fails(cli_run(*argv, "/dev/zero", *NAME), 2, "CHAP secret file '/dev/zero' is larger")
     # Just under the limit is read (and then judged on its content).
     big = tmp_path / "big.json"
-    big.write_bytes(b" " * (cli.MAX_INPUT_BYTES - 2) + b"{}")
+    big.write_bytes(b" " * (MAX_INPUT_BYTES - 2) + b"{}")
     assert_fails(cli_run("probe", "-c", str(big), *NAME), 2, "target_portal")
 
 
