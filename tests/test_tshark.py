@@ -483,9 +483,10 @@ def test_tshark_reads_our_pdus_as_valid_iscsi(tgtd_factory: TgtdStarter, tmp_pat
 
     # The operational keys say what each session asked for, digests included.
     for name, pdus, digest in (
-        ("discovery", discovery_pdus, "None"),
-        ("plain", plain_pdus, "None"),
-        ("chap", chap_pdus, "None"),
+        # The default offer: None preferred, CRC32C for targets that insist on digests.
+        ("discovery", discovery_pdus, "None,CRC32C"),
+        ("plain", plain_pdus, "None,CRC32C"),
+        ("chap", chap_pdus, "None,CRC32C"),
         ("digests", digest_pdus, "CRC32C"),
     ):
         (request,) = [
