@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from pyiscsi_failover.initiator import LoginConfig
     from pyiscsi_failover.iscsiadm import DeleteMode, NodeTarget
     from pyiscsi_failover.names import Portal
-    from pyiscsi_failover.prober import Attempt, Outcome, ProbeOptions, ProbeResult, ProgressEvent
+    from pyiscsi_failover.prober import Attempt, ProbeOptions, ProbeResult, ProgressEvent
     from pyiscsi_failover.protocol.chap import ChapAlgorithm
     from pyiscsi_failover.transport import LoginReport, RedirectPolicy
 
@@ -864,31 +864,14 @@ def _login_json(report: LoginReport) -> dict[str, object]:
     return body
 
 
-def _error_outcome(exc: ISCSIError) -> Outcome:
-    """The probe's word for an error that ended a login (``login``/``discover --json``)."""
-    from pyiscsi_failover import errors
-    from pyiscsi_failover.prober import Outcome
-
-    kinds: tuple[tuple[type[ISCSIError], Outcome], ...] = (
-        (errors.ConnectRefused, Outcome.REFUSED),
-        (errors.ConnectTimeout, Outcome.TIMEOUT),
-        (errors.ISCSITimeout, Outcome.TIMEOUT),
-        (errors.Unreachable, Outcome.UNREACHABLE),
-        (errors.AuthenticationError, Outcome.AUTH_FAILED),
-        (errors.RedirectLoopError, Outcome.REDIRECT_LOOP),
-        (errors.RedirectRefused, Outcome.REDIRECT_REFUSED),
-        (errors.NegotiationError, Outcome.NEGOTIATION_FAILED),
-    )
-    return next((o for kind, o in kinds if isinstance(exc, kind)), Outcome.PROTOCOL_ERROR)
-
-
 def _error_json(portal: Portal, exc: ISCSIError) -> dict[str, object]:
     """What ``login``/``discover --json`` print when the login ended in an error, not an answer."""
     from pyiscsi_failover.errors import RedirectRefused
+    from pyiscsi_failover.prober import outcome_of
 
     return {
         "portal": str(portal),
-        "outcome": _error_outcome(exc).value,
+        "outcome": outcome_of(exc).value,
         "detail": _named(portal, str(exc)),
         "error": type(exc).__name__,
         "redirect_refused": exc.address if isinstance(exc, RedirectRefused) else None,

@@ -80,6 +80,7 @@ __all__ = [
     "ProbeResult",
     "ProgressEvent",
     "check_candidate",
+    "outcome_of",
     "probe",
     "probe_sync",
 ]
@@ -264,7 +265,8 @@ def _rejection_outcome(rejected: LoginRejected) -> Outcome:
     return Outcome.PROTOCOL_ERROR
 
 
-def _error_outcome(exc: ISCSIError) -> Outcome:
+def outcome_of(exc: ISCSIError) -> Outcome:
+    """The outcome word for an error that ended a login (also used by ``login --json``)."""
     match exc:
         case ConnectRefused():
             return Outcome.REFUSED
@@ -329,7 +331,7 @@ async def check_candidate(
     except RedirectRefused as exc:
         return done(Outcome.REDIRECT_REFUSED, str(exc), redirect_refused=exc.address)
     except ISCSIError as exc:
-        return done(_error_outcome(exc), str(exc))
+        return done(outcome_of(exc), str(exc))
     redirected_to = report.final_portal if report.redirects else None
     if isinstance(report.outcome, LoginRejected):
         return done(
