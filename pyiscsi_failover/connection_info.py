@@ -660,7 +660,8 @@ def read_limited(
     if len(raw) > limit:
         raise ConnectionInfoError(f"{what} {name} is larger than {_size(limit)}")
     if not raw:
-        raise ConnectionInfoError(f"{what} {name} is empty")
+        empty = "an empty file" if isinstance(source, (str, os.PathLike)) else "empty"
+        raise ConnectionInfoError(f"{what} {name} is {empty}")
     return raw
 
 

@@ -1922,7 +1922,9 @@ def test_the_short_secret_warning_is_shown_once_per_run(
 def test_an_empty_connection_info_says_so(tmp_path: Path) -> None:
     empty = tmp_path / "empty.json"
     empty.write_bytes(b"")
-    assert_fails(cli_run("probe", "-c", str(empty)), 2, f"connection_info file '{empty}' is empty")
+    assert_fails(
+        cli_run("probe", "-c", str(empty)), 2, f"connection_info file '{empty}' is an empty file"
+    )
     assert_fails(cli_run("probe", "-c", "-", stdin=" \n"), 2, "connection_info on stdin is empty")
 
 

@@ -864,7 +864,7 @@ def test_read_limited_refuses_an_empty_file(tmp_path: Path) -> None:
     path.write_bytes(b"")
     with pytest.raises(ConnectionInfoError) as info:
         read_limited(path, what="CHAP secret file")
-    assert str(info.value) == f"CHAP secret file {str(path)!r} is empty"
+    assert str(info.value) == f"CHAP secret file {str(path)!r} is an empty file"
 
 
 @pytest.mark.parametrize(
