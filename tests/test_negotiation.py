@@ -410,7 +410,7 @@ def test_refusal_with_an_unacceptable_default_is_an_error(
 ) -> None:
     negotiator = normal(OperationalProposal(**changes))  # type: ignore[arg-type]
     negotiator.offer()
-    with pytest.raises(NegotiationError, match="default|accepts none") as caught:
+    with pytest.raises(NegotiationError, match=r"default|accepts none") as caught:
         negotiator.receive([(key, special)])
     assert (caught.value.key, caught.value.value) == (key, special)
 
