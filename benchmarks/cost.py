@@ -469,7 +469,7 @@ def run(*, quick: bool, reps: int | None = None) -> dict[str, object]:
             "transport.login/discover (a fresh connection, InitiatorConnection and logout each "
             "time). libiscsi: the same steps in the same process via ctypes on libiscsi.so.7's "
             "sync API (create context, connect, login, [SendTargets,] logout, disconnect, "
-            "destroy context), HeaderDigest offered as None like ours. Rounds alternate; "
+            "destroy context), HeaderDigest offered as None,CRC32C like ours. Rounds alternate; "
             "the ratio is median(ours) / median(libiscsi) from this run",
             "tgtd_cpu": "from /proc/PID/stat in clock ticks (10 ms): the resolution is 10 ms "
             "divided by the operations in a round",

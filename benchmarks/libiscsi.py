@@ -26,7 +26,7 @@ LIBRARY: Final = "libiscsi.so.7"
 # enum iscsi_session_type and enum iscsi_header_digest (iscsi/iscsi.h).
 _SESSION_DISCOVERY: Final = 1
 _SESSION_NORMAL: Final = 2
-_HEADER_DIGEST_NONE: Final = 0
+_HEADER_DIGEST_NONE_CRC32C: Final = 1
 
 _VOIDP = ctypes.c_void_p
 _CHARP = ctypes.c_char_p
@@ -64,8 +64,8 @@ class Libiscsi:
         if not context:
             raise BenchError("libiscsi: iscsi_create_context failed")
         assert isinstance(context, int)
-        # Offer HeaderDigest=None only, as our initiator does (libiscsi offers None,CRC32C).
-        status = self._set_header_digest(context, _HEADER_DIGEST_NONE)
+        # HeaderDigest=None,CRC32C: the offer our initiator makes too (libiscsi's default).
+        status = self._set_header_digest(context, _HEADER_DIGEST_NONE_CRC32C)
         self._check(context, "set_header_digest", status)
         return context
 
