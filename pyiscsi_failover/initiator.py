@@ -16,6 +16,7 @@ Must never import trio, socket or subprocess.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import secrets
 from collections.abc import Callable
@@ -33,9 +34,9 @@ from pyiscsi_failover.errors import (
     ProtocolError,
 )
 from pyiscsi_failover.names import Portal
-from pyiscsi_failover.protocol.chap import ChapInitiator, ChapPolicy
-from pyiscsi_failover.protocol.framing import PDUBuffer
+from pyiscsi_failover.protocol.chap import DEFAULT_POLICY, ChapInitiator, ChapPolicy
 from pyiscsi_failover.protocol.negotiation import (
+    DEFAULT_PROPOSAL,
     Digest,
     Negotiator,
     OperationalParameters,
@@ -63,7 +64,6 @@ from pyiscsi_failover.protocol.pdu import (
 )
 from pyiscsi_failover.protocol.sendtargets import DiscoveredTarget, parse_send_targets
 from pyiscsi_failover.protocol.text import TextReassembler, decode_keys, decode_text, encode_text
-from pyiscsi_failover.protocol.wire import encode_pdu
 
 __all__ = [
     "NEED_DATA",
@@ -116,8 +116,9 @@ class LoginConfig:
     isid: ISID = field(default_factory=probe_isid)
     chap: ChapCredentials | None = None
     target_chap: ChapCredentials | None = None
-    chap_policy: ChapPolicy = field(default_factory=ChapPolicy)
-    proposal: OperationalProposal = field(default_factory=OperationalProposal)
+    # Frozen, so one shared default each: validating them anew cost half a LoginConfig.
+    chap_policy: ChapPolicy = DEFAULT_POLICY
+    proposal: OperationalProposal = DEFAULT_PROPOSAL
     initiator_alias: str | None = None
 
     def __post_init__(self) -> None:
@@ -221,6 +222,10 @@ class InitiatorConnection:
             )
         self.config = config
         self.state = State.IDLE
+        # The codec (construct) loads with the first connection, not with this module: a
+        # command line builds its LoginConfig before its first SYN and needs no codec for that.
+        from pyiscsi_failover.protocol.framing import PDUBuffer
+
         self._buffer = PDUBuffer(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
         self._out = bytearray()
         self._events: list[Event] = []
@@ -270,6 +275,8 @@ class InitiatorConnection:
 
     def _send(self, pdu: PDU) -> None:
         digests = self._parameters if self.state not in _LOGIN_STATES else None
+        from pyiscsi_failover.protocol.wire import encode_pdu
+
         self._out += encode_pdu(
             pdu,
             header_digest=digests is not None and digests.header_digest is Digest.CRC32C,
@@ -297,7 +304,11 @@ class InitiatorConnection:
         if self._chap is not None:
             keys.append(("AuthMethod", self._chap.auth_method_offer()))
             self._queue_login(
-                keys, transit=False, csg=Stage.SECURITY_NEGOTIATION, nsg=Stage.SECURITY_NEGOTIATION
+                keys,
+                transit=False,
+                csg=Stage.SECURITY_NEGOTIATION,
+                nsg=Stage.SECURITY_NEGOTIATION,
+                static=True,
             )
         else:
             keys.append(("AuthMethod", "None"))
@@ -306,6 +317,7 @@ class InitiatorConnection:
                 transit=True,
                 csg=Stage.SECURITY_NEGOTIATION,
                 nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+                static=True,
             )
 
     def send_targets(self, which: str = "All") -> None:
@@ -353,6 +365,8 @@ class InitiatorConnection:
         self.state = State.LOGGING_OUT
         self._parameters = None
         # The old buffer may hold the refused PDU's remains or be failed for good.
+        from pyiscsi_failover.protocol.framing import PDUBuffer
+
         self._buffer = PDUBuffer(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
         self._send(
             LogoutRequest(
@@ -446,9 +460,22 @@ class InitiatorConnection:
     # -- login -------------------------------------------------------------------------------------
 
     def _queue_login(
-        self, keys: list[tuple[str, str]], *, transit: bool, csg: Stage, nsg: Stage
+        self,
+        keys: list[tuple[str, str]],
+        *,
+        transit: bool,
+        csg: Stage,
+        nsg: Stage,
+        static: bool = False,
     ) -> None:
-        data = encode_text(keys) if keys else b""
+        """``static``: the keys are the same for every login of this configuration (names, the
+        operational offer), never CHAP values, so their encoding may be shared."""
+        if not keys:
+            data = b""
+        elif static:
+            data = _encode_static(tuple(keys))
+        else:
+            data = encode_text(keys)
         chunks = [
             data[i : i + LOGIN_SEGMENT_LIMIT] for i in range(0, len(data), LOGIN_SEGMENT_LIMIT)
         ]
@@ -624,6 +651,7 @@ class InitiatorConnection:
             transit=True,
             csg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
             nsg=Stage.FULL_FEATURE_PHASE,
+            static=True,
         )
 
     def _operational_round(self, pdu: LoginResponse, keys: dict[str, str]) -> None:
@@ -717,6 +745,11 @@ class InitiatorConnection:
                     data=pdu.data,
                 )
             )
+
+
+@functools.lru_cache(maxsize=64)
+def _encode_static(keys: tuple[tuple[str, str], ...]) -> bytes:
+    return encode_text(keys)
 
 
 def _not_from_a_target(first_byte: int | None) -> bool:

@@ -50,7 +50,7 @@ from pyiscsi_failover.errors import (
 from pyiscsi_failover.host import default_initiator_name
 from pyiscsi_failover.initiator import LoginConfig, LoginRejected, LoginSucceeded
 from pyiscsi_failover.names import Portal
-from pyiscsi_failover.protocol.chap import ChapPolicy
+from pyiscsi_failover.protocol.chap import DEFAULT_POLICY, ChapPolicy
 from pyiscsi_failover.protocol.negotiation import OperationalParameters
 from pyiscsi_failover.protocol.pdu import LoginStatus, StatusClass
 from pyiscsi_failover.transport import (
@@ -206,7 +206,7 @@ class ProbeOptions:
     stagger: float = DEFAULT_STAGGER
     probe_all: bool = False
     initiator_name: str | None = None
-    chap_policy: ChapPolicy = field(default_factory=ChapPolicy)
+    chap_policy: ChapPolicy = DEFAULT_POLICY
     redirects: RedirectMode = RedirectMode.FOLLOW
     redirect_allow: tuple[str | IPNetwork, ...] = ()
     max_redirects: int = MAX_REDIRECTS

@@ -565,10 +565,16 @@ async def test_staggered_attempts_keep_schedule_outcome_and_bound(
 async def test_every_policy_keeps_each_attempt_within_its_bound(targets: list[Target]) -> None:
     for policy in (Policy.SEQUENTIAL, Policy.ORDERED):
         result = await run_targets(targets, policy)
-        chosen = result.chosen
-        win_end = None
-        if chosen is not None and chosen.started_at is not None:
-            win_end = chosen.started_at + chosen.elapsed_s
         for attempt in result.attempts:
-            if attempt.outcome is not Outcome.NOT_TRIED:
-                assert_attempt_bounded(attempt, targets[attempt.candidate.index], win_end)
+            if attempt.outcome is Outcome.NOT_TRIED:
+                continue
+            # An attempt is cut off when an earlier candidate's success finishes (ordered): the
+            # first such finish, which need not be the chosen one's (a later-listed success
+            # may finish first and still cancel the candidates after it).
+            earlier_ok_ends = [
+                a.started_at + a.elapsed_s
+                for a in result.attempts[: attempt.candidate.index]
+                if a.ok and a.started_at is not None
+            ]
+            cut = min(earlier_ok_ends, default=None)
+            assert_attempt_bounded(attempt, targets[attempt.candidate.index], cut)

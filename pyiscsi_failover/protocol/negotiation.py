@@ -52,6 +52,7 @@ from pyiscsi_failover.protocol.text import (
 )
 
 __all__ = [
+    "DEFAULT_PROPOSAL",
     "DISCOVERY_KEYS",
     "LOGIN_KEYS",
     "OFFERABLE_KEYS",
@@ -288,6 +289,10 @@ class OperationalProposal:
                 raise LocalProtocolError("send_keys has InitiatorAlias but initiator_alias is None")
 
 
+#: The proposal used when none is given (frozen, so sharing it is safe).
+DEFAULT_PROPOSAL = OperationalProposal()
+
+
 def _format(value: _Offer | _Scalar) -> str:
     if isinstance(value, tuple):
         return ",".join(item.value if isinstance(item, Digest) else item for item in value)
@@ -336,6 +341,21 @@ def _parse_single(rule: _Rule, value: str) -> _Scalar:
 
 def _excerpt(value: str) -> str:
     return value if len(value) <= 64 else value[:64] + "..."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _OfferPlan:
+    """What :meth:`Negotiator.offer` sends and records, for one proposal and session type."""
+
+    pairs: tuple[tuple[str, str], ...]
+    offers: dict[str, _Offer]
+    settled: dict[str, _Scalar]
+    pending: frozenset[str]
+    declared_mrdsl: bool
+
+
+_OFFER_PLANS: dict[tuple[OperationalProposal, SessionType], _OfferPlan] = {}
+_MAX_OFFER_PLANS = 64
 
 
 class Negotiator:
@@ -402,6 +422,33 @@ class Negotiator:
         """The keys to send in LoginOperationalNegotiation. Call it once."""
         if self._offers is not None:
             raise LocalProtocolError("offer() was already called on this Negotiator")
+        if self._heard:
+            return self._make_offer()
+        # Before the target has proposed anything the offer depends on the proposal and the
+        # session type alone, so every probe of a run shares one (it is a tenth of a login's
+        # sans-IO work).
+        cache_key = (self._proposal, self._session_type)
+        plan = _OFFER_PLANS.get(cache_key)
+        if plan is None:
+            pairs = self._make_offer()
+            plan = _OfferPlan(
+                pairs=tuple(pairs),
+                offers=dict(self._offers or {}),
+                settled=dict(self._results),
+                pending=frozenset(self._pending),
+                declared_mrdsl=self._declared_mrdsl,
+            )
+            if len(_OFFER_PLANS) >= _MAX_OFFER_PLANS:
+                _OFFER_PLANS.clear()
+            _OFFER_PLANS[cache_key] = plan
+            return pairs
+        self._offers = dict(plan.offers)
+        self._results.update(plan.settled)
+        self._pending.update(plan.pending)
+        self._declared_mrdsl = plan.declared_mrdsl
+        return list(plan.pairs)
+
+    def _make_offer(self) -> list[tuple[str, str]]:
         self._offers = {}
         pairs: list[tuple[str, str]] = []
         for key in self._keys_to_offer():
