@@ -23,6 +23,7 @@ PURE = ",".join(
         "credentials.py",
         "names.py",
         "connection_info.py",
+        "login_config.py",
         "initiator.py",
         "testing/target.py",
         "testing/faults.py",

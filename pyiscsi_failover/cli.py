@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 
     from pyiscsi_failover.connection_info import ConnectionInfo
     from pyiscsi_failover.credentials import ChapCredentials, Secret
-    from pyiscsi_failover.initiator import LoginConfig
     from pyiscsi_failover.iscsiadm import DeleteMode, NodeTarget
+    from pyiscsi_failover.login_config import LoginConfig
     from pyiscsi_failover.names import Portal
     from pyiscsi_failover.prober import Attempt, ProbeOptions, ProbeResult, ProgressEvent
     from pyiscsi_failover.protocol.chap import ChapAlgorithm
@@ -735,7 +735,7 @@ def _login_config(
     chap: ChapCredentials | None,
     target_chap: ChapCredentials | None,
 ) -> LoginConfig:
-    from pyiscsi_failover.initiator import LoginConfig
+    from pyiscsi_failover.login_config import LoginConfig
     from pyiscsi_failover.protocol.chap import ChapPolicy
 
     policy = (

@@ -18,12 +18,9 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-import secrets
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Final, TypeAlias
 
-from pyiscsi_failover.credentials import ChapCredentials
 from pyiscsi_failover.errors import (
     AuthenticationError,
     ConnectionLost,
@@ -33,18 +30,15 @@ from pyiscsi_failover.errors import (
     PDUDecodeError,
     ProtocolError,
 )
+from pyiscsi_failover.login_config import LoginConfig, probe_isid
 from pyiscsi_failover.names import Portal
-from pyiscsi_failover.protocol.chap import DEFAULT_POLICY, ChapInitiator, ChapPolicy
+from pyiscsi_failover.protocol.chap import ChapInitiator
 from pyiscsi_failover.protocol.negotiation import (
-    DEFAULT_PROPOSAL,
     Digest,
     Negotiator,
     OperationalParameters,
-    OperationalProposal,
-    SessionType,
 )
 from pyiscsi_failover.protocol.pdu import (
-    ISID,
     PDU,
     RESERVED_TAG,
     LoginRequest,
@@ -92,42 +86,6 @@ MAX_EMPTY_CONTINUATIONS: Final = 16
 MAX_TEXT_BYTES: Final = 4 * 1024 * 1024
 _SERIAL_MASK: Final = 0xFFFFFFFF
 _NOT_ISCSI: Final = "not an iSCSI target (its reply is not an iSCSI PDU)"
-
-
-def probe_isid(token_bytes: Callable[[int], bytes] = secrets.token_bytes) -> ISID:
-    """A random-format ISID (T=0b10) for a probe.
-
-    open-iscsi's sessions use the OUI format (T=0b00, 0x00023d). A probe that reused the kernel's
-    InitiatorName + ISID for the same target would make the target reinstate, i.e. kill, the
-    live kernel session; a random-format ISID can never collide with one of those.
-    """
-    raw = token_bytes(5)
-    return ISID(
-        t=0b10, a=0, b=int.from_bytes(raw[0:2], "big"), c=raw[2], d=int.from_bytes(raw[3:5], "big")
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LoginConfig:
-    """Who logs in where and how. ``target_name=None`` means a Discovery session."""
-
-    initiator_name: str
-    target_name: str | None = None
-    isid: ISID = field(default_factory=probe_isid)
-    chap: ChapCredentials | None = None
-    target_chap: ChapCredentials | None = None
-    # Frozen, so one shared default each: validating them anew cost half a LoginConfig.
-    chap_policy: ChapPolicy = DEFAULT_POLICY
-    proposal: OperationalProposal = DEFAULT_PROPOSAL
-    initiator_alias: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.target_chap is not None and self.chap is None:
-            raise LocalProtocolError("mutual CHAP (target_chap) needs the initiator's chap too")
-
-    @property
-    def session_type(self) -> SessionType:
-        return SessionType.DISCOVERY if self.target_name is None else SessionType.NORMAL
 
 
 class State(enum.Enum):

@@ -28,7 +28,7 @@ import enum
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 import trio
 
@@ -48,11 +48,9 @@ from pyiscsi_failover.errors import (
     Unreachable,
 )
 from pyiscsi_failover.host import default_initiator_name
-from pyiscsi_failover.initiator import LoginConfig, LoginRejected, LoginSucceeded
+from pyiscsi_failover.login_config import LoginConfig
 from pyiscsi_failover.names import Portal
 from pyiscsi_failover.protocol.chap import DEFAULT_POLICY, ChapPolicy
-from pyiscsi_failover.protocol.negotiation import OperationalParameters
-from pyiscsi_failover.protocol.pdu import LoginStatus, StatusClass
 from pyiscsi_failover.transport import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LOGIN_TIMEOUT,
@@ -65,6 +63,10 @@ from pyiscsi_failover.transport import (
     open_connection,
     parse_network,
 )
+
+if TYPE_CHECKING:
+    from pyiscsi_failover.initiator import LoginRejected
+    from pyiscsi_failover.protocol.negotiation import OperationalParameters
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -141,6 +143,8 @@ class Attempt:
     @property
     def negotiated(self) -> OperationalParameters | None:
         """What the successful login agreed (digests...), for the hand-off; else None."""
+        from pyiscsi_failover.initiator import LoginSucceeded
+
         if self.report is None or not isinstance(self.report.outcome, LoginSucceeded):
             return None
         return self.report.outcome.parameters
@@ -249,17 +253,18 @@ ProgressEvent: TypeAlias = AttemptStarted | AttemptFinished
 #: Probes one candidate and returns its outcome, never raising for an expected failure.
 Checker: TypeAlias = Callable[[Candidate], Awaitable[Attempt]]
 
-_STATUS_OUTCOMES: Final = {
-    LoginStatus.AUTHENTICATION_FAILURE: Outcome.AUTH_FAILED,
-    LoginStatus.AUTHORIZATION_FAILURE: Outcome.AUTHORIZATION_FAILED,
-    LoginStatus.TARGET_NOT_FOUND: Outcome.NOT_FOUND,
-    LoginStatus.TARGET_REMOVED: Outcome.NOT_FOUND,
-}
-
 
 def _rejection_outcome(rejected: LoginRejected) -> Outcome:
-    if rejected.status is not None and rejected.status in _STATUS_OUTCOMES:
-        return _STATUS_OUTCOMES[rejected.status]
+    from pyiscsi_failover.protocol.pdu import LoginStatus, StatusClass
+
+    named = {
+        LoginStatus.AUTHENTICATION_FAILURE: Outcome.AUTH_FAILED,
+        LoginStatus.AUTHORIZATION_FAILURE: Outcome.AUTHORIZATION_FAILED,
+        LoginStatus.TARGET_NOT_FOUND: Outcome.NOT_FOUND,
+        LoginStatus.TARGET_REMOVED: Outcome.NOT_FOUND,
+    }
+    if rejected.status is not None and rejected.status in named:
+        return named[rejected.status]
     if rejected.status_class is StatusClass.TARGET_ERROR:
         return Outcome.TARGET_ERROR
     return Outcome.PROTOCOL_ERROR
@@ -333,6 +338,8 @@ async def check_candidate(
     except ISCSIError as exc:
         return done(outcome_of(exc), str(exc))
     redirected_to = report.final_portal if report.redirects else None
+    from pyiscsi_failover.initiator import LoginRejected
+
     if isinstance(report.outcome, LoginRejected):
         return done(
             _rejection_outcome(report.outcome),

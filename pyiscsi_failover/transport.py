@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import trio
 
@@ -38,20 +38,22 @@ from pyiscsi_failover.errors import (
     RedirectRefused,
     Unreachable,
 )
-from pyiscsi_failover.initiator import (
-    NEED_DATA,
-    Event,
-    InitiatorConnection,
-    LoggedOut,
-    LoginConfig,
-    LoginRedirected,
-    LoginRejected,
-    LoginSucceeded,
-    State,
-    TargetsDiscovered,
-)
 from pyiscsi_failover.names import Portal
-from pyiscsi_failover.protocol.sendtargets import DiscoveredTarget
+
+if TYPE_CHECKING:
+    # At run time each function imports what it uses from the login state machine: that
+    # loads the PDU models and the codec with the first connection, after its SYN is sent,
+    # rather than before a command line's first SYN (see login_config.py).
+    from pyiscsi_failover.initiator import (
+        Event,
+        InitiatorConnection,
+        LoggedOut,
+        LoginRedirected,
+        LoginRejected,
+        LoginSucceeded,
+    )
+    from pyiscsi_failover.login_config import LoginConfig
+    from pyiscsi_failover.protocol.sendtargets import DiscoveredTarget
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -304,6 +306,8 @@ async def _next_event(
     a login's CPU. Waiting happens only in wait_readable/wait_writable, which are cancellation
     points, so deadlines and the prober's cancellation work as before.
     """
+    from pyiscsi_failover.initiator import NEED_DATA
+
     if sending is None:
         sending = _Sending()
     try:
@@ -357,10 +361,14 @@ class LoginReport:
 
     @property
     def ok(self) -> bool:
+        from pyiscsi_failover.initiator import LoginSucceeded
+
         return isinstance(self.outcome, LoginSucceeded)
 
     def raise_for_status(self) -> LoginSucceeded:
         """The success event, or :class:`LoginFailed` for callers that prefer exceptions."""
+        from pyiscsi_failover.initiator import LoginRejected
+
         outcome = self.outcome
         if isinstance(outcome, LoginRejected):
             raise LoginFailed(
@@ -439,6 +447,13 @@ async def login(
                 too_slow("no TCP connection", connect_timeout, connect_by)
             ) from exc
         with _closing(sock):
+            from pyiscsi_failover.initiator import (
+                InitiatorConnection,
+                LoginRedirected,
+                LoginRejected,
+                LoginSucceeded,
+            )
+
             connected_at = time.monotonic()
             connect_s += connected_at - hop_start
             conn = InitiatorConnection(config)
@@ -562,6 +577,8 @@ async def _logout(
         return None, f"logout failed: {exc}"
     if event is None:
         return None, f"no Logout Response within {deadline_s:g} s"
+    from pyiscsi_failover.initiator import LoggedOut
+
     if not isinstance(event, LoggedOut):
         return None, f"unexpected {type(event).__name__} instead of a Logout Response"
     return event, None
@@ -572,6 +589,8 @@ async def _send_targets(
 ) -> tuple[DiscoveredTarget, ...]:
     conn.send_targets(which)
     event = await _next_event(sock, conn, portal)
+    from pyiscsi_failover.initiator import TargetsDiscovered
+
     if not isinstance(event, TargetsDiscovered):
         raise ProtocolError(f"{portal}: expected a SendTargets answer, got {type(event).__name__}")
     return event.targets
@@ -604,6 +623,8 @@ async def _abandon_login(
     log out if it let us in: best effort, shielded from cancellation, within ``deadline_s``.
     Earlier than that the target cannot have logged us in, and closing is enough.
     """
+    from pyiscsi_failover.initiator import LoginSucceeded, State
+
     if conn.state is not State.OPERATIONAL_NEGOTIATION or not sending.done:
         return
     with trio.CancelScope(shield=True), trio.move_on_after(deadline_s):

@@ -18,6 +18,7 @@ PURE_AND_SANS_IO = [
     "pyiscsi_failover.credentials",
     "pyiscsi_failover.names",
     "pyiscsi_failover.connection_info",
+    "pyiscsi_failover.protocol.isid",
     "pyiscsi_failover.protocol.pdu",
     "pyiscsi_failover.protocol.wire",
     "pyiscsi_failover.protocol.digest",
@@ -26,6 +27,7 @@ PURE_AND_SANS_IO = [
     "pyiscsi_failover.protocol.negotiation",
     "pyiscsi_failover.protocol.chap",
     "pyiscsi_failover.protocol.sendtargets",
+    "pyiscsi_failover.login_config",
     "pyiscsi_failover.initiator",
     "pyiscsi_failover.testing.target",
     "pyiscsi_failover.testing.faults",
@@ -46,6 +48,37 @@ def test_pure_module_imports_no_io(module: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"{module} pulls in {done.stdout.strip()}"
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        ("pyiscsi_failover.prober", "pyiscsi_failover.connection_info"),
+        ("pyiscsi_failover.transport", "pyiscsi_failover.login_config"),
+        ("pyiscsi_failover.protocol.chap",),
+    ],
+)
+def test_the_codec_loads_with_the_first_connection_not_before(modules: tuple[str, ...]) -> None:
+    """What a probe needs before its first SYN (options, candidates, a LoginConfig, the
+    transport) loads neither construct nor the PDU models: a command line's first SYN should
+    not wait for them. They load when the first connection is up; a login still works."""
+    heavy = (
+        "construct",
+        "pyiscsi_failover.protocol.wire",
+        "pyiscsi_failover.protocol.pdu",
+        "pyiscsi_failover.protocol.framing",
+        "pyiscsi_failover.initiator",
+    )
+    code = (
+        "import sys, importlib\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"print(','.join(sorted(m for m in {heavy!r} if m in sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"{modules} load {done.stdout.strip()}"
 
 
 def _imports(path: Path) -> set[str]:

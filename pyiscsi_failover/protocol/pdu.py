@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from pyiscsi_failover.protocol.isid import ISID
+
 __all__ = [
     "ISID",
     "PDU",
@@ -119,35 +121,6 @@ class RejectReason(enum.IntEnum):
     LONG_OPERATION_REJECT = 0x0A
     NEGOTIATION_RESET = 0x0B
     WAITING_FOR_LOGOUT = 0x0C
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ISID:
-    """Initiator Session ID (bytes 8-13 of Login PDUs): T (2 bits), A (6), B (16), C (8), D (16)."""
-
-    t: int
-    a: int
-    b: int
-    c: int
-    d: int
-
-    def to_bytes(self) -> bytes:
-        return (
-            bytes([(self.t & 0x3) << 6 | (self.a & 0x3F)])
-            + self.b.to_bytes(2, "big")
-            + bytes([self.c])
-            + self.d.to_bytes(2, "big")
-        )
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> ISID:
-        return cls(
-            t=raw[0] >> 6,
-            a=raw[0] & 0x3F,
-            b=int.from_bytes(raw[1:3], "big"),
-            c=raw[3],
-            d=int.from_bytes(raw[4:6], "big"),
-        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
