@@ -417,15 +417,6 @@ def session_list() -> Command:
     return Command(parts=("iscsiadm", "-m", "session"))
 
 
-#: open-iscsi's names for the CHAP algorithms in ``node.session.auth.chap_algs`` (iscsid.conf).
-_CHAP_ALG_NAMES: Final[dict[ChapAlgorithm, str]] = {
-    ChapAlgorithm.MD5: "MD5",
-    ChapAlgorithm.SHA1: "SHA1",
-    ChapAlgorithm.SHA256: "SHA256",
-    ChapAlgorithm.SHA3_256: "SHA3-256",
-}
-
-
 def _digest_updates(t: NodeTarget) -> list[Command]:
     # Digest.value is the RFC 7143 text ("None", "CRC32C"), which is also open-iscsi's spelling.
     pairs = (("HeaderDigest", t.header_digest), ("DataDigest", t.data_digest))
@@ -442,7 +433,7 @@ def _auth_updates(t: NodeTarget) -> list[Command]:
         return [node_update(t, "node.session.auth.authmethod", "None")]
     commands = [node_update(t, "node.session.auth.authmethod", "CHAP")]
     if t.chap_algorithms is not None:
-        names = ",".join(_CHAP_ALG_NAMES[a] for a in t.chap_algorithms)
+        names = ",".join(a.open_iscsi_name for a in t.chap_algorithms)
         commands.append(node_update(t, "node.session.auth.chap_algs", names))
     pairs = [("", t.chap)]
     if t.target_chap is not None:
