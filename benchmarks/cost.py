@@ -45,7 +45,13 @@ from benchmarks.common import (
 )
 from pyiscsi_failover.connection_info import build_connection_info, parse_connection_info
 from pyiscsi_failover.credentials import ChapCredentials, Secret
-from pyiscsi_failover.initiator import InitiatorConnection, LoginConfig
+from pyiscsi_failover.initiator import (
+    NEED_DATA,
+    InitiatorConnection,
+    LoggedOut,
+    LoginConfig,
+    LoginSucceeded,
+)
 from pyiscsi_failover.names import Portal
 from pyiscsi_failover.prober import Check, ProbeOptions, probe
 from pyiscsi_failover.protocol import ChapAlgorithm, chap_response, decode_pdu, encode_pdu
@@ -277,6 +283,21 @@ def _login_costs(plan: Plan) -> list[_Case]:
         pair("login-chap", "login+logout, CHAP (MD5)", chap_login, their_chap)
         pair("discovery", "discovery (login+SendTargets+logout)", discovery, their_discovery)
         pair("probe", "probe() of 1 candidate (ours only)", one_probe, None)
+        # Where our login's CPU goes, measured the same way: the same bytes over trio with no
+        # protocol work at all, and the login state machine alone on recorded replies.
+        requests, replies = _record_login(host)
+        pair(
+            "pump-only",
+            "reference: the same bytes over trio, no protocol work",
+            partial(_pump_only, host, requests),
+            None,
+        )
+        pair(
+            "sans-io-only",
+            "reference: the login state machine alone, no I/O",
+            partial(_sans_io_only, replies),
+            None,
+        )
 
         # Warm up: imports, caches, compiled headers, tgtd's first sessions.
         for _case, ours, theirs in plans:
@@ -287,6 +308,81 @@ def _login_costs(plan: Plan) -> list[_Case]:
             for case, ours, theirs in plans:
                 _measure(case, ours, theirs, tgtd.pid, plan, round_index)
     return [case for case, _, _ in plans]
+
+
+_FIXED_ISID: Final = ISID(t=2, a=0, b=0x1234, c=0x56, d=0x789A)
+
+
+def _replayable_config() -> LoginConfig:
+    return LoginConfig(initiator_name=BENCH_INITIATOR, target_name=IQN_OPEN, isid=_FIXED_ISID)
+
+
+def _record_login(host: str) -> tuple[list[bytes], list[bytes]]:
+    """One real login+logout at tgtd: what we sent, request by request, and what came back."""
+    import socket
+
+    requests: list[bytes] = []
+    replies: list[bytes] = []
+    conn = InitiatorConnection(_replayable_config())
+    conn.start_login()
+    with socket.create_connection((host, BENCH_PORT), timeout=5) as sock:
+        while True:
+            event = conn.next_event()
+            out = conn.data_to_send()
+            if out:
+                requests.append(out)
+                sock.sendall(out)
+            if event is NEED_DATA:
+                data = sock.recv(65536)
+                replies.append(data)
+                conn.receive_data(data)
+            elif isinstance(event, LoginSucceeded):
+                conn.logout()
+            elif isinstance(event, LoggedOut):
+                return requests, replies
+            else:
+                raise BenchError(f"recording a login at tgtd: {event}")
+
+
+async def _pump_only(host: str, requests: list[bytes]) -> None:
+    """Connect, send each recorded request and read one reply to it, close: trio and the
+    kernel's share of a login, with no PDU decoded, no key parsed, no state kept."""
+    import socket
+
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if sock.connect_ex((host, BENCH_PORT)):
+            await trio.lowlevel.wait_writable(sock)
+        for request in requests:
+            sock.send(request)
+            while True:
+                try:
+                    if not sock.recv(65536):
+                        raise BenchError("tgtd closed the replayed login")
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+    finally:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+async def _sans_io_only(replies: list[bytes]) -> None:
+    """The same login+logout through InitiatorConnection, fed the recorded replies."""
+    conn = InitiatorConnection(_replayable_config())
+    conn.start_login()
+    pending = iter(replies)
+    while True:
+        event = conn.next_event()
+        conn.data_to_send()
+        if event is NEED_DATA:
+            conn.receive_data(next(pending))
+        elif isinstance(event, LoginSucceeded):
+            conn.logout()
+        elif isinstance(event, LoggedOut):
+            return
 
 
 # --------------------------------------------------------------------------------------------

@@ -310,7 +310,8 @@ def _add_timeouts(parser: argparse.ArgumentParser) -> None:
         type=_positive,
         default=_DEFAULT_LOGIN_TIMEOUT,
         metavar="S",
-        help="login deadline per portal after connecting (default %(default)g)",
+        help="login deadline per hop after its connect; connect + login timeout is each"
+        " candidate's whole budget, redirects included (default %(default)g)",
     )
 
 
