@@ -8,15 +8,14 @@ and login deadlines, because each portal needs its own. Every stream is closed o
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
+import functools
 import ipaddress
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -181,16 +180,23 @@ def _network_error(exc: OSError, portal: Portal, during: str) -> NetworkError:
     return ConnectionLost(f"{portal}: connection lost during {during} ({reason})")
 
 
-async def _resolve(portal: Portal) -> list[_AddrInfo]:
+@functools.lru_cache(maxsize=1024)
+def _literal(host: str, port: int) -> tuple[_AddrInfo, ...] | None:
+    """The address of a literal host, which needs no resolver round trip (most portals are
+    literals); None for a name. Cached: parsing the literal was a visible part of a login."""
     try:
-        address = ipaddress.ip_address(portal.host)
+        address = ipaddress.ip_address(host)
     except ValueError:
-        pass
-    else:
-        # A literal address needs no resolver round trip (most portals are literals).
-        if address.version == 4:
-            return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (portal.host, portal.port))]
-        return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (portal.host, portal.port, 0, 0))]
+        return None
+    if address.version == 4:
+        return ((socket.AF_INET, socket.SOCK_STREAM, 0, "", (host, port)),)
+    return ((socket.AF_INET6, socket.SOCK_STREAM, 0, "", (host, port, 0, 0)),)
+
+
+async def _resolve(portal: Portal) -> list[_AddrInfo]:
+    literal = _literal(portal.host, portal.port)
+    if literal is not None:
+        return list(literal)
     try:
         infos = await trio.socket.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -201,14 +207,6 @@ async def _resolve(portal: Portal) -> list[_AddrInfo]:
 def _close(sock: socket.socket) -> None:
     trio.lowlevel.notify_closing(sock)
     sock.close()
-
-
-@contextlib.contextmanager
-def _closing(sock: socket.socket) -> Iterator[socket.socket]:
-    try:
-        yield sock
-    finally:
-        _close(sock)
 
 
 async def _connect_socket(info: _AddrInfo) -> socket.socket:
@@ -437,16 +435,15 @@ async def login(
     while True:
         hop_start = time.monotonic()
         connect_by = min(trio.current_time() + connect_timeout, deadline)
+        # Plain cancel scopes rather than fail_at (a generator context manager): a login runs
+        # three of them, and they were a visible part of its CPU.
+        with trio.CancelScope(deadline=connect_by) as connect_scope:
+            if infos is None:
+                infos = await _resolve(current)
+            sock = await _connect_to(current, infos)
+        if connect_scope.cancelled_caught:
+            raise ConnectTimeout(too_slow("no TCP connection", connect_timeout, connect_by))
         try:
-            with trio.fail_at(connect_by):
-                if infos is None:
-                    infos = await _resolve(current)
-                sock = await _connect_to(current, infos)
-        except trio.TooSlowError as exc:
-            raise ConnectTimeout(
-                too_slow("no TCP connection", connect_timeout, connect_by)
-            ) from exc
-        with _closing(sock):
             from pyiscsi_failover.initiator import (
                 InitiatorConnection,
                 LoginRedirected,
@@ -461,10 +458,10 @@ async def login(
             sending = _Sending()
             login_by = min(trio.current_time() + login_timeout, deadline)
             event: Event | None = None
+            targets: tuple[DiscoveredTarget, ...] = ()
             try:
-                with trio.fail_at(login_by):
+                with trio.CancelScope(deadline=login_by) as login_scope:
                     event = await _next_event(sock, conn, current, sending)
-                    targets: tuple[DiscoveredTarget, ...] = ()
                     if isinstance(event, LoginSucceeded) and send_targets is not None:
                         targets = await _send_targets(sock, conn, current, send_targets)
                     if isinstance(event, LoginRedirected):
@@ -476,21 +473,9 @@ async def login(
                             visited=visited,
                             origin=portal,
                         )
-            except trio.TooSlowError as exc:
-                if conn.peer_is_not_iscsi:
-                    # It spoke first and waits for us to speak its protocol (SSH does).
-                    raise NotAnISCSITarget(
-                        f"{current}: not an iSCSI target (its reply is not an iSCSI PDU)"
-                    ) from exc
-                stage = conn.state.value
-                if isinstance(event, LoginRedirected):
-                    stage = f"resolving the redirect to {event.address}"
-                await _abandon_login(sock, conn, current, sending, logout_timeout)
-                raise ISCSITimeout(
-                    too_slow(f"{stage} did not finish", login_timeout, login_by)
-                ) from exc
             except trio.Cancelled:
-                # Our caller gave up on us (the prober chose another candidate).
+                # Our caller gave up on us (the prober chose another candidate); our own
+                # deadline ends in login_scope instead.
                 await _abandon_login(sock, conn, current, sending, logout_timeout)
                 raise
             except (ProtocolError, AuthenticationError) as exc:
@@ -498,6 +483,17 @@ async def login(
                 await _logout_refused_login(sock, conn, current, logout_timeout)
                 _name_portal(exc, current)
                 raise
+            if login_scope.cancelled_caught:
+                if conn.peer_is_not_iscsi:
+                    # It spoke first and waits for us to speak its protocol (SSH does).
+                    raise NotAnISCSITarget(
+                        f"{current}: not an iSCSI target (its reply is not an iSCSI PDU)"
+                    )
+                stage = conn.state.value
+                if isinstance(event, LoginRedirected):
+                    stage = f"resolving the redirect to {event.address}"
+                await _abandon_login(sock, conn, current, sending, logout_timeout)
+                raise ISCSITimeout(too_slow(f"{stage} did not finish", login_timeout, login_by))
             login_s += time.monotonic() - connected_at
             if isinstance(event, LoginRedirected):
                 current = event.address
@@ -523,6 +519,8 @@ async def login(
                 total_s=time.monotonic() - started,
                 notes=tuple(notes),
             )
+        finally:
+            _close(sock)
 
 
 async def _follow(
