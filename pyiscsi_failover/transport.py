@@ -1,9 +1,11 @@
-"""The one thin trio layer: open a TCP stream to a portal and drive an initiator over it.
+"""The one thin trio layer: connect to a portal and drive an initiator over the socket.
 
 This is the only boundary where ``OSError`` and trio's errors become ours
-(:class:`~pyiscsi_failover.errors.NetworkError` and friends). Reusable coroutines here take no
-timeout; :func:`login` and :func:`discover` are the high-level entry points and take the connect
-and login deadlines, because each portal needs its own. Every stream is closed on every path.
+(:class:`~pyiscsi_failover.errors.NetworkError` and friends), and where a target's redirects
+meet the :class:`RedirectPolicy`. Reusable coroutines here take no timeout; :func:`login` and
+:func:`discover` are the high-level entry points and take the connect and login deadlines,
+because each portal needs its own: together they are one budget per candidate, redirect hops
+included. Every socket is closed on every path.
 """
 
 from __future__ import annotations
