@@ -17,8 +17,8 @@ and one :class:`Attempt` per candidate.
     the rest. A blackholed main portal costs one stagger, not a connect timeout, but the winner
     may be a later candidate that answered first.
 
-Each attempt catches its own expected errors and records them as an :class:`Outcome`; the
-deadlines (connect, login) are per attempt. Times come from trio's clock, so tests can run
+Each attempt catches its own expected errors and records them as an :class:`Outcome`;
+connect_timeout + login_timeout is one budget per attempt, redirect hops included. Times come from trio's clock, so tests can run
 under ``autojump_clock`` and assert exact virtual times.
 """
 
@@ -337,9 +337,11 @@ async def check_candidate(
         return done(Outcome.REDIRECT_REFUSED, str(exc), redirect_refused=exc.address)
     except ISCSIError as exc:
         return done(outcome_of(exc), str(exc))
-    redirected_to = report.final_portal if report.redirects else None
+    # Imported only now: the login state machine (and the codec) load with the first
+    # connection, so that a command line's first SYN does not wait for them.
     from pyiscsi_failover.initiator import LoginRejected
 
+    redirected_to = report.final_portal if report.redirects else None
     if isinstance(report.outcome, LoginRejected):
         return done(
             _rejection_outcome(report.outcome),
