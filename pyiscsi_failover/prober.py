@@ -18,8 +18,8 @@ and one :class:`Attempt` per candidate.
     may be a later candidate that answered first.
 
 Each attempt catches its own expected errors and records them as an :class:`Outcome`;
-connect_timeout + login_timeout is one budget per attempt, redirect hops included. Times come from trio's clock, so tests can run
-under ``autojump_clock`` and assert exact virtual times.
+connect_timeout + login_timeout is one budget per attempt, redirect hops included. Times come
+from trio's clock, so tests can run under ``autojump_clock`` and assert exact virtual times.
 """
 
 from __future__ import annotations
