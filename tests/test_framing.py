@@ -9,10 +9,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import login_responses, nop_ins, pdus
+from test_wire import scsi_pdus
 
 from pyiscsi_failover.errors import LocalProtocolError, PDUDecodeError
 from pyiscsi_failover.protocol.framing import PDUBuffer
-from pyiscsi_failover.protocol.pdu import PDU, RESERVED_TAG, NopIn, TextResponse
+from pyiscsi_failover.protocol.pdu import (
+    PDU,
+    RESERVED_TAG,
+    NopIn,
+    ScsiDataIn,
+    ScsiResponse,
+    ScsiStatus,
+    TextResponse,
+    sense_data_segment,
+)
 from pyiscsi_failover.protocol.wire import BHS_LENGTH, MAX_DATA_SEGMENT_LENGTH, encode_pdu
 
 
@@ -83,6 +93,67 @@ def test_byte_by_byte(sequence: list[PDU]) -> None:
         assert buffer.buffered <= len(stream)
         received += drain(buffer)
     assert received == sequence
+
+
+@given(
+    sequence=st.lists(pdus() | scsi_pdus(), max_size=6),
+    cuts=st.lists(st.integers(0, 2000), max_size=12),
+    digests=st.booleans(),
+)
+@settings(max_examples=100)
+def test_scsi_pdus_are_framed_like_the_others(
+    sequence: list[PDU], cuts: list[int], digests: bool
+) -> None:
+    stream = b"".join(encode_pdu(p, header_digest=digests, data_digest=digests) for p in sequence)
+    buffer = PDUBuffer(header_digest=digests, data_digest=digests)
+    received: list[PDU] = []
+    for chunk in chunks(stream, cuts):
+        buffer.feed(chunk)
+        received += drain(buffer)
+    assert received == sequence
+    assert buffer.buffered == 0
+
+
+def test_a_read_answer_in_one_stream() -> None:
+    # Two Data-In (the last with status and an underflow) then nothing else: S means no SCSI
+    # Response follows. Then a CHECK CONDITION Response with sense, data digests on.
+    first = ScsiDataIn(itt=7, expcmdsn=2, maxcmdsn=9, datasn=0, data=b"a" * 13)
+    last = ScsiDataIn(
+        itt=7,
+        expcmdsn=2,
+        maxcmdsn=9,
+        datasn=1,
+        buffer_offset=13,
+        final=True,
+        status=ScsiStatus.GOOD,
+        statsn=5,
+        underflow=True,
+        residual=3,
+        data=b"b" * 6,
+    )
+    failed = ScsiResponse(
+        itt=8,
+        statsn=6,
+        expcmdsn=3,
+        maxcmdsn=9,
+        status=ScsiStatus.CHECK_CONDITION,
+        data=sense_data_segment(bytes.fromhex("7000020000000000000000000401")),
+    )
+    sequence: list[PDU] = [first, last, failed]
+    stream = b"".join(encode_pdu(p, header_digest=True, data_digest=True) for p in sequence)
+    buffer = PDUBuffer(header_digest=True, data_digest=True, max_data_segment_length=20)
+    for i in range(len(stream)):
+        buffer.feed(stream[i : i + 1])
+    assert drain(buffer) == sequence
+
+
+def test_oversized_data_in_refused_on_its_header() -> None:
+    raw = encode_pdu(ScsiDataIn(itt=1, expcmdsn=1, maxcmdsn=1, datasn=0, data=bytes(513)))
+    buffer = PDUBuffer(max_data_segment_length=512)
+    buffer.feed(raw[:48])
+    with pytest.raises(PDUDecodeError) as info:
+        buffer.next_pdu()
+    assert (info.value.field, info.value.value) == ("DataSegmentLength", 513)
 
 
 def test_partial_pdu_waits_and_counts() -> None:
@@ -178,7 +249,7 @@ def test_largest_ahs_is_skipped() -> None:
 
 def test_failure_is_sticky() -> None:
     buffer = PDUBuffer()
-    buffer.feed(bytes([0x01]) + bytes(47) + encode_pdu(nop_in()))
+    buffer.feed(bytes([0x02]) + bytes(47) + encode_pdu(nop_in()))
     with pytest.raises(PDUDecodeError) as first:
         buffer.next_pdu()
     assert first.value.field == "Opcode"

@@ -10,7 +10,7 @@ import pytest
 from construct import ConstructError
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from strategies import PDU_STRATEGIES, data_segments, login_requests, pdus
+from strategies import PDU_STRATEGIES, data_segments, login_requests, pdus, u32
 
 from pyiscsi_failover.errors import PDUDecodeError, PDUEncodeError
 from pyiscsi_failover.protocol import wire
@@ -30,10 +30,17 @@ from pyiscsi_failover.protocol.pdu import (
     Opcode,
     Reject,
     RejectReason,
+    ScsiCommand,
+    ScsiDataIn,
+    ScsiResponse,
+    ScsiResponseCode,
+    ScsiStatus,
     Stage,
     StatusClass,
+    TaskAttribute,
     TextRequest,
     TextResponse,
+    sense_data_segment,
 )
 from pyiscsi_failover.protocol.wire import (
     BHS_LENGTH,
@@ -381,7 +388,7 @@ def test_padding_content_is_ignored_but_digested(pdu: PDU, pad: bytes) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opcode", [0x01, 0x02, 0x05, 0x21, 0x25, 0x3E])
+@pytest.mark.parametrize("opcode", [0x02, 0x05, 0x10, 0x22, 0x31, 0x3E])
 def test_unknown_opcode(opcode: int) -> None:
     raw = patched(encode_pdu(login_request()), 0, bytes([0x40 | opcode]))
     error = decode_error(raw)
@@ -897,3 +904,494 @@ def test_compiled_parser_never_sees_short_or_long_input(size: int) -> None:
     codec = wire._BY_OPCODE[Opcode.LOGIN_RESPONSE]
     with pytest.raises(wire._FieldProblem, match="a BHS is 48 bytes"):
         wire._parse_header(codec, bytes(size))
+
+
+# ---------------------------------------------------------------------------------------------
+# SCSI PDUs: SCSI Command (0x01), SCSI Response (0x21), SCSI Data-In (0x25)
+# ---------------------------------------------------------------------------------------------
+# Their strategies live here rather than in the shared strategies.py; each yields only PDUs the
+# RFC 7143 rules allow (see wire.py's docstring), so decode(encode(x)) == x must hold.
+
+luns = st.binary(min_size=8, max_size=8)
+residual_flags = st.sampled_from([(False, False), (True, False), (False, True)])
+DATA_IN_STATUSES = [
+    ScsiStatus.GOOD,
+    ScsiStatus.CONDITION_MET,
+    ScsiStatus.INTERMEDIATE,
+    ScsiStatus.INTERMEDIATE_CONDITION_MET,
+]
+
+
+@st.composite
+def scsi_commands(draw: st.DrawFn) -> ScsiCommand:
+    read, write = draw(st.booleans()), draw(st.booleans())
+    return ScsiCommand(
+        itt=draw(u32),
+        edtl=draw(u32) if read or write else 0,
+        cmdsn=draw(u32),
+        expstatsn=draw(u32),
+        cdb=draw(st.binary(max_size=16)),
+        lun=draw(luns),
+        read=read,
+        write=write,
+        final=draw(st.booleans()) if write else True,
+        attribute=draw(st.sampled_from(TaskAttribute)),
+        immediate=draw(st.booleans()),
+        data=draw(data_segments()),
+    )
+
+
+@st.composite
+def scsi_responses(draw: st.DrawFn) -> ScsiResponse:
+    response = draw(st.sampled_from(list(ScsiResponseCode)) | st.integers(0x80, 0xFF))
+    status = draw(st.sampled_from(ScsiStatus)) if response == 0 else None
+    overflow, underflow = draw(residual_flags)
+    bidi_overflow, bidi_underflow = draw(residual_flags)
+    if status is not ScsiStatus.CHECK_CONDITION and draw(st.booleans()):
+        data = b""
+    else:
+        minimum = 1 if status is ScsiStatus.CHECK_CONDITION else 0
+        sense = draw(st.binary(min_size=minimum, max_size=40))
+        data = sense_data_segment(sense, draw(st.binary(max_size=8)))
+    return ScsiResponse(
+        itt=draw(u32),
+        statsn=draw(u32),
+        expcmdsn=draw(u32),
+        maxcmdsn=draw(u32),
+        response=response,
+        status=status,
+        expdatasn=draw(u32),
+        overflow=overflow,
+        underflow=underflow,
+        residual=draw(u32),
+        bidi_overflow=bidi_overflow,
+        bidi_underflow=bidi_underflow,
+        bidi_residual=draw(u32),
+        snack_tag=draw(u32),
+        data=data,
+    )
+
+
+@st.composite
+def scsi_data_ins(draw: st.DrawFn) -> ScsiDataIn:
+    status = draw(st.none() | st.sampled_from(DATA_IN_STATUSES))
+    overflow, underflow = draw(residual_flags)
+    return ScsiDataIn(
+        itt=draw(u32),
+        expcmdsn=draw(u32),
+        maxcmdsn=draw(u32),
+        datasn=draw(u32),
+        buffer_offset=draw(u32),
+        final=True if status is not None else draw(st.booleans()),
+        acknowledge=draw(st.booleans()),
+        status=status,
+        statsn=draw(u32),
+        overflow=overflow,
+        underflow=underflow,
+        residual=draw(u32),
+        ttt=draw(u32),
+        lun=draw(luns),
+        data=draw(data_segments()),
+    )
+
+
+SCSI_STRATEGIES: dict[type[PDU], Callable[[], st.SearchStrategy[Any]]] = {
+    ScsiCommand: scsi_commands,
+    ScsiResponse: scsi_responses,
+    ScsiDataIn: scsi_data_ins,
+}
+
+
+def scsi_pdus() -> st.SearchStrategy[PDU]:
+    return st.one_of(scsi_commands(), scsi_responses(), scsi_data_ins())
+
+
+def inquiry(**changes: Any) -> ScsiCommand:
+    pdu = ScsiCommand(
+        itt=0x01020304,
+        edtl=0x60,
+        cmdsn=0x11121314,
+        expstatsn=0x21222324,
+        cdb=bytes.fromhex("120000006000"),
+        lun=bytes.fromhex("0001000000000000"),
+        read=True,
+    )
+    return dataclasses.replace(pdu, **changes)
+
+
+def check_condition(**changes: Any) -> ScsiResponse:
+    # 18-byte fixed-format sense, as tgt builds it: UNIT ATTENTION 29/00.
+    sense = bytes.fromhex("700006000000000a00000000290000000000")
+    pdu = ScsiResponse(
+        itt=0x01020304,
+        statsn=0x11121314,
+        expcmdsn=0x21222324,
+        maxcmdsn=0x31323334,
+        status=ScsiStatus.CHECK_CONDITION,
+        expdatasn=0x41424344,
+        data=sense_data_segment(sense),
+    )
+    return dataclasses.replace(pdu, **changes)
+
+
+def data_in(**changes: Any) -> ScsiDataIn:
+    pdu = ScsiDataIn(
+        itt=0x01020304,
+        expcmdsn=0x21222324,
+        maxcmdsn=0x31323334,
+        datasn=0x41424344,
+        buffer_offset=0x51525354,
+        final=True,
+        status=ScsiStatus.GOOD,
+        statsn=0x11121314,
+        underflow=True,
+        residual=0x61626364,
+        data=b"\x00\x00\x05\x02\x1f",
+    )
+    return dataclasses.replace(pdu, **changes)
+
+
+@pytest.mark.parametrize("model", list(SCSI_STRATEGIES), ids=lambda m: m.__name__)
+@given(data=st.data(), header_digest=st.booleans(), data_digest=st.booleans())
+@settings(max_examples=150)
+def test_scsi_round_trip(
+    model: type[PDU], data: st.DataObject, header_digest: bool, data_digest: bool
+) -> None:
+    pdu = data.draw(SCSI_STRATEGIES[model]())
+    raw = encode_pdu(pdu, header_digest=header_digest, data_digest=data_digest)
+    assert len(raw) % 4 == 0
+    assert pdu_length(raw[:48], header_digest=header_digest, data_digest=data_digest) == len(raw)
+    decoded = decode_pdu(raw, header_digest=header_digest, data_digest=data_digest)
+    assert type(decoded) is model
+    assert decoded == pdu
+    assert encode_pdu(decoded, header_digest=header_digest, data_digest=data_digest) == raw
+
+
+def test_scsi_command_layout() -> None:
+    raw = encode_pdu(inquiry())
+    assert raw[0:4] == b"\x01\xc1\x00\x00"  # not immediate; F=1, R=1, ATTR=1 (simple)
+    assert raw[4:8] == bytes(4)  # no AHS, no data
+    assert raw[8:16] == bytes.fromhex("0001000000000000")  # LUN, raw
+    assert raw[16:20] == b"\x01\x02\x03\x04"  # ITT
+    assert raw[20:24] == b"\x00\x00\x00\x60"  # ExpectedDataTransferLength
+    assert raw[24:28] == b"\x11\x12\x13\x14"  # CmdSN
+    assert raw[28:32] == b"\x21\x22\x23\x24"  # ExpStatSN
+    assert raw[32:48] == bytes.fromhex("120000006000") + bytes(10)  # CDB, zero-padded
+    assert len(raw) == 48
+    tur = ScsiCommand(itt=1, edtl=0, cmdsn=2, expstatsn=3, cdb=bytes(6), immediate=True)
+    assert encode_pdu(tur)[0:2] == b"\x41\x81"  # TEST UNIT READY: F=1, simple, EDTL 0
+    write = inquiry(read=False, write=True, final=False, attribute=TaskAttribute.ACA, data=b"w")
+    raw = encode_pdu(write)
+    assert raw[1] == 0x24  # F=0, W=1, ATTR=4
+    assert raw[5:8] == b"\x00\x00\x01"
+    assert raw[48:] == b"w\x00\x00\x00"
+
+
+def test_cdb_is_padded_to_16_bytes_and_a_longer_one_is_refused() -> None:
+    short = inquiry(cdb=b"\x00")
+    assert short.cdb == bytes(16)  # padded by the model, so a decoded copy compares equal
+    assert decode_pdu(encode_pdu(short)) == short
+    whole = inquiry(cdb=bytes(range(1, 17)))
+    assert encode_pdu(whole)[32:48] == bytes(range(1, 17))
+    error = encode_error(inquiry(cdb=bytes(range(1, 18))))
+    assert (error.field, error.value) == ("CDB", 17)
+    assert "AHS" in str(error)
+    assert encode_error(inquiry(cdb="12")).field == "CDB"
+
+
+@pytest.mark.parametrize("lun", [b"", bytes(7), bytes(9), 1, "00" * 8])
+def test_lun_must_be_eight_raw_bytes(lun: object) -> None:
+    assert encode_error(inquiry(lun=lun)).field == "LUN"
+    assert encode_error(data_in(lun=lun)).field == "LUN"
+
+
+def test_scsi_response_layout() -> None:
+    pdu = check_condition(overflow=True, residual=0x51525354, snack_tag=0x0A0B0C0D)
+    raw = encode_pdu(pdu)
+    assert raw[0:4] == b"\x21\x84\x00\x02"  # fixed bit 7, O; Response 0; CHECK CONDITION
+    assert raw[4:8] == b"\x00\x00\x00\x14"  # SenseLength (2) + 18 bytes of sense
+    assert raw[8:16] == bytes(8)
+    assert raw[16:20] == b"\x01\x02\x03\x04"
+    assert raw[20:24] == b"\x0a\x0b\x0c\x0d"  # SNACK Tag
+    assert raw[24:36] == bytes.fromhex("111213142122232431323334")
+    assert raw[36:40] == b"\x41\x42\x43\x44"  # ExpDataSN
+    assert raw[40:44] == bytes(4)  # bidirectional read residual
+    assert raw[44:48] == b"\x51\x52\x53\x54"  # residual
+    assert raw[48:50] == b"\x00\x12"
+    assert pdu.sense == raw[50:68]
+    assert pdu.sense[12:14] == b"\x29\x00"
+    assert pdu.response_data == b""
+    bidi = encode_pdu(check_condition(bidi_underflow=True, underflow=True, bidi_residual=7))
+    assert bidi[1] == 0x8A and bidi[40:44] == b"\x00\x00\x00\x07"
+    assert encode_pdu(check_condition(bidi_overflow=True))[1] == 0x90
+
+
+def test_sense_and_response_data_properties() -> None:
+    pdu = check_condition(data=sense_data_segment(b"\x70abc", b"rest"))
+    assert (pdu.sense, pdu.response_data) == (b"\x70abc", b"rest")
+    good = check_condition(status=ScsiStatus.GOOD, data=b"")
+    assert (good.sense, good.response_data) == (b"", b"")
+    assert decode_pdu(encode_pdu(good)) == good
+
+
+def test_scsi_data_in_layout() -> None:
+    raw = encode_pdu(data_in())
+    assert raw[0:4] == b"\x25\x83\x00\x00"  # F, U, S; status GOOD
+    assert raw[5:8] == b"\x00\x00\x05"
+    assert raw[8:16] == bytes(8)
+    assert raw[16:24] == b"\x01\x02\x03\x04\xff\xff\xff\xff"  # ITT, TTT all ones
+    assert raw[24:48] == bytes.fromhex("111213142122232431323334414243445152535461626364")
+    assert raw[48:] == b"\x00\x00\x05\x02\x1f\x00\x00\x00"
+    middle = encode_pdu(data_in(final=False, status=None, underflow=False, residual=0))
+    assert middle[0:4] == b"\x25\x00\x00\x00"
+    met = data_in(status=ScsiStatus.CONDITION_MET, acknowledge=True, underflow=False, overflow=True)
+    assert encode_pdu(met)[1:4] == b"\xc5\x00\x04"  # F, A, O, S; CONDITION MET
+
+
+# SCSI reserved bytes and bits, from RFC 7143 11.3, 11.4 and 11.7 (byte 0's reserved bits as in
+# RESERVED_BITS above).
+SCSI_RESERVED: dict[type[PDU], tuple[list[int], int, int]] = {
+    ScsiCommand: ([2, 3], 0x80, 0x18),
+    ScsiResponse: (list(range(8, 16)), 0xC0, 0x61),
+    ScsiDataIn: ([2], 0xC0, 0x38),
+}
+
+
+@given(pdu=scsi_pdus(), junk=st.data(), header_digest=st.booleans())
+def test_scsi_reserved_fields_are_ignored(
+    pdu: PDU, junk: st.DataObject, header_digest: bool
+) -> None:
+    raw = bytearray(encode_pdu(pdu))
+    offsets, bits0, bits1 = SCSI_RESERVED[type(pdu)]
+    for offset in offsets:
+        raw[offset] = junk.draw(st.integers(1, 255))
+    # The Status byte is meaningless, so ignored, in a Response with Response != 0 and in a
+    # Data-In without S.
+    if isinstance(pdu, ScsiResponse) and pdu.status is None:
+        raw[3] = junk.draw(st.integers(1, 255))
+    if isinstance(pdu, ScsiDataIn) and pdu.status is None:
+        raw[3] = junk.draw(st.integers(1, 255))
+    raw[0] |= bits0
+    raw[1] |= bits1
+    if header_digest:
+        raw[48:48] = crc32c(bytes(raw[:48]))
+    assert decode_pdu(bytes(raw), header_digest=header_digest) == pdu
+
+
+@pytest.mark.parametrize("byte1", range(256))
+def test_every_scsi_command_byte1(byte1: int) -> None:
+    final, read, write, attr = bool(byte1 & 0x80), bool(byte1 & 0x40), bool(byte1 & 0x20), byte1 & 7
+    for edtl in (0, 512):
+        raw = patched(encode_pdu(inquiry(edtl=edtl)), 1, bytes([byte1]))
+        problem: tuple[str, int, object] | None = None
+        if attr > 4:
+            problem = ("ATTR", 1, attr)
+        elif not final and not write:
+            problem = ("F", 1, False)
+        elif edtl and not read and not write:
+            problem = ("ExpectedDataTransferLength", 20, edtl)
+        if problem is not None:
+            error = decode_error(raw)
+            assert (error.field, error.offset, error.value) == problem
+            continue
+        decoded = decode_pdu(raw)
+        assert isinstance(decoded, ScsiCommand)
+        assert (decoded.final, decoded.read, decoded.write, decoded.attribute) == (
+            final,
+            read,
+            write,
+            TaskAttribute(attr),
+        )
+        assert encode_pdu(decoded)[1] == byte1 & 0xE7  # reserved bits 4-3 come back zero
+
+
+@pytest.mark.parametrize("byte1", range(256))
+def test_every_scsi_response_byte1(byte1: int) -> None:
+    raw = patched(encode_pdu(check_condition()), 1, bytes([byte1]))
+    problem: tuple[str, object] | None = None
+    if not byte1 & 0x80:
+        problem = ("F", byte1)
+    elif byte1 & 0x18 == 0x18:
+        problem = ("u", True)
+    elif byte1 & 0x06 == 0x06:
+        problem = ("U", True)
+    if problem is not None:
+        error = decode_error(raw)
+        assert (error.field, error.offset, error.value) == (problem[0], 1, problem[1])
+        return
+    decoded = decode_pdu(raw)
+    assert isinstance(decoded, ScsiResponse)
+    assert (
+        decoded.bidi_overflow,
+        decoded.bidi_underflow,
+        decoded.overflow,
+        decoded.underflow,
+    ) == (bool(byte1 & 0x10), bool(byte1 & 0x08), bool(byte1 & 0x04), bool(byte1 & 0x02))
+    assert encode_pdu(decoded)[1] == byte1 & 0x9E
+
+
+@pytest.mark.parametrize("byte1", range(256))
+def test_every_scsi_data_in_byte1(byte1: int) -> None:
+    raw = patched(encode_pdu(data_in()), 1, bytes([byte1]))
+    problem: str | None = None
+    if byte1 & 0x06 == 0x06:
+        problem = "U"
+    elif byte1 & 0x01 and not byte1 & 0x80:
+        problem = "S"
+    if problem is not None:
+        error = decode_error(raw)
+        assert (error.field, error.offset, error.value) == (problem, 1, True)
+        return
+    decoded = decode_pdu(raw)
+    assert isinstance(decoded, ScsiDataIn)
+    assert (decoded.final, decoded.acknowledge, decoded.overflow, decoded.underflow) == (
+        bool(byte1 & 0x80),
+        bool(byte1 & 0x40),
+        bool(byte1 & 0x04),
+        bool(byte1 & 0x02),
+    )
+    assert decoded.status == (ScsiStatus.GOOD if byte1 & 0x01 else None)
+    assert encode_pdu(decoded)[1] == byte1 & 0xC7
+
+
+@pytest.mark.parametrize("code", [0x02, 0x03, 0x7F])
+def test_reserved_response_codes(code: int) -> None:
+    error = decode_error(patched(encode_pdu(check_condition()), 2, bytes([code])))
+    assert (error.field, error.offset, error.value) == ("Response", 2, code)
+    assert encode_error(check_condition(response=code, status=None)).field == "Response"
+
+
+@pytest.mark.parametrize("code", [0x01, 0x80, 0xFF])
+def test_a_command_not_completed_has_no_status(code: int) -> None:
+    # The Status byte then has no meaning: whatever it holds (here CHECK CONDITION) is ignored,
+    # and so is the sense rule that goes with it.
+    raw = patched(encode_pdu(check_condition(status=ScsiStatus.GOOD, data=b"")), 2, bytes([code]))
+    for status in (b"\x02", b"\xee"):
+        decoded = decode_pdu(patched(raw, 3, status))
+        assert isinstance(decoded, ScsiResponse)
+        assert decoded.status is None
+    raw = patched(raw, 3, b"\xee")
+    decoded = decode_pdu(raw)
+    assert isinstance(decoded, ScsiResponse)
+    assert (decoded.response, decoded.status) == (code, None)
+    assert isinstance(decoded.response, int)
+    if code == 0x01:
+        assert decoded.response is ScsiResponseCode.TARGET_FAILURE
+    assert encode_pdu(decoded)[2:4] == bytes([code, 0])
+
+
+@pytest.mark.parametrize("status", [0x01, 0x03, 0x20, 0x41, 0xFF])
+def test_unknown_scsi_status(status: int) -> None:
+    error = decode_error(patched(encode_pdu(check_condition()), 3, bytes([status])))
+    assert (error.field, error.offset, error.value) == ("Status", 3, status)
+    error = decode_error(patched(encode_pdu(data_in()), 3, bytes([status])))
+    assert (error.field, error.offset, error.value) == ("Status", 3, status)
+
+
+@pytest.mark.parametrize(
+    "status", [s for s in ScsiStatus if s not in DATA_IN_STATUSES], ids=lambda s: s.name
+)
+def test_only_statuses_without_exception_ride_on_data_in(status: ScsiStatus) -> None:
+    error = decode_error(patched(encode_pdu(data_in()), 3, bytes([status])))
+    assert (error.field, error.offset, error.value) == ("Status", 3, status)
+    assert encode_error(data_in(status=status)).field == "Status"
+
+
+@pytest.mark.parametrize(
+    ("data", "value", "reason"),
+    [
+        (b"", 0, "CHECK CONDITION without sense"),
+        (b"\x00\x00", 0, "CHECK CONDITION without sense"),
+        (b"\x00\x00rsp", 0, "CHECK CONDITION without sense"),
+        (b"\x00", 1, "cannot hold SenseLength"),
+        (b"\x00\x05abcd", 5, "overrun"),
+        (b"\xff\xff", 0xFFFF, "overrun"),
+    ],
+)
+def test_sense_segment_errors(data: bytes, value: int, reason: str) -> None:
+    # Built by hand: the encoder refuses the same segments.
+    raw = encode_pdu(check_condition(status=ScsiStatus.GOOD, data=b""), header_digest=True)
+    header = patched(raw[:48], 3, b"\x02")
+    header = patched(header, 5, len(data).to_bytes(3, "big"))
+    stream = header + crc32c(header) + data + bytes(-len(data) % 4)
+    error = decode_error(stream, header_digest=True)
+    assert (error.field, error.offset, error.value) == ("SenseLength", 52, value)
+    assert reason in str(error)
+    refused = encode_error(check_condition(data=data))
+    assert (refused.field, refused.value) == ("SenseLength", value)
+
+
+def test_sense_length_is_checked_for_any_status() -> None:
+    error = encode_error(check_condition(status=ScsiStatus.GOOD, data=b"\x00\x09short"))
+    assert (error.field, error.value) == ("SenseLength", 9)
+
+
+@pytest.mark.parametrize(
+    ("pdu", "field", "value"),
+    [
+        (inquiry(attribute=5), "ATTR", 5),
+        (inquiry(read=False, edtl=1), "ExpectedDataTransferLength", 1),
+        (inquiry(final=False), "F", False),
+        (inquiry(itt=2**32), "InitiatorTaskTag", 2**32),
+        (inquiry(edtl=-1), "ExpectedDataTransferLength", -1),
+        (check_condition(response=1), "Status", ScsiStatus.CHECK_CONDITION),
+        (check_condition(status=None), "Status", None),
+        (check_condition(status=0x41), "Status", 0x41),
+        (check_condition(response=256, status=None), "Response", 256),
+        (check_condition(response=True, status=None), "Response", True),
+        (check_condition(overflow=True, underflow=True), "U", True),
+        (check_condition(bidi_overflow=True, bidi_underflow=True), "u", True),
+        (check_condition(expdatasn=2**32), "ExpDataSN", 2**32),
+        (data_in(final=False), "S", True),
+        (data_in(overflow=True), "U", True),
+        (data_in(datasn=-1), "DataSN", -1),
+        (data_in(buffer_offset=2**32), "BufferOffset", 2**32),
+    ],
+)
+def test_scsi_encode_errors(pdu: PDU, field: str, value: object) -> None:
+    error = encode_error(pdu)
+    assert (error.field, error.value) == (field, value)
+    assert field in str(error)
+
+
+@given(pdu=scsi_pdus(), options=digests, data=st.data())
+@settings(max_examples=300)
+def test_mutated_scsi_encodings(pdu: PDU, options: dict[str, bool], data: st.DataObject) -> None:
+    raw = encode_pdu(pdu, **options)
+    mutate = data.draw(mutations(len(raw)))
+    mutated = mutate(raw)
+    decoded = decode_or_reject(mutated, **options)
+    if mutated == raw:
+        assert decoded == pdu
+
+
+@given(pdu=scsi_pdus())
+@settings(max_examples=200)
+def test_compiled_scsi_build_equals_interpreted(pdu: PDU) -> None:
+    codec = wire._BY_MODEL[type(pdu)]
+    fields, data = codec.fields_in(pdu)
+    fields["TotalAHSLength"] = 0
+    fields["DataSegmentLength"] = len(data)
+    interpreted = codec.header.build(fields)
+    assert wire._compiled(codec).build(fields) == interpreted
+    assert wire._build_header(codec, fields) == interpreted
+
+
+@pytest.mark.parametrize("opcode", [Opcode.SCSI_COMMAND, Opcode.SCSI_RESPONSE, Opcode.SCSI_DATA_IN])
+@pytest.mark.parametrize("size", [0, 7, 9])
+def test_compiled_scsi_build_errors_come_from_the_interpreted_definition(
+    opcode: Opcode, size: int
+) -> None:
+    # A LUN or CDB of the wrong size never reaches construct (the model layer refuses it), but
+    # if it did, the interpreted Bytes field would report it rather than write it short.
+    codec = wire._BY_OPCODE[opcode]
+    pdu = {Opcode.SCSI_COMMAND: inquiry(), Opcode.SCSI_RESPONSE: check_condition()}.get(
+        opcode, data_in()
+    )
+    fields, _ = codec.fields_in(pdu)
+    fields.update({"TotalAHSLength": 0, "DataSegmentLength": 0})
+    name = {Opcode.SCSI_COMMAND: "CDB", Opcode.SCSI_DATA_IN: "LUN"}.get(opcode, "ResidualCount")
+    fields[name] = 2**32 + size if name == "ResidualCount" else bytes(size)
+    with pytest.raises(ConstructError) as raised:
+        wire._build_header(codec, fields)
+    assert name in str(raised.value)

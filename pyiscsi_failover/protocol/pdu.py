@@ -1,8 +1,10 @@
-"""Typed models of the PDUs an initiator meets during login, discovery and logout.
+"""Typed models of the PDUs an initiator meets: login, discovery, logout, and the SCSI task.
 
 These are what the rest of the package sees: frozen dataclasses and IntEnums. The wire format
-lives in :mod:`pyiscsi_failover.protocol.wire` alone (the only module that imports construct).
-Fields are named after RFC 7143. Pure: never imports trio, socket or subprocess.
+lives in :mod:`pyiscsi_failover.protocol.wire` alone (the only module that imports construct),
+which also enforces the RFC 7143 rules that tie fields together (status only on a final Data-In,
+sense with CHECK CONDITION...). Fields are named after RFC 7143. Pure: never imports trio,
+socket or subprocess.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import TypeAlias
 from pyiscsi_failover.protocol.isid import ISID
 
 __all__ = [
+    "CDB_LENGTH",
     "ISID",
+    "LUN_LENGTH",
     "PDU",
     "RESERVED_TAG",
     "LoginRequest",
@@ -29,24 +33,38 @@ __all__ = [
     "Opcode",
     "Reject",
     "RejectReason",
+    "ScsiCommand",
+    "ScsiDataIn",
+    "ScsiResponse",
+    "ScsiResponseCode",
+    "ScsiStatus",
     "Stage",
     "StatusClass",
+    "TaskAttribute",
     "TextRequest",
     "TextResponse",
+    "sense_data_segment",
 ]
 
 #: The "no tag" value of ITT and TTT fields.
 RESERVED_TAG = 0xFFFFFFFF
+#: Length of the CDB field of a SCSI Command BHS; a longer CDB needs an AHS.
+CDB_LENGTH = 16
+#: Length of a SAM LUN field, kept as raw bytes in the SCSI PDUs.
+LUN_LENGTH = 8
 
 
 class Opcode(enum.IntEnum):
     NOP_OUT = 0x00
+    SCSI_COMMAND = 0x01
     LOGIN_REQUEST = 0x03
     TEXT_REQUEST = 0x04
     LOGOUT_REQUEST = 0x06
     NOP_IN = 0x20
+    SCSI_RESPONSE = 0x21
     LOGIN_RESPONSE = 0x23
     TEXT_RESPONSE = 0x24
+    SCSI_DATA_IN = 0x25
     LOGOUT_RESPONSE = 0x26
     REJECT = 0x3F
 
@@ -248,6 +266,147 @@ class NopIn:
     data: bytes = b""
 
 
+class TaskAttribute(enum.IntEnum):
+    """ATTR of a SCSI Command (SAM task attributes); 5-7 are reserved."""
+
+    UNTAGGED = 0
+    SIMPLE = 1
+    ORDERED = 2
+    HEAD_OF_QUEUE = 3
+    ACA = 4
+
+
+class ScsiStatus(enum.IntEnum):
+    """SAM status codes a SCSI Response or a final Data-In carries; any other is reserved."""
+
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+    CONDITION_MET = 0x04
+    BUSY = 0x08
+    INTERMEDIATE = 0x10  # obsolete in SAM-4, still a defined code
+    INTERMEDIATE_CONDITION_MET = 0x14  # obsolete in SAM-4, still a defined code
+    RESERVATION_CONFLICT = 0x18
+    COMMAND_TERMINATED = 0x22  # obsolete in SAM-4, still a defined code
+    TASK_SET_FULL = 0x28
+    ACA_ACTIVE = 0x30
+    TASK_ABORTED = 0x40
+
+
+class ScsiResponseCode(enum.IntEnum):
+    """The Response byte of a SCSI Response. 0x80-0xff are vendor-specific, the rest reserved."""
+
+    COMMAND_COMPLETED = 0x00
+    TARGET_FAILURE = 0x01
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScsiCommand:
+    """A SCSI Command (opcode 0x01): one CDB for the logical unit at ``lun``.
+
+    ``cdb`` is the command itself; one shorter than the 16-byte BHS field is zero-padded to 16
+    bytes here, so a decoded command equals the one encoded (the CDB's own length follows from
+    its operation code). A CDB longer than 16 bytes needs an Additional Header Segment, which
+    this package never sends: encoding one raises PDUEncodeError. ``lun`` is the 8-byte SAM LUN
+    as it goes on the wire (addressing method included). ``edtl`` is the Expected Data Transfer
+    Length; ``read``/``write`` are R/W; ``final`` (F) says no unsolicited Data-Out follows.
+    ``data`` is immediate data of a write.
+    """
+
+    itt: int
+    edtl: int
+    cmdsn: int
+    expstatsn: int
+    cdb: bytes
+    lun: bytes = bytes(LUN_LENGTH)
+    read: bool = False
+    write: bool = False
+    final: bool = True
+    attribute: TaskAttribute = TaskAttribute.SIMPLE
+    immediate: bool = False
+    data: bytes = b""
+
+    def __post_init__(self) -> None:
+        cdb = self.cdb
+        if isinstance(cdb, (bytes, bytearray)) and len(cdb) < CDB_LENGTH:
+            object.__setattr__(self, "cdb", bytes(cdb) + bytes(CDB_LENGTH - len(cdb)))
+
+
+def sense_data_segment(sense: bytes, response_data: bytes = b"") -> bytes:
+    """The data segment of a SCSI Response: SenseLength (2 bytes), sense, then response data."""
+    return len(sense).to_bytes(2, "big") + sense + response_data
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScsiResponse:
+    """A SCSI Response (opcode 0x21): how a task ended.
+
+    ``response`` is the iSCSI Response byte (:class:`ScsiResponseCode`, or a vendor's
+    0x80-0xff); ``status`` is the SCSI status, present exactly when the command completed at
+    the target (``response`` 0), the only case in which RFC 7143 gives the byte a meaning.
+    ``overflow``/``underflow`` (O/U) qualify ``residual``; ``bidi_overflow``/
+    ``bidi_underflow`` (o/u) qualify ``bidi_residual``. ``data`` is the whole data segment:
+    SenseLength, sense and response data (see :func:`sense_data_segment`, :attr:`sense`).
+    """
+
+    itt: int
+    statsn: int
+    expcmdsn: int
+    maxcmdsn: int
+    response: int = ScsiResponseCode.COMMAND_COMPLETED
+    status: ScsiStatus | None = ScsiStatus.GOOD
+    expdatasn: int = 0
+    overflow: bool = False
+    underflow: bool = False
+    residual: int = 0
+    bidi_overflow: bool = False
+    bidi_underflow: bool = False
+    bidi_residual: int = 0
+    snack_tag: int = 0
+    data: bytes = b""
+
+    @property
+    def sense(self) -> bytes:
+        """The sense data (empty when the segment has none); the codec checks its length."""
+        if len(self.data) < 2:
+            return b""
+        return self.data[2 : 2 + int.from_bytes(self.data[:2], "big")]
+
+    @property
+    def response_data(self) -> bytes:
+        """What follows the sense data in the segment (iSCSI defines none; kept for SPC)."""
+        if len(self.data) < 2:
+            return b""
+        return self.data[2 + int.from_bytes(self.data[:2], "big") :]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScsiDataIn:
+    """A SCSI Data-In (opcode 0x25): ``data`` at ``buffer_offset`` of a read's result.
+
+    ``status`` is set (S = 1) only on the final PDU of a task that ended without an exception
+    (GOOD, CONDITION MET or INTERMEDIATE); no SCSI Response follows such a PDU. ``statsn``,
+    ``overflow``/``underflow`` and ``residual`` count only with a status. ``acknowledge`` is A
+    (a DataACK request, used with ErrorRecoveryLevel > 0); ``lun`` is raw and meaningful only
+    with a TTT.
+    """
+
+    itt: int
+    expcmdsn: int
+    maxcmdsn: int
+    datasn: int
+    buffer_offset: int = 0
+    final: bool = False
+    acknowledge: bool = False
+    status: ScsiStatus | None = None
+    statsn: int = 0
+    overflow: bool = False
+    underflow: bool = False
+    residual: int = 0
+    ttt: int = RESERVED_TAG
+    lun: bytes = bytes(LUN_LENGTH)
+    data: bytes = b""
+
+
 PDU: TypeAlias = (
     LoginRequest
     | LoginResponse
@@ -258,4 +417,7 @@ PDU: TypeAlias = (
     | Reject
     | NopOut
     | NopIn
+    | ScsiCommand
+    | ScsiResponse
+    | ScsiDataIn
 )

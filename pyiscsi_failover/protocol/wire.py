@@ -26,8 +26,27 @@ reserved *code value* in a defined field is a protocol error):
 * Padding bytes are ignored on receipt (the data digest still covers them as received).
 * A data digest follows the data segment only when the segment is not empty, as in open-iscsi,
   LIO and tgt. The header digest covers BHS and AHS, and is checked before any BHS field.
-* The AHS is skipped on decode (no AHS type exists for these opcodes); the 8-bit
-  TotalAHSLength bounds it to 1020 bytes. Logout PDUs carry no data segment, so one is an error.
+* The AHS is skipped on decode and never sent; the 8-bit TotalAHSLength bounds it to 1020
+  bytes. A SCSI Command with a CDB over 16 bytes (extended CDB AHS) or a bidirectional read
+  length (AHS) is therefore refused on encode; the probe's CDBs all fit. Logout PDUs carry no
+  data segment, so one is an error.
+
+SCSI PDUs (RFC 7143 11.3, 11.4, 11.7). Rules tying fields together are checked both ways,
+encode and decode, so a model that decodes also encodes to the same bytes:
+
+* SCSI Command: ATTR 5-7 (reserved) is an error; so are F = W = 0 and a non-zero Expected Data
+  Transfer Length with R = W = 0 (both "MUST NOT" in 11.3.1). The CDB field is kept whole (16
+  bytes); the LUN as 8 raw bytes.
+* SCSI Response: byte 1 bit 7 is fixed at 1. O with U, or o with u, is an error (11.4.5: a
+  protocol error). Response 0x02-0x7f is reserved and an error; 0x80-0xff (vendor) is kept.
+  Status is read only when Response is 0 (11.4.3: otherwise it is not valid, and ignored); an
+  unknown status is an error. The data segment must be empty or hold a 2-byte SenseLength
+  whose sense fits in it (11.4.7), and CHECK CONDITION must carry sense (autosense is
+  mandatory in iSCSI): violations are errors on SenseLength, at its byte in the PDU.
+* SCSI Data-In: S without F is an error (11.7.3, "F MUST also be set"), as is a status other
+  than GOOD, CONDITION MET or INTERMEDIATE(-CONDITION MET) with S: any other needs a Response,
+  which alone can carry sense. Without S the Status byte is reserved and ignored. O with U is an
+  error. StatSN, O/U and the residual are kept raw whatever S says (meaningful only with S).
 
 Speed: per PDU, construct parses or builds the 48-byte BHS alone, once, with its Struct
 compiled by ``.compile()`` (see ``_COMPILED``: the interpreted Struct stays the definition and
@@ -49,6 +68,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 from construct import (
+    Bytes,
     Const,
     Construct,
     ConstructError,
@@ -67,7 +87,9 @@ from construct import (
 from pyiscsi_failover.errors import PDUDecodeError, PDUEncodeError
 from pyiscsi_failover.protocol.digest import DIGEST_LENGTH, crc32c
 from pyiscsi_failover.protocol.pdu import (
+    CDB_LENGTH,
     ISID,
+    LUN_LENGTH,
     PDU,
     RESERVED_TAG,
     LoginRequest,
@@ -81,8 +103,14 @@ from pyiscsi_failover.protocol.pdu import (
     Opcode,
     Reject,
     RejectReason,
+    ScsiCommand,
+    ScsiDataIn,
+    ScsiResponse,
+    ScsiResponseCode,
+    ScsiStatus,
     Stage,
     StatusClass,
+    TaskAttribute,
     TextRequest,
     TextResponse,
 )
@@ -135,6 +163,19 @@ _CSG_SHIFT: Final = 2
 _STAGE: Final = 0x03
 #: Byte 1 of a Logout Request: the reason code below ``F``.
 _REASON_CODE: Final = 0x7F
+#: Byte 1 of a SCSI Command: ``R`` (read), ``W`` (write) and ``ATTR`` (task attribute).
+_READ: Final = 0x40
+_WRITE: Final = 0x20
+_ATTR: Final = 0x07
+#: Byte 1 of a SCSI Response: ``o``/``u`` (bidirectional read residual over/underflow) and
+#: ``O``/``U`` (residual over/underflow); the last two mean the same in a SCSI Data-In.
+_BIDI_OVERFLOW: Final = 0x10
+_BIDI_UNDERFLOW: Final = 0x08
+_OVERFLOW: Final = 0x04
+_UNDERFLOW: Final = 0x02
+#: Byte 1 of a SCSI Data-In: ``A`` (acknowledge) and ``S`` (status rides on this PDU).
+_ACKNOWLEDGE: Final = 0x40
+_STATUS: Final = 0x01
 #: ISID byte 0: ``T`` (format) is bits 7-6, ``A`` bits 5-0.
 _ISID_T_SHIFT: Final = 6
 _ISID_T_WIDTH: Final = 2
@@ -291,6 +332,47 @@ _NOP_IN: Final = _bhs(
         Padding(12),
     ),
 )
+# The SCSI PDUs keep the LUN as its 8 raw bytes: its meaning depends on the addressing method
+# in its first byte, which the SCSI layer above decides (SAM, flat, W-LUN...).
+_SCSI_COMMAND: Final = _bhs(
+    (Padding(2),),
+    (
+        "LUN" / Bytes(LUN_LENGTH),
+        "InitiatorTaskTag" / Int32ub,
+        "ExpectedDataTransferLength" / Int32ub,
+        "CmdSN" / Int32ub,
+        "ExpStatSN" / Int32ub,
+        "CDB" / Bytes(CDB_LENGTH),
+    ),
+)
+_SCSI_RESPONSE: Final = _bhs(
+    ("Response" / Int8ub, "Status" / Int8ub),
+    (
+        Padding(8),
+        "InitiatorTaskTag" / Int32ub,
+        "SNACKTag" / Int32ub,
+        "StatSN" / Int32ub,
+        "ExpCmdSN" / Int32ub,
+        "MaxCmdSN" / Int32ub,
+        "ExpDataSN" / Int32ub,
+        "BidirectionalReadResidualCount" / Int32ub,
+        "ResidualCount" / Int32ub,
+    ),
+)
+_SCSI_DATA_IN: Final = _bhs(
+    (Padding(1), "Status" / Int8ub),
+    (
+        "LUN" / Bytes(LUN_LENGTH),
+        "InitiatorTaskTag" / Int32ub,
+        "TargetTransferTag" / Int32ub,
+        "StatSN" / Int32ub,
+        "ExpCmdSN" / Int32ub,
+        "MaxCmdSN" / Int32ub,
+        "DataSN" / Int32ub,
+        "BufferOffset" / Int32ub,
+        "ResidualCount" / Int32ub,
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,14 +399,23 @@ class _FieldProblem(Exception):
     """A field value that is out of place; the choke points turn it into our public errors.
 
     ``names`` is the construct path below the header (e.g. ``("Byte1", "CSG")``), which is
-    enough to find the field's byte offset.
+    enough to find the field's byte offset. A field inside the data segment (SenseLength) has
+    no such path; ``data_offset`` then gives its offset from the start of the data segment.
     """
 
-    def __init__(self, names: tuple[str, ...], value: object, reason: str) -> None:
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        value: object,
+        reason: str,
+        *,
+        data_offset: int | None = None,
+    ) -> None:
         super().__init__(reason)
         self.names = names
         self.value = value
         self.reason = reason
+        self.data_offset = data_offset
 
 
 def _shown(value: object) -> object:
@@ -652,6 +743,272 @@ def _nop_in_out(h: Container[Any], data: bytes) -> NopIn:
     )
 
 
+def _raw_lun(lun: object) -> bytes:
+    if not isinstance(lun, (bytes, bytearray)) or len(lun) != LUN_LENGTH:
+        shown = len(lun) if isinstance(lun, (bytes, bytearray)) else type(lun).__name__
+        raise _FieldProblem(("LUN",), shown, f"a LUN is {LUN_LENGTH} raw bytes")
+    return bytes(lun)
+
+
+def _raw_cdb(cdb: object) -> bytes:
+    if not isinstance(cdb, (bytes, bytearray)):
+        raise _FieldProblem(("CDB",), type(cdb).__name__, "a CDB is bytes")
+    if len(cdb) > CDB_LENGTH:
+        raise _FieldProblem(
+            ("CDB",),
+            len(cdb),
+            f"a CDB longer than {CDB_LENGTH} bytes needs an AHS, which this codec never sends",
+        )
+    return bytes(cdb) + bytes(CDB_LENGTH - len(cdb))
+
+
+def _scsi_command_checks(final: bool, read: bool, write: bool, edtl: object) -> None:
+    """RFC 7143 11.3.1: F and W not both 0; R or W set when data is expected."""
+    if not final and not write:
+        raise _FieldProblem(("Byte1", "F"), False, "F and W must not both be 0")
+    if not read and not write and edtl:
+        raise _FieldProblem(
+            ("ExpectedDataTransferLength",),
+            edtl,
+            "a non-zero ExpectedDataTransferLength needs R or W",
+        )
+
+
+def _scsi_command_in(p: ScsiCommand) -> tuple[dict[str, Any], bytes]:
+    attribute = _to_enum(TaskAttribute, p.attribute, ("Byte1", "ATTR"))
+    _scsi_command_checks(bool(p.final), bool(p.read), bool(p.write), p.edtl)
+    return {
+        "Byte0": _byte0(Opcode.SCSI_COMMAND, immediate=p.immediate),
+        "Byte1": (_FINAL if p.final else 0)
+        | (_READ if p.read else 0)
+        | (_WRITE if p.write else 0)
+        | attribute,
+        "LUN": _raw_lun(p.lun),
+        "InitiatorTaskTag": p.itt,
+        "ExpectedDataTransferLength": p.edtl,
+        "CmdSN": p.cmdsn,
+        "ExpStatSN": p.expstatsn,
+        "CDB": _raw_cdb(p.cdb),
+    }, p.data
+
+
+def _scsi_command_out(h: Container[Any], data: bytes) -> ScsiCommand:
+    byte1 = h["Byte1"]
+    attribute = _to_enum(TaskAttribute, byte1 & _ATTR, ("Byte1", "ATTR"))
+    final, read, write = bool(byte1 & _FINAL), bool(byte1 & _READ), bool(byte1 & _WRITE)
+    edtl = h["ExpectedDataTransferLength"]
+    _scsi_command_checks(final, read, write, edtl)
+    return ScsiCommand(
+        itt=h["InitiatorTaskTag"],
+        edtl=edtl,
+        cmdsn=h["CmdSN"],
+        expstatsn=h["ExpStatSN"],
+        cdb=h["CDB"],
+        lun=h["LUN"],
+        read=read,
+        write=write,
+        final=final,
+        attribute=attribute,
+        immediate=bool(h["Byte0"] & _IMMEDIATE),
+        data=data,
+    )
+
+
+def _residual_flags(overflow: object, underflow: object, *, bidi: bool = False) -> int:
+    """O/U bits (o/u when ``bidi``, two bits higher): RFC 7143 11.4.5 makes each pair exclusive."""
+    over, under = ("o", "u") if bidi else ("O", "U")
+    if overflow and underflow:
+        raise _FieldProblem(("Byte1", under), True, f"{over} and {under} must not both be set")
+    bits = (_OVERFLOW if overflow else 0) | (_UNDERFLOW if underflow else 0)
+    return bits << 2 if bidi else bits
+
+
+#: Response codes RFC 7143 11.4.3 reserves (0x80-0xff are the vendors').
+_RESERVED_RESPONSES: Final = range(0x02, 0x80)
+
+
+def _response_code(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFF:
+        raise _FieldProblem(("Response",), _shown(value), f"{value!r} is not a response code")
+    if value in _RESERVED_RESPONSES:
+        raise _FieldProblem(("Response",), value, f"response code 0x{value:02x} is reserved")
+    try:
+        return ScsiResponseCode(value)
+    except ValueError:
+        return value  # vendor-specific
+
+
+def _response_status(response: int, status: object) -> ScsiStatus | None:
+    """RFC 7143 11.4.3: Status is valid only when the command completed (Response 0)."""
+    if response != ScsiResponseCode.COMMAND_COMPLETED:
+        if status is not None:
+            raise _FieldProblem(
+                ("Status",), _shown(status), "a status needs Response 0 (command completed)"
+            )
+        return None
+    if status is None:
+        raise _FieldProblem(("Status",), None, "a completed command (Response 0) has a status")
+    return _to_enum(ScsiStatus, status, ("Status",))
+
+
+def _check_sense(data: object, status: ScsiStatus | None) -> None:
+    """The data segment is SenseLength + sense + response data (RFC 7143 11.4.7), and a
+    CHECK CONDITION must carry sense (autosense is mandatory in iSCSI)."""
+    if not isinstance(data, (bytes, bytearray)):
+        return  # reported as DataSegment by the encoder
+    sense_length = 0
+    if data:
+        if len(data) < 2:
+            raise _FieldProblem(
+                ("SenseLength",),
+                len(data),
+                "a 1-byte data segment cannot hold SenseLength",
+                data_offset=0,
+            )
+        sense_length = int.from_bytes(data[:2], "big")
+        if 2 + sense_length > len(data):
+            raise _FieldProblem(
+                ("SenseLength",),
+                sense_length,
+                f"{sense_length} bytes of sense overrun a {len(data)}-byte data segment",
+                data_offset=0,
+            )
+    if status is ScsiStatus.CHECK_CONDITION and not sense_length:
+        raise _FieldProblem(
+            ("SenseLength",), sense_length, "CHECK CONDITION without sense data", data_offset=0
+        )
+
+
+def _scsi_response_in(p: ScsiResponse) -> tuple[dict[str, Any], bytes]:
+    response = _response_code(p.response)
+    status = _response_status(response, p.status)
+    _check_sense(p.data, status)
+    return {
+        "Byte0": _byte0(Opcode.SCSI_RESPONSE),
+        "Byte1": _FINAL
+        | _residual_flags(p.bidi_overflow, p.bidi_underflow, bidi=True)
+        | _residual_flags(p.overflow, p.underflow),
+        "Response": response,
+        "Status": 0 if status is None else status,
+        "InitiatorTaskTag": p.itt,
+        "SNACKTag": p.snack_tag,
+        "StatSN": p.statsn,
+        "ExpCmdSN": p.expcmdsn,
+        "MaxCmdSN": p.maxcmdsn,
+        "ExpDataSN": p.expdatasn,
+        "BidirectionalReadResidualCount": p.bidi_residual,
+        "ResidualCount": p.residual,
+    }, p.data
+
+
+def _scsi_response_out(h: Container[Any], data: bytes) -> ScsiResponse:
+    byte1 = h["Byte1"]
+    bidi_overflow, bidi_underflow = bool(byte1 & _BIDI_OVERFLOW), bool(byte1 & _BIDI_UNDERFLOW)
+    overflow, underflow = bool(byte1 & _OVERFLOW), bool(byte1 & _UNDERFLOW)
+    _residual_flags(bidi_overflow, bidi_underflow, bidi=True)
+    _residual_flags(overflow, underflow)
+    response = _response_code(h["Response"])
+    # The Status byte is read only for a completed command; otherwise it has no meaning.
+    status = (
+        _to_enum(ScsiStatus, h["Status"], ("Status",))
+        if response == ScsiResponseCode.COMMAND_COMPLETED
+        else None
+    )
+    _check_sense(data, status)
+    return ScsiResponse(
+        itt=h["InitiatorTaskTag"],
+        statsn=h["StatSN"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+        response=response,
+        status=status,
+        expdatasn=h["ExpDataSN"],
+        overflow=overflow,
+        underflow=underflow,
+        residual=h["ResidualCount"],
+        bidi_overflow=bidi_overflow,
+        bidi_underflow=bidi_underflow,
+        bidi_residual=h["BidirectionalReadResidualCount"],
+        snack_tag=h["SNACKTag"],
+        data=data,
+    )
+
+
+#: Statuses that may ride on a final Data-In: those of a task that ended without an exception
+#: (RFC 7143 11.7.3); any other needs a SCSI Response, which can carry sense.
+_DATA_IN_STATUSES: Final = frozenset(
+    {
+        ScsiStatus.GOOD,
+        ScsiStatus.CONDITION_MET,
+        ScsiStatus.INTERMEDIATE,
+        ScsiStatus.INTERMEDIATE_CONDITION_MET,
+    }
+)
+
+
+def _data_in_status(final: bool, status: object) -> ScsiStatus | None:
+    if status is None:
+        return None
+    if not final:
+        raise _FieldProblem(("Byte1", "S"), True, "S (status) is set without F (final)")
+    found = _to_enum(ScsiStatus, status, ("Status",))
+    if found not in _DATA_IN_STATUSES:
+        raise _FieldProblem(
+            ("Status",), int(found), f"{found.name} cannot ride on a Data-In, only on a Response"
+        )
+    return found
+
+
+def _scsi_data_in_in(p: ScsiDataIn) -> tuple[dict[str, Any], bytes]:
+    status = _data_in_status(bool(p.final), p.status)
+    return {
+        "Byte0": _byte0(Opcode.SCSI_DATA_IN),
+        "Byte1": (_FINAL if p.final else 0)
+        | (_ACKNOWLEDGE if p.acknowledge else 0)
+        | _residual_flags(p.overflow, p.underflow)
+        | (0 if status is None else _STATUS),
+        "Status": 0 if status is None else status,
+        "LUN": _raw_lun(p.lun),
+        "InitiatorTaskTag": p.itt,
+        "TargetTransferTag": p.ttt,
+        "StatSN": p.statsn,
+        "ExpCmdSN": p.expcmdsn,
+        "MaxCmdSN": p.maxcmdsn,
+        "DataSN": p.datasn,
+        "BufferOffset": p.buffer_offset,
+        "ResidualCount": p.residual,
+    }, p.data
+
+
+def _scsi_data_in_out(h: Container[Any], data: bytes) -> ScsiDataIn:
+    byte1 = h["Byte1"]
+    final, overflow, underflow = (
+        bool(byte1 & _FINAL),
+        bool(byte1 & _OVERFLOW),
+        bool(byte1 & _UNDERFLOW),
+    )
+    _residual_flags(overflow, underflow)
+    # Without S the Status byte is reserved: ignored, like every reserved field.
+    status = _data_in_status(final, h["Status"] if byte1 & _STATUS else None)
+    return ScsiDataIn(
+        itt=h["InitiatorTaskTag"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+        datasn=h["DataSN"],
+        buffer_offset=h["BufferOffset"],
+        final=final,
+        acknowledge=bool(byte1 & _ACKNOWLEDGE),
+        status=status,
+        statsn=h["StatSN"],
+        overflow=overflow,
+        underflow=underflow,
+        residual=h["ResidualCount"],
+        ttt=h["TargetTransferTag"],
+        lun=h["LUN"],
+        data=data,
+    )
+
+
 _P = TypeVar("_P")
 
 
@@ -700,6 +1057,13 @@ _BY_OPCODE: Final[dict[int, _Codec[Any]]] = {
     Opcode.REJECT: _Codec(Reject, _REJECT, (_ALWAYS_FINAL,), _reject_in, _reject_out),
     Opcode.NOP_OUT: _Codec(NopOut, _NOP_OUT, (_ALWAYS_FINAL,), _nop_out_in, _nop_out_out),
     Opcode.NOP_IN: _Codec(NopIn, _NOP_IN, (_ALWAYS_FINAL,), _nop_in_in, _nop_in_out),
+    Opcode.SCSI_COMMAND: _Codec(
+        ScsiCommand, _SCSI_COMMAND, (), _scsi_command_in, _scsi_command_out
+    ),
+    Opcode.SCSI_RESPONSE: _Codec(
+        ScsiResponse, _SCSI_RESPONSE, (_ALWAYS_FINAL,), _scsi_response_in, _scsi_response_out
+    ),
+    Opcode.SCSI_DATA_IN: _Codec(ScsiDataIn, _SCSI_DATA_IN, (), _scsi_data_in_in, _scsi_data_in_out),
 }
 _BY_MODEL: Final[dict[type[Any], _Codec[Any]]] = {c.model: c for c in _BY_OPCODE.values()}
 
@@ -740,6 +1104,10 @@ def _build_header(codec: _Codec[Any], fields: dict[str, Any]) -> bytes:
         bhs: bytes = _compiled(codec).build(fields)
     except (ConstructError, struct.error, ValueError, TypeError, KeyError, OverflowError):
         bhs = codec.header.build(fields)  # raises the error, with its field
+    if len(bhs) != BHS_LENGTH:
+        # Compiled Bytes fields (LUN, CDB) write whatever they are given; the model layer
+        # sizes them first, and the interpreted definition reports a wrong size if it did not.
+        bhs = codec.header.build(fields)
     return bhs
 
 
@@ -925,7 +1293,7 @@ def encode_pdu(pdu: PDU, *, header_digest: bool = False, data_digest: bool = Fal
     try:
         fields, data = codec.fields_in(pdu)
         data = _checked_data(data)
-        fields["TotalAHSLength"] = 0  # no AHS type exists for these opcodes
+        fields["TotalAHSLength"] = 0  # never sent: no PDU we build needs one
         fields["DataSegmentLength"] = len(data)  # padding not counted
         bhs = _build_header(codec, fields)
     except (
@@ -1029,7 +1397,16 @@ def _decode(
                 offset=at,
                 value=received,
             )
-    pdu: PDU = codec.fields_out(header, raw[layout.data_at : layout.padding_at])
+    try:
+        pdu: PDU = codec.fields_out(header, raw[layout.data_at : layout.padding_at])
+    except _FieldProblem as exc:
+        if exc.data_offset is None:
+            raise
+        at = layout.data_at + exc.data_offset
+        field = _display(exc.names)
+        raise PDUDecodeError(
+            f"{field} at byte {at}: {exc.reason}", field=field, offset=at, value=exc.value
+        ) from exc
     return pdu
 
 
