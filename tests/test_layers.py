@@ -27,6 +27,7 @@ PURE_AND_SANS_IO = [
     "pyiscsi_failover.protocol.negotiation",
     "pyiscsi_failover.protocol.chap",
     "pyiscsi_failover.protocol.sendtargets",
+    "pyiscsi_failover.protocol.scsi",
     "pyiscsi_failover.login_config",
     "pyiscsi_failover.initiator",
     "pyiscsi_failover.testing.target",
