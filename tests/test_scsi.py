@@ -990,3 +990,28 @@ def test_mutated_tgt_vpd83_never_breaks_the_parser(position: int, byte: int) -> 
 def test_report_luns_parser_is_total_with_plausible_lengths(data: bytes) -> None:
     plausible = (len(data) - 8 - (len(data) % 8)).to_bytes(4, "big") + data[4:]
     _total(parse_report_luns, plausible)
+
+
+def test_the_kernel_keeps_a_longer_t10_over_a_shorter_name_string() -> None:
+    # scsi_vpd_lun_id compares sizes before taking a T10 or name designator, whatever the rank.
+    t10 = _designator(DesignatorType.T10_VENDOR_ID, TGT_T10, code_set=CodeSet.ASCII)
+    name = _designator(DesignatorType.SCSI_NAME_STRING, b"iqn.x\x00\x00\x00", code_set=3)
+    assert linux_wwid([t10, name]) == linux_wwid([t10])
+    assert linux_wwid([name, t10]) == "iqn.x"
+
+
+def test_udev_skips_identifiers_longer_than_its_buffer() -> None:
+    huge = _designator(DesignatorType.NAA, bytes([0x60]) + bytes(127))  # 2*128 + 2 > 256
+    assert udev_scsi_id([huge, _designator(DesignatorType.NAA, TGT_NAA3)]) == "33000000100000001"
+    fits = _designator(DesignatorType.NAA, bytes([0x60]) + bytes(126))
+    assert udev_scsi_id([fits]) == "3" + fits.value.hex()
+
+
+def test_encoders_refuse_lengths_their_length_fields_cannot_hold() -> None:
+    big = _designator(DesignatorType.VENDOR_SPECIFIC, bytes(255))
+    with pytest.raises(PDUEncodeError) as caught:
+        encode_vpd_device_identification([big] * 260)
+    assert caught.value.field == "page length"
+    with pytest.raises(PDUEncodeError) as caught:
+        encode_sense_segment(bytes(0x10000))
+    assert caught.value.field == "sense"
