@@ -43,6 +43,7 @@ from enum import Enum, IntEnum
 from typing import Final, TypeVar
 
 from pyiscsi_failover.errors import PDUDecodeError, PDUEncodeError
+from pyiscsi_failover.protocol.pdu import ScsiStatus  # one status enum, shared with the codec
 
 __all__ = [
     "MAX_FLAT_LUN",
@@ -236,22 +237,6 @@ class SenseKey(IntEnum):
     VOLUME_OVERFLOW = 0xD
     MISCOMPARE = 0xE
     COMPLETED = 0xF
-
-
-class ScsiStatus(IntEnum):
-    """The SCSI status byte of a SCSI Response or final Data-In (SAM-5 section 5.3)."""
-
-    GOOD = 0x00
-    CHECK_CONDITION = 0x02
-    CONDITION_MET = 0x04
-    BUSY = 0x08
-    INTERMEDIATE = 0x10  # obsolete
-    INTERMEDIATE_CONDITION_MET = 0x14  # obsolete
-    RESERVATION_CONFLICT = 0x18
-    COMMAND_TERMINATED = 0x22  # obsolete
-    TASK_SET_FULL = 0x28
-    ACA_ACTIVE = 0x30
-    TASK_ABORTED = 0x40
 
 
 class AddressingMode(str, Enum):
