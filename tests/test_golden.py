@@ -1,5 +1,8 @@
 """Golden vectors: PDUs captured from tgt and libiscsi decode as tshark read them, byte for byte.
 
+The SCSI PDUs (SCSI Command, SCSI Response, SCSI Data-In) come from the ``scsi`` scenario:
+libiscsi's iscsi-inq, iscsi-readcapacity16 and iscsi-ls -s against tgtd.
+
 The vectors in ``tests/vectors/*.json`` were captured on loopback by ``tests/vectors/capture.py``
 (provenance in ``tests/vectors/README.md``). Each stored PDU carries the raw bytes and tshark's
 own decoding of it. Here every PDU must
@@ -19,7 +22,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -39,7 +42,13 @@ from pyiscsi_failover.protocol.pdu import (
     NopOut,
     Opcode,
     Reject,
+    ScsiCommand,
+    ScsiDataIn,
+    ScsiResponse,
+    ScsiResponseCode,
+    ScsiStatus,
     Stage,
+    TaskAttribute,
     TextRequest,
     TextResponse,
 )
@@ -47,7 +56,7 @@ from pyiscsi_failover.protocol.text import TextReassembler, decode_text
 from pyiscsi_failover.protocol.wire import decode_pdu, encode_pdu
 
 VECTORS = Path(__file__).parent / "vectors"
-SCENARIOS = ("discovery", "chap_login", "auth_failure", "redirect", "tgt_probes")
+SCENARIOS = ("discovery", "chap_login", "auth_failure", "redirect", "tgt_probes", "scsi")
 
 OPCODE_OF: dict[type[Any], Opcode] = {
     LoginRequest: Opcode.LOGIN_REQUEST,
@@ -59,6 +68,9 @@ OPCODE_OF: dict[type[Any], Opcode] = {
     Reject: Opcode.REJECT,
     NopOut: Opcode.NOP_OUT,
     NopIn: Opcode.NOP_IN,
+    ScsiCommand: Opcode.SCSI_COMMAND,
+    ScsiResponse: Opcode.SCSI_RESPONSE,
+    ScsiDataIn: Opcode.SCSI_DATA_IN,
 }
 
 
@@ -142,6 +154,7 @@ def test_vectors_are_present_with_provenance() -> None:
     kinds = {type(decode_pdu(vector.raw)) for vector in ALL}
     assert {LoginRequest, LoginResponse, TextRequest, TextResponse} <= kinds
     assert {LogoutRequest, LogoutResponse} <= kinds
+    assert {ScsiCommand, ScsiResponse, ScsiDataIn} <= kinds
 
 
 @pytest.mark.parametrize("vector", ALL, ids=lambda vector: vector.id)
@@ -160,13 +173,25 @@ def _flag(text: str) -> bool:
 
 def _lun(pdu: PDU) -> int:
     # tshark shows a single-level LUN's 14-bit number from the first two bytes of the field.
-    lun: int = getattr(pdu, "lun", 0)
+    # The SCSI PDUs keep the LUN as its 8 raw bytes, the others as an integer.
+    lun: int | bytes = getattr(pdu, "lun", 0)
+    if isinstance(lun, bytes):
+        lun = int.from_bytes(lun, "big")
     return (lun >> 48) & 0x3FFF
 
 
 def _isid(pdu: PDU) -> ISID:
     assert isinstance(pdu, (LoginRequest, LoginResponse))
     return pdu.isid
+
+
+_T = TypeVar("_T")
+
+
+def _only(pdu: PDU, model: type[_T]) -> _T:
+    """``pdu`` as ``model``: a field tshark shows only for that PDU type."""
+    assert isinstance(pdu, model), type(pdu).__name__
+    return pdu
 
 
 # tshark field -> what our model says it should be, read from (pdu, raw bytes).
@@ -211,6 +236,37 @@ CHECKS: dict[str, tuple[Callable[[str], object], Callable[[PDU, bytes], object]]
     "iscsi.time2wait": (_number, lambda pdu, raw: getattr(pdu, "time2wait", None)),
     "iscsi.time2retain": (_number, lambda pdu, raw: getattr(pdu, "time2retain", None)),
     "iscsi.flags": (_number, lambda pdu, raw: raw[1]),
+    "iscsi.scsicommand.expecteddatatransferlength": (
+        _number,
+        lambda pdu, raw: getattr(pdu, "edtl", None),
+    ),
+    # tshark reads a Data-In's status under the SCSI Response's field name.
+    "iscsi.scsiresponse.status": (_number, lambda pdu, raw: getattr(pdu, "status", None)),
+    "iscsi.scsiresponse.response": (_number, lambda pdu, raw: getattr(pdu, "response", None)),
+    "iscsi.scsiresponse.residualcount": (
+        _number,
+        lambda pdu, raw: _only(pdu, ScsiResponse).residual,
+    ),
+    "iscsi.scsiresponse.bidireadresidualcount": (
+        _number,
+        lambda pdu, raw: _only(pdu, ScsiResponse).bidi_residual,
+    ),
+    "iscsi.scsiresponse.senselength": (
+        _number,
+        lambda pdu, raw: len(_only(pdu, ScsiResponse).sense),
+    ),
+    "iscsi.expdatasn": (_number, lambda pdu, raw: _only(pdu, ScsiResponse).expdatasn),
+    "iscsi.scsidata.F": (_flag, lambda pdu, raw: _only(pdu, ScsiDataIn).final),
+    "iscsi.scsidata.A": (_flag, lambda pdu, raw: _only(pdu, ScsiDataIn).acknowledge),
+    "iscsi.scsidata.O": (_flag, lambda pdu, raw: _only(pdu, ScsiDataIn).overflow),
+    "iscsi.scsidata.U": (_flag, lambda pdu, raw: _only(pdu, ScsiDataIn).underflow),
+    "iscsi.scsidata.S": (_flag, lambda pdu, raw: _only(pdu, ScsiDataIn).status is not None),
+    "iscsi.scsidata.readresidualcount": (
+        _number,
+        lambda pdu, raw: _only(pdu, ScsiDataIn).residual,
+    ),
+    "iscsi.datasn": (_number, lambda pdu, raw: _only(pdu, ScsiDataIn).datasn),
+    "iscsi.bufferOffset": (_number, lambda pdu, raw: _only(pdu, ScsiDataIn).buffer_offset),
     "scsi.lun": (_number, lambda pdu, raw: _lun(pdu)),
     "iscsi.keyvalue": (
         list,
@@ -402,3 +458,115 @@ def test_tgt_chap_algorithms() -> None:
         ("8", None, None, "0x0200", None),  # no SHA3-256
         ("7,5", "7", None, "0x0000", None),  # the first of our list that it knows
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# SCSI: what tgt and libiscsi did (scenario "scsi")
+
+
+def _scsi_sessions() -> dict[int, list[tuple[Vector, PDU]]]:
+    sessions: dict[int, list[tuple[Vector, PDU]]] = {}
+    for vector, pdu in _decoded(_vectors("scsi")):
+        sessions.setdefault(vector.session, []).append((vector, pdu))
+    return sessions
+
+
+def _tasks() -> list[tuple[ScsiCommand, list[ScsiDataIn], ScsiResponse | None]]:
+    """Each SCSI Command with the Data-In and SCSI Response that answered its ITT."""
+    tasks = []
+    for pdus in _scsi_sessions().values():
+        for _, command in pdus:
+            if not isinstance(command, ScsiCommand):
+                continue
+            data_ins = [p for _, p in pdus if isinstance(p, ScsiDataIn) and p.itt == command.itt]
+            responses = [p for _, p in pdus if isinstance(p, ScsiResponse) and p.itt == command.itt]
+            assert len(responses) <= 1
+            tasks.append((command, data_ins, responses[0] if responses else None))
+    return tasks
+
+
+def _fixed_sense(sense: bytes) -> tuple[int, int, int]:
+    """(key, ASC, ASCQ) of fixed-format sense, read here by hand (protocol/scsi.py parses it
+    for the package)."""
+    assert sense[0] & 0x7F in (0x70, 0x71), sense.hex()
+    return sense[2] & 0x0F, sense[12], sense[13]
+
+
+def test_every_scsi_command_is_answered_once() -> None:
+    tasks = _tasks()
+    assert len(tasks) >= 20
+    for command, data_ins, response in tasks:
+        # One way to end: a Data-In with status (S), or a SCSI Response, never both.
+        with_status = [d for d in data_ins if d.status is not None]
+        assert (len(with_status), response is None) in ((1, True), (0, False)), command
+        if with_status:
+            assert data_ins[-1] is with_status[0] and with_status[0].final
+        assert [d.datasn for d in data_ins] == list(range(len(data_ins)))
+        offsets = [d.buffer_offset for d in data_ins]
+        assert offsets == [sum(len(d.data) for d in data_ins[:i]) for i in range(len(offsets))]
+
+
+def test_libiscsi_commands() -> None:
+    for command, _, _ in _tasks():
+        assert command.attribute is TaskAttribute.SIMPLE
+        assert command.final and not command.write and not command.immediate
+        assert command.read == (command.edtl > 0)
+        assert command.data == b""
+        # Single-level peripheral addressing: 00 LL then six zero bytes.
+        assert command.lun[0] == 0 and command.lun[2:] == bytes(6)
+    opcodes = {command.cdb[0] for command, _, _ in _tasks()}
+    # TEST UNIT READY, INQUIRY, READ CAPACITY(10), SERVICE ACTION IN (16), REPORT LUNS
+    assert opcodes == {0x00, 0x12, 0x25, 0x9E, 0xA0}
+    report_luns = [c for c, _, _ in _tasks() if c.cdb[0] == 0xA0]
+    assert report_luns and all(c.lun == bytes(8) for c in report_luns)
+
+
+def test_tgt_queues_a_unit_attention_at_login_and_reports_missing_luns() -> None:
+    """libiscsi sends TEST UNIT READY to each LUN until it passes: tgt answers the first with
+    the UNIT ATTENTION it queued at login (or, for LUN 5, which does not exist, ILLEGAL
+    REQUEST), the next with GOOD. REPORT LUNS and INQUIRY before it do not consume it."""
+    seen: dict[tuple[int, bytes], list[ScsiResponse]] = {}
+    for session, pdus in _scsi_sessions().items():
+        responses = {p.itt: p for _, p in pdus if isinstance(p, ScsiResponse)}
+        for _, command in pdus:
+            if isinstance(command, ScsiCommand) and command.cdb == bytes(16):
+                seen.setdefault((session, command.lun), []).append(responses[command.itt])
+    assert len(seen) >= 8
+    for (_, lun), answers in seen.items():
+        first, *later = answers
+        assert first.response is ScsiResponseCode.COMMAND_COMPLETED
+        assert first.status is ScsiStatus.CHECK_CONDITION
+        assert len(first.sense) == 18  # tgt's fixed format
+        assert first.response_data == b""
+        if lun[1] == 5:
+            assert _fixed_sense(first.sense) == (0x05, 0x25, 0x00)
+            assert later == []  # libiscsi gives up
+        else:
+            assert _fixed_sense(first.sense) == (0x06, 0x29, 0x00)
+            assert [(r.status, r.data) for r in later] == [(ScsiStatus.GOOD, b"")]
+
+
+def test_tgt_puts_good_status_on_the_last_data_in_with_the_underflow() -> None:
+    reads = [(c, d) for c, d, r in _tasks() if c.read]
+    assert reads
+    for command, data_ins in reads:
+        last = data_ins[-1]
+        assert last.status is ScsiStatus.GOOD
+        assert last.ttt == RESERVED_TAG
+        assert not last.overflow  # a reply cut to the allocation length is not an overflow
+        sent = sum(len(d.data) for d in data_ins)
+        assert sent <= command.edtl
+        assert last.underflow == (sent < command.edtl)
+        assert last.residual == command.edtl - sent
+    # VPD page 0x00 of tgt's disk is 10 bytes, asked for with 64: U and a residual of 54.
+    vpd0 = [d[-1] for c, d in reads if c.cdb[:3] == b"\x12\x01\x00"]
+    assert vpd0 and all((d.underflow, d.residual, len(d.data)) == (True, 54, 10) for d in vpd0)
+
+
+def test_tshark_read_the_scsi_fields_we_check() -> None:
+    seen: set[str] = set()
+    for vector in DISSECTED:
+        if vector.scenario == "scsi" and vector.tshark is not None:
+            seen |= set(vector.tshark)
+    scsi_checks = {name for name in CHECKS if "scsi" in name or name.endswith(("datasn", "Offset"))}
+    assert scsi_checks <= seen, sorted(scsi_checks - seen)

@@ -1,8 +1,10 @@
-"""Capture golden iSCSI PDUs from real peers: libiscsi's iscsi-ls logging in to tgt's tgtd.
+"""Capture golden iSCSI PDUs from real peers: libiscsi's tools talking to tgt's tgtd.
 
 Run as root from the repository root (needs tgt, libiscsi-bin, tshark; dumpcap captures on lo):
 
-    /work/venv/bin/python tests/vectors/capture.py [--out tests/vectors]
+    /work/venv/bin/python tests/vectors/capture.py [--out tests/vectors] [--only SCENARIO ...]
+
+``--only`` re-captures the named scenarios and leaves the others' files as they are.
 
 Each scenario starts its own tgtd(s) on fresh loopback addresses (``tests/peers.py``), captures
 loopback traffic with dumpcap, then reads the capture twice with tshark: once for the raw TCP
@@ -49,8 +51,9 @@ IQN = "iqn.2024-01.test.pyiscsi:"
 CHAP_USER = "golden-user"
 CHAP_SECRET = "golden-secret-0123"
 WRONG_SECRET = "not-the-secret-99"
-#: Opcodes pyiscsi-failover models; SCSI traffic of ``iscsi-ls -s`` is counted but not stored.
-MODELED = {0x00, 0x03, 0x04, 0x06, 0x20, 0x23, 0x24, 0x26, 0x3F}
+#: Opcodes pyiscsi-failover models (others would be counted, not stored). Captures made before
+#: the SCSI opcodes 0x01/0x21/0x25 joined counted the SCSI traffic of ``iscsi-ls -s`` only.
+MODELED = {0x00, 0x01, 0x03, 0x04, 0x06, 0x20, 0x21, 0x23, 0x24, 0x25, 0x26, 0x3F}
 SPARSE = "<sparse 1 MiB file>"
 PROBE_UDP_PORT = 9  # discard: nothing answers; only used to see that dumpcap is capturing
 
@@ -432,6 +435,65 @@ def scenario_redirect(workdir: Path) -> tuple[Scenario, Path, set[tuple[str, int
         return scenario, pcap, portals
 
 
+def _run_tool(scenario: Scenario, tool: str, *args: str) -> None:
+    """Run one libiscsi tool (iscsi-inq, iscsi-readcapacity16...) and record it."""
+    binary = require_tool(tool, "libiscsi-bin")
+    done = subprocess.run(
+        [binary, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    scenario.commands.append(shlex.join([tool, *args]))
+    scenario.outputs.append(
+        {"exit_status": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+    )
+
+
+def scenario_scsi(workdir: Path) -> tuple[Scenario, Path, set[tuple[str, int]]]:
+    scenario = Scenario(
+        name="scsi",
+        requests_from="libiscsi's iscsi-inq, iscsi-readcapacity16 and iscsi-ls (real C tools)",
+        description=(
+            "SCSI over Normal sessions, one per tool run, against a target with disk LUNs 1 "
+            "and 2 (tgt adds the controller LUN 0): standard INQUIRY and VPD 0x00/0x80/0x83 of "
+            "LUN 1, READ CAPACITY(16), iscsi-ls -s (REPORT LUNS and INQUIRY per LUN), and "
+            "INQUIRY and READ CAPACITY(16) of LUN 5, which does not exist. libiscsi's connect "
+            "sends TEST UNIT READY until the UNIT ATTENTION tgt queues at login is consumed, "
+            "so the sessions show CHECK CONDITION with sense (06/29/00), Data-In with status "
+            "and underflow residuals, and SCSI Responses."
+        ),
+    )
+    pcap = workdir / "scsi.pcapng"
+    with Tgtd() as daemon:
+        target = IQN + "disk"
+        daemon.add_target(1, target, luns=2)
+        daemon.allow(1)
+        scenario.commands += _tgtd_setup_commands(
+            daemon,
+            [
+                f"--op new --mode target --tid 1 --targetname {target}",
+                f"--op new --mode logicalunit --tid 1 --lun 1 --backing-store {SPARSE}",
+                f"--op new --mode logicalunit --tid 1 --lun 2 --backing-store {SPARSE}",
+                "--op bind --mode target --tid 1 -I ALL",
+            ],
+        )
+        portal = iscsi_url(daemon.host, daemon.port)
+        lun1, lun5 = f"{portal}/{target}/1", f"{portal}/{target}/5"
+        with capturing(pcap, [daemon.host], daemon.port):
+            _run_tool(scenario, "iscsi-inq", "-i", INITIATOR, lun1)
+            for page in ("0x00", "0x80", "0x83"):
+                _run_tool(scenario, "iscsi-inq", "-i", INITIATOR, "-e", "1", "-c", page, lun1)
+            _run_tool(scenario, "iscsi-readcapacity16", "-i", INITIATOR, lun1)
+            _run_ls(scenario, "-i", INITIATOR, "-s", portal)
+            _run_tool(scenario, "iscsi-inq", "-i", INITIATOR, lun5)
+            _run_tool(scenario, "iscsi-readcapacity16", "-i", INITIATOR, lun5)
+        assert all(o["exit_status"] == 0 for o in scenario.outputs[:6]), scenario.outputs
+        return scenario, pcap, {(daemon.host, daemon.port)}
+
+
 # -- hand-built requests for tgt_probes -------------------------------------------------------
 
 
@@ -731,12 +793,15 @@ SCENARIOS = (
     scenario_auth_failure,
     scenario_redirect,
     scenario_tgt_probes,
+    scenario_scsi,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    names = [make.__name__.removeprefix("scenario_") for make in SCENARIOS]
+    parser.add_argument("--only", nargs="+", choices=names, help="re-capture only these")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("capture.py must run as root (tgtd and dumpcap need it)", file=sys.stderr)
@@ -748,26 +813,33 @@ def main(argv: list[str] | None = None) -> int:
         ("dumpcap", "tshark"),
     ):
         require_tool(binary, package)
-    captured_at = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    captured_at = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    versions = _versions()
     provenance: dict[str, Any] = {
-        "captured_at": captured_at.isoformat(),
-        "versions": _versions(),
+        "captured_at": captured_at,
+        "versions": versions,
         "capture": "dumpcap -q -i lo -f '<hosts> and (tcp port 3260 or udp port 9)' -w <pcap>",
         "payloads": "tshark -r <pcap> -Y tcp -T fields -e frame.number -e tcp.stream -e ip.src "
         "-e tcp.srcport -e ip.dst -e tcp.dstport -e tcp.seq_raw -e tcp.len -e tcp.payload",
         "decoding": "tshark -r <pcap> -Y iscsi -T json --no-duplicate-keys -J 'frame ip tcp iscsi'",
         "scenarios": {},
     }
+    chosen = [m for m in SCENARIOS if not args.only or m.__name__[9:] in args.only]
+    previous = args.out / "provenance.json"
+    if args.only and previous.is_file():
+        # The scenarios not re-captured keep their provenance (top level); each re-captured
+        # one says its own date and versions.
+        provenance.update(json.loads(previous.read_text()))
     with tempfile.TemporaryDirectory(prefix="pyiscsi-capture-") as tmp:
-        for make in SCENARIOS:
+        for make in chosen:
             scenario, pcap, portals = make(Path(tmp))
             result = read_capture(pcap, portals)
             document = {
                 "scenario": scenario.name,
                 "description": scenario.description,
                 "requests_from": scenario.requests_from,
-                "captured_at": provenance["captured_at"],
-                "versions": provenance["versions"],
+                "captured_at": captured_at,
+                "versions": versions,
                 "commands": scenario.commands,
                 "tool_output": scenario.outputs,
                 "chap_secrets_used": {
@@ -781,6 +853,7 @@ def main(argv: list[str] | None = None) -> int:
             target.write_text(json.dumps(document, indent=1) + "\n")
             (args.out / pcap.name).write_bytes(pcap.read_bytes())
             provenance["scenarios"][scenario.name] = {
+                **({"captured_at": captured_at, "versions": versions} if args.only else {}),
                 "pdus": len(result["pdus"]),
                 "sessions": len(result["sessions"]),
                 "skipped_scsi_pdus_by_opcode": result["skipped_scsi_pdus_by_opcode"],
