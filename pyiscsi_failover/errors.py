@@ -12,6 +12,7 @@ impossible; *remote* ones mean the peer sent something wrong or refused us. Buil
     │   ├── PDUDecodeError (ValueError)     bytes that are not a valid PDU (field, offset, value)
     │   ├── TextError (ValueError)          malformed key=value data
     │   ├── NegotiationError                an unacceptable answer to a key
+    │   ├── SCSIReplyError (ValueError)     a SCSI reply (INQUIRY data, sense...) that is malformed
     │   └── NotAnISCSITarget                the peer's very first reply is not an iSCSI PDU
     ├── AuthenticationError                CHAP failed or the target tried to weaken it
     │   ├── ChapDowngradeError              the target chose no CHAP or an algorithm not offered
@@ -64,6 +65,7 @@ __all__ = [
     "ProtocolError",
     "RedirectLoopError",
     "RedirectRefused",
+    "SCSIReplyError",
     "TargetAuthenticationError",
     "TextError",
     "Unreachable",
@@ -126,6 +128,27 @@ class NegotiationError(ProtocolError):
     def __init__(self, message: str, *, key: str | None = None, value: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+        self.value = value
+
+
+class SCSIReplyError(ProtocolError, ValueError):
+    """A SCSI reply from a logical unit (INQUIRY or REPORT LUNS data, sense...) does not parse.
+
+    ``field`` names the offending field, ``offset`` its byte offset in the reply and ``value``
+    the value found there, as for :class:`PDUDecodeError`: the PDU was fine, its payload not.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        offset: int | None = None,
+        value: object = None,
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.offset = offset
         self.value = value
 
 

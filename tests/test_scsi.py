@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from pyiscsi_failover.errors import (
     LocalProtocolError,
-    PDUDecodeError,
     PDUEncodeError,
     ProtocolError,
+    SCSIReplyError,
 )
 from pyiscsi_failover.protocol import scsi
 from pyiscsi_failover.protocol.scsi import (
@@ -374,7 +374,7 @@ def test_non_ascii_identity_bytes_are_shown_escaped_not_refused() -> None:
 
 
 def test_a_standard_inquiry_without_its_header_is_refused() -> None:
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse_standard_inquiry(TGT_LUN0[:4])
     assert caught.value.field == "ADDITIONAL LENGTH"
     assert "ADDITIONAL LENGTH" in str(caught.value)
@@ -465,7 +465,7 @@ def test_tgt_unit_serial_is_right_justified_and_read_without_padding() -> None:
     "parse", [parse_vpd_supported_pages, parse_vpd_unit_serial, parse_vpd_device_identification]
 )
 def test_a_vpd_reply_for_another_page_is_refused(parse: Callable[[bytes], object]) -> None:
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse(bytes.fromhex("00 b0 00 00"))
     assert caught.value.field == "PAGE CODE"
     assert caught.value.offset == 1
@@ -476,7 +476,7 @@ def test_a_vpd_reply_for_another_page_is_refused(parse: Callable[[bytes], object
     "parse", [parse_vpd_supported_pages, parse_vpd_unit_serial, parse_vpd_device_identification]
 )
 def test_a_vpd_reply_without_its_header_is_refused(parse: Callable[[bytes], object]) -> None:
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse(b"\x00\x83\x00")
     assert caught.value.field == "PAGE LENGTH"
 
@@ -500,7 +500,7 @@ def test_a_cut_vpd83_keeps_whole_designators_and_says_truncated(size: int) -> No
 def test_a_designator_overrunning_a_complete_page_is_refused() -> None:
     broken = bytearray(TGT_VPD83)
     broken[56 + 3] = 0x11  # NAA 6 claims 17 bytes; the page holds 16
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse_vpd_device_identification(bytes(broken))
     assert caught.value.field == "DESIGNATOR LENGTH"
     assert caught.value.offset == 59
@@ -509,7 +509,7 @@ def test_a_designator_overrunning_a_complete_page_is_refused() -> None:
 
 def test_a_designator_header_cut_by_the_page_length_is_refused() -> None:
     page = bytes.fromhex("00 83 00 02 01 03")  # a complete page of 2 bytes: half a header
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse_vpd_device_identification(page)
     assert caught.value.field == "DESIGNATOR LENGTH"
 
@@ -708,7 +708,7 @@ def test_report_luns_cut_anywhere_says_so(numbers: list[int], cut: int) -> None:
 
 
 def test_report_luns_with_a_ragged_list_length_is_refused() -> None:
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse_report_luns(bytes.fromhex("0000000c 00000000") + bytes(12))
     assert (caught.value.field, caught.value.offset, caught.value.value) == (
         "LUN LIST LENGTH",
@@ -718,7 +718,7 @@ def test_report_luns_with_a_ragged_list_length_is_refused() -> None:
 
 
 def test_report_luns_without_its_header_is_refused() -> None:
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse_report_luns(bytes(7))
     assert caught.value.field == "LUN LIST LENGTH"
 
@@ -777,7 +777,7 @@ def test_read_capacity_16_round_trip(last_lba: int, block_length: int) -> None:
 def test_bad_read_capacity_replies_are_refused(
     parse: Callable[[bytes], object], data: bytes, field: str
 ) -> None:
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse(data)
     assert caught.value.field == field
 
@@ -864,7 +864,7 @@ def test_sense_round_trip_in_both_formats(
     ],
 )
 def test_bad_sense_is_refused_naming_the_field(data: bytes, field: str) -> None:
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse_sense(data)
     assert caught.value.field == field
 
@@ -876,10 +876,10 @@ def test_sense_segment_edges() -> None:
     sense = encode_fixed_sense(SenseKey.UNIT_ATTENTION, 0x29, 0)
     with_response_data = encode_sense_segment(sense) + b"\x01\x02"
     assert parse_sense_segment(with_response_data) == parse_sense(sense)
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse_sense_segment(b"\x00")
     assert caught.value.field == "SenseLength"
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse_sense_segment(b"\x00\x13" + sense)
     assert (caught.value.field, caught.value.value) == ("SenseLength", 19)
 
@@ -902,7 +902,7 @@ def test_scsi_status_codes(code: int, status: ScsiStatus) -> None:
 
 
 def test_an_unknown_scsi_status_is_refused() -> None:
-    with pytest.raises(PDUDecodeError) as caught:
+    with pytest.raises(SCSIReplyError) as caught:
         parse_scsi_status(0x01)
     assert (caught.value.field, caught.value.value) == ("Status", 1)
 

@@ -27,7 +27,7 @@ Facts it relies on (SPC-4, SAM-5, RFC 7143 section 11.4.7; Linux and udev behavi
 * Sense data comes in fixed (0x70/0x71) or descriptor (0x72/0x73) format; the iSCSI SCSI
   Response carries it after a 2-byte SenseLength.
 
-Malformed replies raise :class:`~pyiscsi_failover.errors.PDUDecodeError` (a ``ProtocolError``)
+Malformed replies raise :class:`~pyiscsi_failover.errors.SCSIReplyError` (a ``ProtocolError``)
 naming the field, its byte offset and the value found; bad arguments to a builder raise
 :class:`~pyiscsi_failover.errors.PDUEncodeError` (a ``LocalProtocolError``). Plain
 ``int.from_bytes`` suits these small fixed layouts; construct stays in ``wire.py``.
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Final, TypeVar
 
-from pyiscsi_failover.errors import PDUDecodeError, PDUEncodeError
+from pyiscsi_failover.errors import PDUEncodeError, SCSIReplyError
 from pyiscsi_failover.protocol.pdu import ScsiStatus  # one status enum, shared with the codec
 
 __all__ = [
@@ -260,9 +260,9 @@ def _enum_or_int(kind: type[_E], value: int) -> _E | int:
 
 
 def _decode_error(reply: str, field: str, offset: int | None, value: object, why: str) -> Exception:
-    # The one place a reply is refused: the lead may give these their own class later.
+    # The one place a reply is refused.
     where = "" if offset is None else f" (byte {offset})"
-    return PDUDecodeError(
+    return SCSIReplyError(
         f"malformed {reply}: {field}{where} {why}", field=field, offset=offset, value=value
     )
 
