@@ -25,6 +25,7 @@ PURE = ",".join(
         "connection_info.py",
         "login_config.py",
         "initiator.py",
+        "lun_check.py",
         "testing/target.py",
         "testing/faults.py",
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final, TypeAlias
 
 from pyiscsi_failover.errors import (
@@ -51,6 +51,10 @@ from pyiscsi_failover.protocol.pdu import (
     NopIn,
     NopOut,
     Reject,
+    ScsiCommand,
+    ScsiDataIn,
+    ScsiResponse,
+    ScsiStatus,
     Stage,
     StatusClass,
     TextRequest,
@@ -69,6 +73,7 @@ __all__ = [
     "LoginRejected",
     "LoginSucceeded",
     "NeedData",
+    "ScsiCompleted",
     "State",
     "TargetsDiscovered",
     "probe_isid",
@@ -151,7 +156,44 @@ class LoggedOut:
     response: LogoutResponseCode
 
 
-Event: TypeAlias = LoginSucceeded | LoginRedirected | LoginRejected | TargetsDiscovered | LoggedOut
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScsiCompleted:
+    """A SCSI task ended: its status, what a read returned, and the sense of a CHECK CONDITION.
+
+    ``itt`` is what :meth:`InitiatorConnection.submit` returned. ``status`` is None when the
+    target could not complete the command (``response`` non-zero). ``data`` is the Data-In
+    payload in buffer order; ``residual`` with ``overflow``/``underflow`` is the target's count
+    of bytes it wanted to send beyond, or did not send within, the expected length.
+    """
+
+    itt: int
+    status: ScsiStatus | None
+    response: int = 0
+    data: bytes = b""
+    sense: bytes = b""
+    overflow: bool = False
+    underflow: bool = False
+    residual: int = 0
+
+
+Event: TypeAlias = (
+    LoginSucceeded | LoginRedirected | LoginRejected | TargetsDiscovered | LoggedOut | ScsiCompleted
+)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Task:
+    """One outstanding SCSI command and the Data-In gathered for it so far."""
+
+    command: ScsiCommand
+    data: bytearray = field(default_factory=bytearray)
+    next_datasn: int = 0
+    sent: bool = False
+
+
+def _serial_le(a: int, b: int) -> bool:
+    """RFC 1982 serial-number a <= b for 32-bit sequence numbers (CmdSN windows)."""
+    return a == b or 0 < ((b - a) & _SERIAL_MASK) < 0x80000000
 
 
 class _ChapStep(enum.Enum):
@@ -164,6 +206,8 @@ class _ChapStep(enum.Enum):
 
 
 _LOGIN_STATES: Final = frozenset({State.SECURITY_NEGOTIATION, State.OPERATIONAL_NEGOTIATION})
+#: Where answers to SCSI commands may arrive: a logout may overtake the last of them.
+_TASK_STATES: Final = frozenset({State.FULL_FEATURE, State.LOGGING_OUT})
 
 
 class InitiatorConnection:
@@ -188,7 +232,10 @@ class InitiatorConnection:
         self._out = bytearray()
         self._events: list[Event] = []
         self._cmdsn = initial_cmdsn
+        self._maxcmdsn = initial_cmdsn  # the target's window; widened by every response
         self._expstatsn = 0
+        self._tasks: dict[int, _Task] = {}
+        self._queued: list[int] = []  # ITTs waiting for the CmdSN window to open
         self._next_itt = initial_itt
         self._itt = initial_itt
         self._tsih = 0
@@ -296,6 +343,60 @@ class InitiatorConnection:
         )
         self._cmdsn = (self._cmdsn + 1) & _SERIAL_MASK
 
+    def submit(self, cdb: bytes, *, lun: bytes, transfer_length: int, read: bool = True) -> int:
+        """Queue one SCSI command for ``lun`` (8 bytes as on the wire); return its ITT.
+
+        Commands are pipelined: each goes out at once while the target's CmdSN window
+        (MaxCmdSN) has room, and waits in order otherwise, leaving as answers widen the window.
+        ``transfer_length`` is the Expected Data Transfer Length of a read (0 for none).
+        """
+        if self.state is not State.FULL_FEATURE:
+            raise LocalProtocolError(f"submit() is not allowed in state {self.state.value}")
+        if not 0 <= transfer_length <= _SERIAL_MASK:
+            raise LocalProtocolError(f"transfer_length must be 0..2**32-1, not {transfer_length}")
+        itt = self._new_itt()
+        while itt in self._tasks:  # 2**32 tags wrapped onto one still outstanding
+            itt = self._new_itt()
+        command = ScsiCommand(
+            itt=itt,
+            edtl=transfer_length,
+            cmdsn=self._cmdsn,
+            expstatsn=self._expstatsn,
+            cdb=cdb,
+            lun=lun,
+            read=read and transfer_length > 0,
+        )
+        self._cmdsn = (self._cmdsn + 1) & _SERIAL_MASK
+        self._tasks[itt] = _Task(command=command)
+        self._queued.append(itt)
+        self._send_window()
+        return itt
+
+    @property
+    def outstanding(self) -> int:
+        """SCSI commands submitted and not yet completed."""
+        return len(self._tasks)
+
+    def _send_window(self) -> None:
+        while self._queued:
+            task = self._tasks.get(self._queued[0])
+            if task is None:
+                self._queued.pop(0)
+                continue
+            if not _serial_le(task.command.cmdsn, self._maxcmdsn):
+                return  # the window is closed: wait for a response to open it
+            self._queued.pop(0)
+            task.sent = True
+            self._send(replace(task.command, expstatsn=self._expstatsn))
+
+    def _update_window(self, expcmdsn: int, maxcmdsn: int) -> None:
+        """RFC 7143 4.2.2.1: MaxCmdSN only moves forward, and is ignored when it is below
+        ExpCmdSN - 1 (an invalid window)."""
+        if not _serial_le((expcmdsn - 1) & _SERIAL_MASK, maxcmdsn):
+            return
+        if _serial_le(self._maxcmdsn, maxcmdsn):
+            self._maxcmdsn = maxcmdsn
+
     def logout(self) -> None:
         """Close the session, so a probe leaves nothing behind on the target."""
         self._require(State.FULL_FEATURE, "logout")
@@ -390,6 +491,10 @@ class InitiatorConnection:
                 self._on_logout_response(pdu)
             case NopIn() if self.state not in _LOGIN_STATES:
                 self._on_nop_in(pdu)
+            case ScsiDataIn() if self.state in _TASK_STATES:
+                self._on_data_in(pdu)
+            case ScsiResponse() if self.state in _TASK_STATES:
+                self._on_scsi_response(pdu)
             case Reject():
                 raise ProtocolError(
                     f"target rejected our PDU during {self._phase()}: {pdu.reason.name.lower()}"
@@ -634,6 +739,9 @@ class InitiatorConnection:
         if pdu.tsih == 0:
             raise ProtocolError("final Login Response of a new session carries TSIH 0")
         self._tsih = pdu.tsih
+        # The first full-feature command reuses the login's CmdSN; the window starts here.
+        self._maxcmdsn = self._cmdsn
+        self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
         self._parameters = self._negotiator.result()
         if self._parameters.target_portal_group_tag is None and self._tpgt is not None:
             # TargetPortalGroupTag arrives in the security stage, before the negotiator runs.
@@ -682,14 +790,84 @@ class InitiatorConnection:
         targets = parse_send_targets(decode_text(text))
         self._events.append(TargetsDiscovered(targets=tuple(targets)))
 
+    def _task(self, itt: int, what: str) -> _Task:
+        task = self._tasks.get(itt)
+        if task is None or not task.sent:
+            raise ProtocolError(f"{what} for ITT 0x{itt:08x}, which names no command of ours")
+        return task
+
+    def _on_data_in(self, pdu: ScsiDataIn) -> None:
+        task = self._task(pdu.itt, "SCSI Data-In")
+        self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
+        if pdu.datasn != task.next_datasn:
+            raise ProtocolError(
+                f"SCSI Data-In for ITT 0x{pdu.itt:08x} has DataSN {pdu.datasn}, expected"
+                f" {task.next_datasn} (Data-In out of order)"
+            )
+        task.next_datasn += 1
+        if pdu.buffer_offset != len(task.data):
+            raise ProtocolError(
+                f"SCSI Data-In for ITT 0x{pdu.itt:08x} is at buffer offset {pdu.buffer_offset},"
+                f" expected {len(task.data)} (we negotiated DataPDUInOrder=Yes)"
+            )
+        if len(task.data) + len(pdu.data) > task.command.edtl:
+            raise ProtocolError(
+                f"SCSI Data-In for ITT 0x{pdu.itt:08x} goes past the expected length"
+                f" {task.command.edtl}"
+            )
+        task.data += pdu.data
+        if pdu.status is not None:
+            # S: the status rides on this final Data-In and no SCSI Response follows.
+            self._advance_statsn(pdu.statsn)
+            self._complete(
+                pdu.itt,
+                ScsiCompleted(
+                    itt=pdu.itt,
+                    status=pdu.status,
+                    data=bytes(task.data),
+                    overflow=pdu.overflow,
+                    underflow=pdu.underflow,
+                    residual=pdu.residual,
+                ),
+            )
+
+    def _on_scsi_response(self, pdu: ScsiResponse) -> None:
+        task = self._task(pdu.itt, "SCSI Response")
+        self._advance_statsn(pdu.statsn)
+        self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
+        # ExpDataSN is not checked against the Data-In count: tgt sends Data-In before a CHECK
+        # CONDITION Response and still reports ExpDataSN 0 (seen with a missing LUN).
+        self._complete(
+            pdu.itt,
+            ScsiCompleted(
+                itt=pdu.itt,
+                status=pdu.status,
+                response=pdu.response,
+                data=bytes(task.data),
+                sense=pdu.sense,
+                overflow=pdu.overflow,
+                underflow=pdu.underflow,
+                residual=pdu.residual,
+            ),
+        )
+
+    def _complete(self, itt: int, event: ScsiCompleted) -> None:
+        del self._tasks[itt]
+        if self.state is State.FULL_FEATURE:
+            self._events.append(event)
+            self._send_window()
+
     def _on_logout_response(self, pdu: LogoutResponse) -> None:
         self._check_itt(pdu.itt, "Logout Response")
         self._advance_statsn(pdu.statsn)
+        self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
         self.state = State.DONE
         self._events.append(LoggedOut(response=pdu.response))
 
     def _on_nop_in(self, pdu: NopIn) -> None:
         # An unsolicited NOP-In does not advance StatSN (RFC 7143 section 11.19).
+        self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
+        self._send_window()
         if pdu.ttt != RESERVED_TAG:
             # A ping from the target: echo its TTT (and its data) back.
             self._send(

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         LoginSucceeded,
     )
     from pyiscsi_failover.login_config import LoginConfig
+    from pyiscsi_failover.lun_check import LunCheck, LunReport
     from pyiscsi_failover.protocol.sendtargets import DiscoveredTarget
 
 __all__ = [
@@ -354,6 +355,7 @@ class LoginReport:
     redirects: tuple[Redirect, ...] = ()
     logout: LoggedOut | None = None
     targets: tuple[DiscoveredTarget, ...] = ()
+    lun: LunReport | None = None
     connect_s: float = 0.0
     login_s: float = 0.0
     total_s: float = 0.0
@@ -405,8 +407,11 @@ async def login(
     logout_timeout: float = DEFAULT_LOGOUT_TIMEOUT,
     redirect_policy: RedirectPolicy = DEFAULT_REDIRECT_POLICY,
     send_targets: str | None = None,
+    lun_check: LunCheck | None = None,
 ) -> LoginReport:
-    """Log in at ``portal`` (following redirects), optionally ask SendTargets, and log out.
+    """Log in at ``portal`` (following redirects), optionally ask SendTargets or check a LUN
+    (:class:`~pyiscsi_failover.lun_check.LunCheck`, its answer in :attr:`LoginReport.lun`),
+    and log out.
 
     One budget covers the whole call, every redirect hop included: it ends within
     ``connect_timeout + login_timeout``, plus at most ``logout_timeout`` of cleanup (the logout,
@@ -466,6 +471,8 @@ async def login(
                     event = await _next_event(sock, conn, current, sending)
                     if isinstance(event, LoginSucceeded) and send_targets is not None:
                         targets = await _send_targets(sock, conn, current, send_targets)
+                    if isinstance(event, LoginSucceeded) and lun_check is not None:
+                        await _check_lun(sock, conn, current, lun_check, sending)
                     if isinstance(event, LoginRedirected):
                         infos = await _follow(
                             redirect_policy,
@@ -516,6 +523,7 @@ async def login(
                 redirects=tuple(redirects),
                 logout=logout,
                 targets=targets,
+                lun=None if lun_check is None else lun_check.report,
                 connect_s=connect_s,
                 login_s=login_s,
                 total_s=time.monotonic() - started,
@@ -596,6 +604,33 @@ async def _send_targets(
     return event.targets
 
 
+async def _check_lun(
+    sock: socket.socket,
+    conn: InitiatorConnection,
+    portal: Portal,
+    check: LunCheck,
+    sending: _Sending,
+) -> None:
+    """Run ``check``'s SCSI commands over the session, pipelined, until it has its answer."""
+    from pyiscsi_failover.initiator import ScsiCompleted
+
+    steps = {}
+    for request in check.start():
+        itt = conn.submit(
+            request.cdb.cdb, lun=request.lun, transfer_length=request.cdb.transfer_length
+        )
+        steps[itt] = request.step
+    while not check.done:
+        event = await _next_event(sock, conn, portal, sending)
+        if not isinstance(event, ScsiCompleted):
+            raise ProtocolError(f"{portal}: unexpected {type(event).__name__} during the LUN check")
+        for request in check.completed(steps.pop(event.itt), event):
+            itt = conn.submit(
+                request.cdb.cdb, lun=request.lun, transfer_length=request.cdb.transfer_length
+            )
+            steps[itt] = request.step
+
+
 async def _logout_refused_login(
     sock: socket.socket, conn: InitiatorConnection, portal: Portal, deadline_s: float
 ) -> None:
@@ -625,6 +660,13 @@ async def _abandon_login(
     """
     from pyiscsi_failover.initiator import LoginSucceeded, State
 
+    if conn.state is State.FULL_FEATURE and sending.done:
+        # Logged in (a LUN check or SendTargets was cut short): log out of that session.
+        with trio.CancelScope(shield=True):
+            _, note = await _logout(sock, conn, portal, deadline_s)
+        if note:
+            logger.debug("%s: abandoned session: %s", portal, note)
+        return
     if conn.state is not State.OPERATIONAL_NEGOTIATION or not sending.done:
         return
     with trio.CancelScope(shield=True), trio.move_on_after(deadline_s):

@@ -30,6 +30,7 @@ PURE_AND_SANS_IO = [
     "pyiscsi_failover.protocol.scsi",
     "pyiscsi_failover.login_config",
     "pyiscsi_failover.initiator",
+    "pyiscsi_failover.lun_check",
     "pyiscsi_failover.testing.target",
     "pyiscsi_failover.testing.faults",
 ]
@@ -69,6 +70,7 @@ def test_the_codec_loads_with_the_first_connection_not_before(modules: tuple[str
         "pyiscsi_failover.protocol.pdu",
         "pyiscsi_failover.protocol.framing",
         "pyiscsi_failover.initiator",
+    "pyiscsi_failover.lun_check",
     )
     code = (
         "import sys, importlib\n"

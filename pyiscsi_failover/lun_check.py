@@ -1,0 +1,352 @@
+"""The LUN check, sans-IO: which SCSI commands prove a volume usable, and what their answers mean.
+
+After a login, a probe asks the target whether *this* logical unit is there and ready:
+
+* REPORT LUNS, sent to LUN 0, must list the candidate's LUN;
+* a standard INQUIRY of the LUN must show peripheral qualifier 0 and a direct-access device
+  (tgtd answers a missing LUN with LUN 0's data marked 0x7F, and its LUN 0 is a controller,
+  type 0x0C, for which the kernel makes no disk);
+* INQUIRY VPD 0x83 gives the WWID, rendered as Linux and udev render it;
+* TEST UNIT READY must pass, after bounded retries of the UNIT ATTENTION tgtd queues at every
+  login; NOT READY 04/0B or 04/0C is an ALUA standby or unavailable port, not a dead one;
+* READ CAPACITY(16), falling back to (10), gives the size.
+
+All five are sent at once (the connection pipelines them within the target's CmdSN window).
+BUSY and TASK SET FULL are retried a bounded number of times, as is a UNIT ATTENTION. A
+RESERVATION CONFLICT is a note, not a failure: it is usually a cluster's own reservation.
+
+:class:`LunCheck` is driven by the transport: :meth:`LunCheck.start` gives the first
+:class:`ScsiRequest`\\s, :meth:`LunCheck.completed` takes each answer and gives what to send
+next, and :attr:`LunCheck.report` is set once nothing is left. Pure: never imports trio, socket
+or subprocess.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Final
+
+from pyiscsi_failover.errors import LocalProtocolError, SCSIReplyError
+from pyiscsi_failover.initiator import ScsiCompleted
+from pyiscsi_failover.protocol.pdu import ScsiStatus
+from pyiscsi_failover.protocol.scsi import (
+    AddressingMode,
+    Capacity,
+    Cdb,
+    PeripheralDeviceType,
+    Sense,
+    SenseKey,
+    StandardInquiry,
+    VpdPage,
+    cdb_inquiry,
+    cdb_read_capacity_10,
+    cdb_read_capacity_16,
+    cdb_report_luns,
+    cdb_test_unit_ready,
+    lun_field,
+    parse_read_capacity_10,
+    parse_read_capacity_16,
+    parse_report_luns,
+    parse_sense,
+    parse_standard_inquiry,
+    parse_vpd_device_identification,
+)
+
+__all__ = ["MAX_RETRIES", "LunCheck", "LunInfo", "LunReport", "LunVerdict", "ScsiRequest", "Step"]
+
+#: How often one command is retried after BUSY, TASK SET FULL or UNIT ATTENTION.
+MAX_RETRIES: Final = 3
+_LUN_ZERO: Final = bytes(8)
+#: ILLEGAL REQUEST codes of an LU that does not know a command: invalid opcode, invalid field.
+_NOT_SUPPORTED: Final = frozenset({(0x20, 0x00), (0x24, 0x00)})
+
+
+class Step(enum.Enum):
+    """What each command of the check is for."""
+
+    REPORT_LUNS = "REPORT LUNS"
+    INQUIRY = "INQUIRY"
+    DEVICE_ID = "INQUIRY VPD 0x83"
+    TEST_UNIT_READY = "TEST UNIT READY"
+    READ_CAPACITY_16 = "READ CAPACITY(16)"
+    READ_CAPACITY_10 = "READ CAPACITY(10)"
+
+
+class LunVerdict(enum.Enum):
+    """The check's answer; the values are the prober's outcome words."""
+
+    OK = "ok"
+    MISSING = "lun_missing"
+    NOT_READY = "lun_not_ready"
+    STANDBY = "lun_standby"
+    ERROR = "lun_error"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScsiRequest:
+    """One command to submit: its CDB for ``lun`` (8 bytes as on the wire), and why."""
+
+    step: Step
+    cdb: Cdb
+    lun: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LunInfo:
+    """What the logical unit told about itself; ``wwid`` as ``/sys/block/sdX/device/wwid``
+    shows it, ``wwid_udev`` as udev's scsi_id (and so ``/dev/disk/by-id``) does."""
+
+    wwid: str | None
+    wwid_udev: str | None
+    size_bytes: int | None
+    block_size: int | None
+    vendor: str
+    product: str
+    revision: str
+    device_type: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "wwid": self.wwid,
+            "wwid_udev": self.wwid_udev,
+            "size_bytes": self.size_bytes,
+            "block_size": self.block_size,
+            "vendor": self.vendor,
+            "product": self.product,
+            "revision": self.revision,
+            "device_type": self.device_type,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LunReport:
+    verdict: LunVerdict
+    detail: str
+    info: LunInfo | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class _Answers:
+    inquiry: StandardInquiry | None = None
+    wwid: str | None = None
+    wwid_udev: str | None = None
+    capacity: Capacity | None = None
+    listed: bool | None = None
+    listed_luns: tuple[int, ...] = ()
+    ready: bool = False
+    failures: dict[Step, tuple[LunVerdict, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _sense_of(event: ScsiCompleted) -> Sense | None:
+    if not event.sense:
+        return None
+    try:
+        return parse_sense(event.sense)
+    except SCSIReplyError:
+        return None
+
+
+def _describe(event: ScsiCompleted, sense: Sense | None) -> str:
+    if event.status is None:
+        return f"the target could not complete it (iSCSI response 0x{event.response:02x})"
+    name = event.status.name.replace("_", " ")
+    return name if sense is None else f"{name}, {sense.description}"
+
+
+class LunCheck:
+    """One LUN check over one logged-in session (see the module docstring)."""
+
+    def __init__(self, lun: int, mode: AddressingMode = AddressingMode.SAM) -> None:
+        try:
+            self.lun = lun_field(lun, mode)
+        except (LocalProtocolError, ValueError) as exc:
+            raise LocalProtocolError(f"LUN {lun} with addressing mode {mode}: {exc}") from exc
+        self.number = lun
+        self.mode = AddressingMode(mode)
+        self._pending: dict[Step, int] = {}  # step -> retries used, for steps in flight
+        self._answers = _Answers()
+        self.report: LunReport | None = None
+
+    def start(self) -> list[ScsiRequest]:
+        steps = (
+            Step.REPORT_LUNS,
+            Step.INQUIRY,
+            Step.DEVICE_ID,
+            Step.TEST_UNIT_READY,
+            Step.READ_CAPACITY_16,
+        )
+        return [self._request(step, retries=0) for step in steps]
+
+    def _request(self, step: Step, *, retries: int) -> ScsiRequest:
+        self._pending[step] = retries
+        match step:
+            case Step.REPORT_LUNS:
+                return ScsiRequest(step=step, cdb=cdb_report_luns(), lun=_LUN_ZERO)
+            case Step.INQUIRY:
+                cdb = cdb_inquiry()
+            case Step.DEVICE_ID:
+                cdb = cdb_inquiry(evpd=True, page=VpdPage.DEVICE_IDENTIFICATION)
+            case Step.TEST_UNIT_READY:
+                cdb = cdb_test_unit_ready()
+            case Step.READ_CAPACITY_16:
+                cdb = cdb_read_capacity_16()
+            case Step.READ_CAPACITY_10:
+                cdb = cdb_read_capacity_10()
+        return ScsiRequest(step=step, cdb=cdb, lun=self.lun)
+
+    @property
+    def done(self) -> bool:
+        return self.report is not None
+
+    def completed(self, step: Step, event: ScsiCompleted) -> list[ScsiRequest]:
+        """Take the answer to ``step``; return the commands to send next (retries, fallback)."""
+        retries = self._pending.pop(step)
+        sense = _sense_of(event)
+        if self._retryable(event, sense) and retries < MAX_RETRIES:
+            return [self._request(step, retries=retries + 1)]
+        follow = self._take(step, event, sense)
+        if not self._pending and not follow:
+            self.report = self._verdict()
+        return follow
+
+    @staticmethod
+    def _retryable(event: ScsiCompleted, sense: Sense | None) -> bool:
+        if event.status in (ScsiStatus.BUSY, ScsiStatus.TASK_SET_FULL):
+            return True
+        return (
+            event.status is ScsiStatus.CHECK_CONDITION
+            and sense is not None
+            and sense.key is SenseKey.UNIT_ATTENTION
+        )
+
+    def _take(self, step: Step, event: ScsiCompleted, sense: Sense | None) -> list[ScsiRequest]:
+        answers = self._answers
+        if event.status is ScsiStatus.RESERVATION_CONFLICT:
+            answers.notes.append(f"{step.value}: reservation conflict (another initiator's)")
+            if step is Step.TEST_UNIT_READY:
+                answers.ready = True  # reserved by someone else is still there and ready
+            return []
+        if event.status is not ScsiStatus.GOOD:
+            return self._failed(step, event, sense)
+        try:
+            match step:
+                case Step.REPORT_LUNS:
+                    luns = parse_report_luns(event.data)
+                    answers.listed = luns.lists(self.lun)
+                    answers.listed_luns = tuple(lun.linux_lun for lun in luns.luns)
+                case Step.INQUIRY:
+                    answers.inquiry = parse_standard_inquiry(event.data)
+                case Step.DEVICE_ID:
+                    identification = parse_vpd_device_identification(event.data)
+                    answers.wwid = identification.wwid
+                    answers.wwid_udev = identification.scsi_id
+                case Step.TEST_UNIT_READY:
+                    answers.ready = True
+                case Step.READ_CAPACITY_16:
+                    answers.capacity = parse_read_capacity_16(event.data)
+                case Step.READ_CAPACITY_10:
+                    capacity = parse_read_capacity_10(event.data)
+                    if capacity.needs_read_capacity_16:
+                        answers.notes.append("READ CAPACITY(10) says the LU needs (16)")
+                    answers.capacity = capacity
+        except SCSIReplyError as exc:
+            answers.failures[step] = (LunVerdict.ERROR, f"{step.value}: {exc}")
+        return []
+
+    def _failed(self, step: Step, event: ScsiCompleted, sense: Sense | None) -> list[ScsiRequest]:
+        answers = self._answers
+        what = f"{step.value}: {_describe(event, sense)}"
+        unknown_to_the_lu = sense is not None and (
+            sense.key is SenseKey.ILLEGAL_REQUEST and (sense.asc, sense.ascq) in _NOT_SUPPORTED
+        )
+        if step is Step.READ_CAPACITY_16 and unknown_to_the_lu:
+            return [self._request(Step.READ_CAPACITY_10, retries=0)]
+        if step is Step.DEVICE_ID:
+            # No page 0x83 is allowed (SPC makes it mandatory, old LUs lack it): no WWID then.
+            answers.notes.append(f"no WWID: {what}")
+            return []
+        verdict = LunVerdict.ERROR
+        if sense is not None:
+            if (sense.key, sense.asc) == (SenseKey.ILLEGAL_REQUEST, 0x25):
+                verdict = LunVerdict.MISSING
+            elif sense.key is SenseKey.NOT_READY and (sense.asc, sense.ascq) in (
+                (0x04, 0x0B),
+                (0x04, 0x0C),
+            ):
+                verdict = LunVerdict.STANDBY
+            elif sense.key is SenseKey.NOT_READY:
+                verdict = LunVerdict.NOT_READY
+            elif sense.key is SenseKey.UNIT_ATTENTION:
+                verdict = LunVerdict.NOT_READY
+                what += f" (still after {MAX_RETRIES} retries)"
+        answers.failures[step] = (verdict, what)
+        return []
+
+    def _verdict(self) -> LunReport:
+        answers = self._answers
+        notes = tuple(answers.notes)
+        lun = f"LUN {self.number}"
+        if answers.listed is False:
+            listed = ", ".join(str(n) for n in answers.listed_luns) or "none"
+            return LunReport(
+                verdict=LunVerdict.MISSING,
+                detail=f"{lun} is not in REPORT LUNS (it lists {listed})",
+                notes=notes,
+            )
+        inquiry = answers.inquiry
+        if inquiry is not None and not inquiry.is_connected_disk:
+            qualifier, device = int(inquiry.peripheral_qualifier), int(inquiry.device_type)
+            what = (
+                "no logical unit there"
+                if qualifier != 0
+                else f"a {_device_name(device)}, not a disk"
+            )
+            return LunReport(
+                verdict=LunVerdict.MISSING,
+                detail=f"{lun}: INQUIRY shows {what} (qualifier {qualifier}, type 0x{device:02x})",
+                notes=notes,
+            )
+        for verdict in (
+            LunVerdict.MISSING,
+            LunVerdict.STANDBY,
+            LunVerdict.NOT_READY,
+            LunVerdict.ERROR,
+        ):
+            found = [what for v, what in answers.failures.values() if v is verdict]
+            if found:
+                return LunReport(verdict=verdict, detail=f"{lun}: " + "; ".join(found), notes=notes)
+        if inquiry is None or not answers.ready:
+            return LunReport(
+                verdict=LunVerdict.ERROR, detail=f"{lun}: the check is incomplete", notes=notes
+            )
+        capacity = answers.capacity
+        info = LunInfo(
+            wwid=answers.wwid,
+            wwid_udev=answers.wwid_udev,
+            size_bytes=None if capacity is None else capacity.size_bytes,
+            block_size=None if capacity is None else capacity.block_length,
+            vendor=inquiry.vendor,
+            product=inquiry.product,
+            revision=inquiry.revision,
+            device_type=int(inquiry.device_type),
+        )
+        size = "unknown size" if info.size_bytes is None else _size(info.size_bytes)
+        detail = f"{lun} ready: {size}, {info.wwid or 'no WWID'}"
+        return LunReport(verdict=LunVerdict.OK, detail=detail, info=info, notes=notes)
+
+
+def _device_name(device_type: int) -> str:
+    try:
+        return PeripheralDeviceType(device_type).name.lower().replace("_", " ")
+    except ValueError:
+        return f"device of type 0x{device_type:02x}"
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
