@@ -29,9 +29,18 @@ Decisions worth knowing:
 * An empty ``target_portals`` list is refused (os-brick would fail the attach); empty alternative
   lists just mean "no alternatives". ``target_iqns``/``target_luns`` without ``target_portals``
   are refused rather than silently ignored.
-* LUNs are ints 0..16383 (:data:`MAX_LUN`: SAM peripheral and flat-space addressing, what Linux
-  names in ``/dev/disk/by-path``). ``bool`` and ``float`` are refused; a string of ASCII digits
-  (``"1"``) is accepted because some drivers send one and os-brick passes it through.
+* LUNs are ints 0..16383 (:data:`MAX_LUN`) whatever the addressing mode. ``bool`` and ``float``
+  are refused; a string of ASCII digits (``"1"``) is accepted because some drivers send one and
+  os-brick passes it through.
+* ``addressing_mode`` (os-brick's key, in ``data``) says how the LUN becomes the number Linux
+  uses: ``SAM`` (default when absent or ``null``) and ``transparent`` keep it, ``SAM2`` adds 16384
+  (flat addressing) from LUN 256 on, ``SAM3-flat`` always does
+  (:func:`~pyiscsi_failover.protocol.scsi.lun_for_addressing`). It applies to every candidate.
+  The values are case-sensitive, as in os-brick; where os-brick treats an unknown value as
+  ``SAM``, we refuse it. Every LUN 0..16383 maps to a single-level LUN in every mode. os-brick
+  would also pass a larger LUN through under ``SAM``/``transparent`` (a driver encoding the flat
+  bit itself, 16640 for LUN 256); we refuse it, saying which LUN and mode to give instead, so one
+  volume has one spelling and a typo is not read as a multi-level LUN.
 * CHAP: ``auth_method``/``auth_username``/``auth_password`` and ``discovery_auth_*`` as os-brick
   reads them; they apply to every candidate (the spec says so). ``auth_method`` is ``CHAP`` or
   ``None`` (case-insensitive; absent, ``null`` and ``""`` mean none); like os-brick, username and
@@ -69,6 +78,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import IO, Final, Literal, NoReturn
 
 from pyiscsi_failover.credentials import MASK, MAX_SECRET_BYTES, ChapCredentials, Secret
@@ -79,6 +89,7 @@ __all__ = [
     "MAX_INPUT_BYTES",
     "MAX_LUN",
     "SOURCES",
+    "AddressingMode",
     "Candidate",
     "ConnectionInfo",
     "Source",
@@ -90,8 +101,10 @@ __all__ = [
     "redacted",
 ]
 
-#: Highest LUN accepted: 14-bit flat-space addressing (SAM), the most Linux by-path names carry.
+#: Highest LUN accepted, in every addressing mode: flat-space addressing's 14 bits, so that
+#: ``SAM2``/``SAM3-flat`` can always encode it (see the module docstring for ``SAM``).
 MAX_LUN: Final = 16383
+_FLAT_BIT: Final = 0x4000  # what os-brick's SAM2/SAM3-flat add (16384): the flat method's bits
 
 #: The most :func:`read_limited` reads and :func:`parse_connection_info` parses. Real
 #: connection_info and secret files are a few hundred bytes; more than this is not one.
@@ -111,6 +124,21 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _PORTAL, _IQN, _LUN = "target_portal", "target_iqn", "target_lun"
 _ALT = ("target_alternative_portals", "target_alternative_iqns", "target_alternative_luns")
 _MULTI = ("target_portals", "target_iqns", "target_luns")
+_ADDRESSING = "addressing_mode"
+
+
+class AddressingMode(str, Enum):
+    """os-brick's ``addressing_mode``: how connection_info's LUN becomes the LUN Linux uses.
+
+    The same members and spellings as :class:`pyiscsi_failover.protocol.scsi.AddressingMode`
+    (a test keeps them equal; the functions there take either). It is defined here too because
+    ``protocol.scsi`` loads the PDU models, which a probe must not wait for before its first SYN.
+    """
+
+    SAM = "SAM"
+    SAM2 = "SAM2"
+    SAM3_FLAT = "SAM3-flat"
+    TRANSPARENT = "transparent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +167,7 @@ _DISCOVERY_KEYS = _ChapKeys(
 
 #: Keys build_connection_info writes or parse_connection_info reads: ``extra`` may not use them.
 _RESERVED: Final = frozenset(
-    {_PORTAL, _IQN, _LUN, *_ALT, *_MULTI, "driver_volume_type", "data"}
+    {_PORTAL, _IQN, _LUN, _ADDRESSING, *_ALT, *_MULTI, "driver_volume_type", "data"}
     | {
         key
         for keys in (_SESSION_KEYS, _DISCOVERY_KEYS)
@@ -199,6 +227,10 @@ class ConnectionInfo:
     ``chap`` is ours (the target checks it), ``target_chap`` the target's (mutual CHAP, we check
     it); ``discovery_*`` are the same for SendTargets discovery sessions. Their reprs mask the
     secrets, so printing a ConnectionInfo is safe.
+
+    ``addressing_mode`` applies to every candidate's LUN: the LUN field of our PDUs is
+    ``protocol.scsi.lun_field(candidate.lun, info.addressing_mode)`` and the by-path name uses
+    ``lun_for_addressing`` the same way. A spelling (``"SAM2"``) is accepted and normalised.
     """
 
     candidates: tuple[Candidate, ...]
@@ -206,6 +238,7 @@ class ConnectionInfo:
     target_chap: ChapCredentials | None = None
     discovery_chap: ChapCredentials | None = None
     discovery_target_chap: ChapCredentials | None = None
+    addressing_mode: AddressingMode = AddressingMode.SAM
     source: Source
 
     def __post_init__(self) -> None:
@@ -235,6 +268,8 @@ class ConnectionInfo:
                 _fail(name, f"must be ChapCredentials or None, got {type(value).__name__}")
         _check_mutual(self.chap, self.target_chap, "target_chap")
         _check_mutual(self.discovery_chap, self.discovery_target_chap, "discovery_target_chap")
+        mode = _addressing_mode(self.addressing_mode, "addressing_mode")
+        object.__setattr__(self, "addressing_mode", mode)
 
     @property
     def main(self) -> Candidate:
@@ -327,8 +362,30 @@ def _lun(value: object, key: str, *, allow_text: bool) -> int:
         kind = "an integer or a string of digits" if allow_text else "an integer"
         _fail(key, f"must be {kind} 0..{MAX_LUN}, got {type(value).__name__} {_shown(value)}")
     if not 0 <= number <= MAX_LUN:
-        _fail(key, f"LUN {_shown(number)} is not in 0..{MAX_LUN}")
+        hint = ""
+        if _FLAT_BIT <= number <= _FLAT_BIT | MAX_LUN:
+            # A driver that encoded the flat bit itself (os-brick passes it through under SAM).
+            flat = number - _FLAT_BIT
+            modes = "'SAM2' or 'SAM3-flat'" if flat >= 256 else "'SAM3-flat'"
+            hint = f"; for flat-addressed LUN {flat} give {flat} with {_ADDRESSING} {modes}"
+        _fail(key, f"LUN {_shown(number)} is not in 0..{MAX_LUN}{hint}")
     return number
+
+
+def _addressing_mode(value: object, key: str) -> AddressingMode:
+    """os-brick's spelling (case-sensitive) as an :class:`AddressingMode`; nothing else."""
+    if isinstance(value, str):
+        try:
+            return AddressingMode(value)
+        except ValueError:
+            pass
+    spellings = ", ".join(repr(m.value) for m in AddressingMode)
+    hint = ""
+    if isinstance(value, str):
+        close = [m.value for m in AddressingMode if m.value.lower() == value.strip().lower()]
+        if close:
+            hint = f" (did you mean {close[0]!r}? the value is case-sensitive, as in os-brick)"
+    _fail(key, f"must be one of {spellings}, got {_shown(value)}{hint}")
 
 
 def _dedupe(entries: Iterable[tuple[Portal, str, int]]) -> tuple[Candidate, ...]:
@@ -513,12 +570,15 @@ def _parse_data(data: Mapping[str, object]) -> ConnectionInfo:
 
     chap, target_chap = _parse_chap(data, _SESSION_KEYS)
     discovery_chap, discovery_target_chap = _parse_chap(data, _DISCOVERY_KEYS)
+    raw_mode = data.get(_ADDRESSING)
+    mode = AddressingMode.SAM if raw_mode is None else _addressing_mode(raw_mode, _ADDRESSING)
     return ConnectionInfo(
         candidates=_dedupe(entries),
         chap=chap,
         target_chap=target_chap,
         discovery_chap=discovery_chap,
         discovery_target_chap=discovery_target_chap,
+        addressing_mode=mode,
         source=source,
     )
 
@@ -669,7 +729,12 @@ def read_limited(
 # provider_location
 
 
-def parse_provider_location(text: str, *, default_lun: int | None = None) -> ConnectionInfo:
+def parse_provider_location(
+    text: str,
+    *,
+    default_lun: int | None = None,
+    addressing_mode: AddressingMode | str = AddressingMode.SAM,
+) -> ConnectionInfo:
     """Parse ``<portal>[;<portal>...][,<tpgt>] <iqn> [<lun>]`` (Cinder's volume-table format).
 
     Example: ``10.0.1.2:3260;10.0.2.2:3260,1 iqn.2010-10.org.openstack:volume-1 1``. Every portal
@@ -678,7 +743,8 @@ def parse_provider_location(text: str, *, default_lun: int | None = None) -> Con
     the portal group tag, so treat it as advisory. Cinder writes the LUN as ``None`` when it has
     none and then falls back to a driver-specific LUN; a missing or ``None`` LUN here needs
     ``default_lun``, otherwise it is an error. The result carries no CHAP (Cinder keeps that in
-    ``provider_auth``); ``source`` is ``"provider_location"``.
+    ``provider_auth``); ``source`` is ``"provider_location"``. Nor does the string hold an
+    addressing mode (the driver knows its own): give it as ``addressing_mode`` (default SAM).
     """
     if not isinstance(text, str):
         _fail(_PL, f"must be a str, got {type(text).__name__}")
@@ -710,7 +776,9 @@ def parse_provider_location(text: str, *, default_lun: int | None = None) -> Con
     else:
         lun = _lun(default_lun, "default_lun", allow_text=False)
     return ConnectionInfo(
-        candidates=_dedupe((portal, iqn, lun) for portal in portals), source="provider_location"
+        candidates=_dedupe((portal, iqn, lun) for portal in portals),
+        addressing_mode=_addressing_mode(addressing_mode, "addressing_mode"),
+        source="provider_location",
     )
 
 
@@ -718,7 +786,8 @@ def format_provider_location(info_or_candidates: ConnectionInfo | Sequence[Candi
     """The ``provider_location`` string for candidates that share one IQN, LUN and tpgt.
 
     That is all the format can express; anything else raises :class:`ConnectionInfoError`. CHAP
-    is not part of it. ``parse_provider_location`` reads the result back to the same candidates.
+    and the addressing mode are not part of it. ``parse_provider_location`` reads the result back
+    to the same candidates (pass it the ``addressing_mode`` to get the same ConnectionInfo).
     """
     if isinstance(info_or_candidates, ConnectionInfo):
         candidates: tuple[object, ...] = info_or_candidates.candidates
@@ -786,6 +855,7 @@ def build_connection_info(
     discovery_auth: ChapCredentials | None = None,
     discovery_target_auth: ChapCredentials | None = None,
     multipath: bool = False,
+    addressing_mode: AddressingMode | str | None = None,
     extra: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     """The ``connection_info`` a backend driver returns from ``initialize_connection``.
@@ -793,8 +863,10 @@ def build_connection_info(
     The first portal (with the first IQN and LUN) is the main ``target_portal``/``target_iqn``/
     ``target_lun``; the rest become ``target_alternative_*`` in order. A single IQN or LUN is used
     for every portal. ``multipath=True`` also writes ``target_portals``/``target_iqns``/
-    ``target_luns`` (all of them, main first) for os-brick's multipath attach. ``extra`` adds
-    other keys (``volume_id``, ``access_mode``...) and may not override ours.
+    ``target_luns`` (all of them, main first) for os-brick's multipath attach.
+    ``addressing_mode`` (an :class:`AddressingMode` or its spelling) is written as os-brick's
+    ``addressing_mode`` key; ``None`` leaves the key out, which readers take as ``SAM``. ``extra``
+    adds other keys (``volume_id``, ``access_mode``...) and may not override ours.
 
     CHAP passwords are written **in plain text** (``auth_password``, ``auth_password_in`` for
     ``target_auth``, and the ``discovery_`` equivalents): that is what Cinder sends and os-brick
@@ -842,6 +914,7 @@ def build_connection_info(
     discovery_theirs = _chap_argument(discovery_target_auth, "discovery_target_auth")
     _check_mutual(ours, theirs, "target_auth")
     _check_mutual(discovery_ours, discovery_theirs, "discovery_target_auth")
+    mode = None if addressing_mode is None else _addressing_mode(addressing_mode, _ADDRESSING)
 
     texts = [portal.with_tpgt() for portal in parsed]
     data: dict[str, object] = {_PORTAL: texts[0], _IQN: iqn_list[0], _LUN: lun_list[0]}
@@ -853,6 +926,8 @@ def build_connection_info(
         data[_MULTI[0]] = list(texts)
         data[_MULTI[1]] = list(iqn_list)
         data[_MULTI[2]] = list(lun_list)
+    if mode is not None:
+        data[_ADDRESSING] = mode.value
     for keys, mine, target in (
         (_SESSION_KEYS, ours, theirs),
         (_DISCOVERY_KEYS, discovery_ours, discovery_theirs),

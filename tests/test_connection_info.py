@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from pyiscsi_failover.connection_info import (
     MAX_INPUT_BYTES,
     MAX_LUN,
+    AddressingMode,
     Candidate,
     ConnectionInfo,
     build_connection_info,
@@ -31,6 +32,7 @@ from pyiscsi_failover.connection_info import (
 from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
 from pyiscsi_failover.errors import ConnectionInfoError, ISCSIError
 from pyiscsi_failover.names import Portal, validate_iscsi_name
+from pyiscsi_failover.protocol import scsi
 
 DATA = Path(__file__).parent / "data"
 GOOD_DIR = DATA / "connection_info"
@@ -86,6 +88,8 @@ def test_good_example(name: str) -> None:
     assert info.main is info.candidates[0]
     assert info.alternatives == info.candidates[1:]
     assert info.source == expected["source"]
+    assert isinstance(info.addressing_mode, AddressingMode)
+    assert info.addressing_mode.value == expected["addressing_mode"]
     for field in ("chap", "target_chap", "discovery_chap", "discovery_target_chap"):
         creds = getattr(info, field)
         if expected[field] is None:
@@ -265,6 +269,156 @@ def test_lun_boundaries() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# addressing_mode
+
+
+def test_addressing_mode_enum_matches_protocol_scsi() -> None:
+    """Two classes (connection_info must stay light), one set of members, interchangeable."""
+    assert [(m.name, m.value) for m in AddressingMode] == [
+        (m.name, m.value) for m in scsi.AddressingMode
+    ]
+    for mode in AddressingMode:
+        assert scsi.AddressingMode(mode) is scsi.AddressingMode[mode.name]
+        assert AddressingMode(scsi.AddressingMode[mode.name]) is mode
+
+
+@pytest.mark.parametrize(
+    ("spelling", "mode"),
+    [
+        ("SAM", AddressingMode.SAM),
+        ("SAM2", AddressingMode.SAM2),
+        ("SAM3-flat", AddressingMode.SAM3_FLAT),
+        ("transparent", AddressingMode.TRANSPARENT),
+    ],
+)
+def test_addressing_mode_spellings_as_os_brick_has_them(
+    spelling: str, mode: AddressingMode
+) -> None:
+    info = parse_connection_info(simple(addressing_mode=spelling, target_alternative_portals=["x"]))
+    assert info.addressing_mode is mode
+    assert len(info.candidates) == 2  # one mode for every candidate, kept on the ConnectionInfo
+    assert parse_connection_info(json.dumps(simple(addressing_mode=spelling))) == (
+        parse_connection_info(simple(addressing_mode=spelling))
+    )
+
+
+def test_addressing_mode_absent_or_null_is_sam() -> None:
+    assert parse_connection_info(simple()).addressing_mode is AddressingMode.SAM
+    assert parse_connection_info(simple(addressing_mode=None)).addressing_mode is AddressingMode.SAM
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("sam2", "'sam2'"),
+        ("SAM3-FLAT", "'SAM3-FLAT'"),
+        ("SAM-2", "'SAM-2'"),
+        ("", "''"),
+        (" SAM", "' SAM'"),
+        ("flat", "'flat'"),
+        (2, "2"),
+        (True, "True"),
+        (["SAM2"], "a list of 1 items"),
+        ({"mode": "SAM2"}, "a dict"),
+    ],
+)
+def test_addressing_mode_bad_value_names_key_and_value(value: object, shown: str) -> None:
+    """os-brick would treat an unknown mode as SAM; a silent fallback here would wait for the
+    wrong by-path name, so it is refused."""
+    with pytest.raises(ConnectionInfoError) as caught:
+        parse_connection_info(simple(addressing_mode=value))
+    assert caught.value.key == "addressing_mode"
+    message = str(caught.value)
+    assert message.startswith("addressing_mode: ")
+    assert shown in message
+    assert "'SAM', 'SAM2', 'SAM3-flat', 'transparent'" in message
+
+
+def test_addressing_mode_case_slip_gets_a_hint() -> None:
+    with pytest.raises(ConnectionInfoError, match=r"did you mean 'SAM3-flat'\?"):
+        parse_connection_info(simple(addressing_mode="sam3-flat"))
+    with pytest.raises(ConnectionInfoError) as caught:
+        parse_connection_info(simple(addressing_mode="SAM-2"))
+    assert "did you mean" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", list(AddressingMode))
+@pytest.mark.parametrize("lun", [0, 1, 255, 256, MAX_LUN])
+def test_every_accepted_lun_is_a_single_level_lun_in_every_mode(
+    lun: int, mode: AddressingMode
+) -> None:
+    """The range check is the same in every mode because every mode can encode all of it."""
+    info = parse_connection_info(simple(target_lun=lun, addressing_mode=mode.value))
+    field = scsi.lun_field(info.main.lun, info.addressing_mode)
+    decoded = scsi.decode_sam_lun(field)
+    assert decoded.method in (scsi.LunAddressMethod.PERIPHERAL, scsi.LunAddressMethod.FLAT)
+    assert not any(field[2:])  # levels 2-4 empty
+    flat = mode is AddressingMode.SAM3_FLAT or (mode is AddressingMode.SAM2 and lun >= 256)
+    assert (decoded.method is scsi.LunAddressMethod.FLAT) is flat
+    if flat or lun < 256:
+        assert decoded.number == lun
+
+
+def test_tgt_lun_256_with_sam2_is_flat_lun_256() -> None:
+    info = parse_connection_info((GOOD_DIR / "addressing_mode_sam2_lun_256.json").read_bytes())
+    for candidate in info.candidates:
+        assert scsi.lun_for_addressing(candidate.lun, info.addressing_mode) == 16640
+        assert scsi.lun_field(candidate.lun, info.addressing_mode) == bytes.fromhex(
+            "4100000000000000"
+        )
+
+
+@pytest.mark.parametrize("mode", list(AddressingMode))
+def test_a_lun_with_the_flat_bit_already_set_is_refused_with_a_hint(mode: AddressingMode) -> None:
+    """os-brick would pass 16640 through under SAM; we want LUN 256 and SAM2 instead."""
+    with pytest.raises(ConnectionInfoError) as caught:
+        parse_connection_info(simple(target_lun=16640, addressing_mode=mode.value))
+    assert caught.value.key == "target_lun"
+    assert "16640" in str(caught.value)
+    assert "flat-addressed LUN 256 give 256 with addressing_mode 'SAM2' or 'SAM3-flat'" in str(
+        caught.value
+    )
+    with pytest.raises(
+        ConnectionInfoError, match=r"LUN 1 give 1 with addressing_mode 'SAM3-flat'$"
+    ):
+        parse_connection_info(simple(target_lun=16385, addressing_mode=mode.value))
+    with pytest.raises(ConnectionInfoError) as caught:
+        parse_connection_info(simple(target_lun=32768, addressing_mode=mode.value))
+    assert "flat-addressed" not in str(caught.value)
+
+
+def test_connection_info_model_takes_and_normalises_the_mode() -> None:
+    a = Candidate(index=0, portal=Portal(host="10.0.1.2"), iqn=IQN, lun=256)
+    assert ConnectionInfo(candidates=(a,), source="single").addressing_mode is AddressingMode.SAM
+    spelled = ConnectionInfo(
+        candidates=(a,),
+        source="single",
+        addressing_mode="SAM2",  # type: ignore[arg-type]
+    )
+    assert spelled.addressing_mode is AddressingMode.SAM2
+    other_class = ConnectionInfo(
+        candidates=(a,),
+        source="single",
+        addressing_mode=scsi.AddressingMode.SAM3_FLAT,  # type: ignore[arg-type]
+    )
+    assert other_class.addressing_mode is AddressingMode.SAM3_FLAT
+    for bad in ("sam2", None, 1):
+        with pytest.raises(ConnectionInfoError) as caught:
+            ConnectionInfo(candidates=(a,), source="single", addressing_mode=bad)  # type: ignore[arg-type]
+        assert caught.value.key == "addressing_mode"
+
+
+def test_addressing_mode_is_not_redacted() -> None:
+    built = build_connection_info(
+        "10.0.1.2", IQN, 256, auth=creds("alice", "S3cr3t-Good-Pa55"), addressing_mode="SAM2"
+    )
+    shown = redacted(built)
+    assert isinstance(shown, dict)
+    assert shown["data"]["addressing_mode"] == "SAM2"
+    assert shown["data"]["auth_password"] == MASK
+
+
+# --------------------------------------------------------------------------------------------
 # provider_location
 
 
@@ -292,6 +446,13 @@ def test_provider_location_variants() -> None:
     assert parse_provider_location(f"10.0.1.2:3260,0 {IQN} None", default_lun=1).main.lun == 1
     deduped = parse_provider_location(f"10.0.1.2:3260;10.0.1.2 {IQN} 2")
     assert len(deduped.candidates) == 1
+    assert deduped.addressing_mode is AddressingMode.SAM
+    sam2 = parse_provider_location(f"10.0.1.2:3260 {IQN} 256", addressing_mode="SAM2")
+    assert sam2.addressing_mode is AddressingMode.SAM2
+    assert format_provider_location(sam2) == f"10.0.1.2:3260 {IQN} 256"
+    with pytest.raises(ConnectionInfoError) as caught:
+        parse_provider_location(f"10.0.1.2:3260 {IQN} 256", addressing_mode="sam2")
+    assert caught.value.key == "addressing_mode"
 
 
 @pytest.mark.parametrize(
@@ -385,6 +546,7 @@ def test_build_golden() -> None:
             "access_mode": "rw",
         },
     }
+    assert "addressing_mode" not in built["data"]  # type: ignore[operator]
     assert json.loads(json.dumps(built)) == built
     shown = json.dumps(redacted(built))
     assert_no_planted_secret(shown)
@@ -409,6 +571,25 @@ def test_build_single_portal_and_multipath() -> None:
     only_multi = parse_connection_info(build_connection_info(["10.0.1.2"], IQN, 5, multipath=True))
     assert only_multi.source == "multipath"
     assert len(only_multi.candidates) == 1
+
+
+def test_build_writes_the_addressing_mode_as_os_brick_spells_it() -> None:
+    built = build_connection_info(
+        ["10.0.1.2", "10.0.2.2"], IQN, 256, addressing_mode=AddressingMode.SAM3_FLAT
+    )
+    assert built["data"] == {  # the only addition is the key
+        "target_portal": "10.0.1.2:3260",
+        "target_iqn": IQN,
+        "target_lun": 256,
+        "target_alternative_portals": ["10.0.2.2:3260"],
+        "target_alternative_iqns": [IQN],
+        "target_alternative_luns": [256],
+        "addressing_mode": "SAM3-flat",
+    }
+    assert json.dumps(built).count('"SAM3-flat"') == 1  # the value, not the enum's repr
+    assert parse_connection_info(built).addressing_mode is AddressingMode.SAM3_FLAT
+    sam = build_connection_info("10.0.1.2", IQN, 0, addressing_mode="SAM")
+    assert sam["data"]["addressing_mode"] == "SAM"  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
@@ -447,6 +628,9 @@ def test_build_single_portal_and_multipath() -> None:
         ({"extra": {"auth_password": "x"}}, "auth_password"),
         ({"extra": {"target_auth_password": "x"}}, "target_auth_password"),
         ({"extra": {1: "x"}}, "extra"),
+        ({"extra": {"addressing_mode": "SAM2"}}, "addressing_mode"),
+        ({"addressing_mode": "sam2"}, "addressing_mode"),
+        ({"addressing_mode": 2}, "addressing_mode"),
         ({"extra": [("volume_id", "v")]}, "extra"),
     ],
 )
@@ -598,16 +782,25 @@ secrets_text = st.text(
     max_size=20,
 )
 chaps = st.none() | st.builds(creds, secrets_text, secrets_text)
+modes = st.none() | st.sampled_from(AddressingMode)
 
 
 @settings(max_examples=150, deadline=None)
-@given(entries=entries, multipath=st.booleans(), auth=chaps, discovery=chaps, as_text=st.booleans())
+@given(
+    entries=entries,
+    multipath=st.booleans(),
+    auth=chaps,
+    discovery=chaps,
+    as_text=st.booleans(),
+    mode=modes,
+)
 def test_build_then_parse_round_trips(
     entries: list[tuple[Portal, str, int, bool]],
     multipath: bool,
     auth: ChapCredentials | None,
     discovery: ChapCredentials | None,
     as_text: bool,
+    mode: AddressingMode | None,
 ) -> None:
     given_portals = [p if as_object else p.with_tpgt() for p, _, _, as_object in entries]
     built = build_connection_info(
@@ -617,6 +810,7 @@ def test_build_then_parse_round_trips(
         auth=auth,
         discovery_auth=discovery,
         multipath=multipath,
+        addressing_mode=mode,
     )
     document: object = json.dumps(built) if as_text else built
     info = parse_connection_info(document)  # type: ignore[arg-type]
@@ -627,6 +821,7 @@ def test_build_then_parse_round_trips(
     assert info.chap == auth
     assert info.discovery_chap == discovery
     assert info.target_chap is None
+    assert info.addressing_mode is (AddressingMode.SAM if mode is None else mode)
     expected_source = (
         "alternatives" if len(entries) > 1 else ("multipath" if multipath else "single")
     )
@@ -676,18 +871,21 @@ def test_mutual_chap_round_trips(ours: str, theirs: str, user: str) -> None:
     tpgt=st.none() | st.integers(0, 65535),
     iqn=iqns,
     lun=luns,
+    mode=st.sampled_from(AddressingMode),
 )
 def test_provider_location_round_trips(
-    portal_list: list[Portal], tpgt: int | None, iqn: str, lun: int
+    portal_list: list[Portal], tpgt: int | None, iqn: str, lun: int, mode: AddressingMode
 ) -> None:
     candidates = tuple(
         Candidate(index=i, portal=Portal(host=p.host, port=p.port, tpgt=tpgt), iqn=iqn, lun=lun)
         for i, p in enumerate(portal_list)
     )
     text = format_provider_location(candidates)
-    info = parse_provider_location(text)
+    info = parse_provider_location(text, addressing_mode=mode)
     assert info.candidates == candidates
+    assert info.addressing_mode is mode
     assert format_provider_location(info) == text
+    assert parse_provider_location(format_provider_location(info), addressing_mode=mode) == info
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,11 +919,15 @@ KNOWN_KEYS = sorted(
         "discovery_target_auth_username",
         "discovery_target_auth_password",
         "provider_location",
+        "addressing_mode",
     }
 )
 plausible_scalars = st.one_of(
     st.sampled_from(
-        ["10.0.1.2:3260", "[fd00::1]:3260", "10.0.2.2", IQN, "CHAP", "None", "iscsi", "1", ""]
+        [
+            *("10.0.1.2:3260", "[fd00::1]:3260", "10.0.2.2", IQN, "CHAP", "None", "iscsi", "1"),
+            *("", "SAM", "SAM2", "SAM3-flat", "transparent", "sam2"),
+        ]
     ),
     st.none(),
     st.booleans(),
