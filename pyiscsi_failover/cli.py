@@ -74,7 +74,7 @@ _REDIRECT_MODES: Final = ("follow", "never")  # transport.RedirectMode values
 _DEFAULT_STAGGER: Final = 0.25  # prober.DEFAULT_STAGGER
 _DEFAULT_CONCURRENCY: Final = 16  # prober.DEFAULT_CONCURRENCY
 _POLICIES: Final = ("sequential", "ordered", "staggered")  # prober.Policy values
-_CHECKS: Final = ("tcp", "login")  # prober.Check values
+_CHECKS: Final = ("tcp", "login", "lun")  # prober.Check values
 _MAX_LUN: Final = 16383  # connection_info.MAX_LUN
 #: protocol.chap.DEFAULT_ALGORITHMS, in open-iscsi's names.
 _DEFAULT_CHAP_ALGORITHMS: Final = "MD5,SHA1,SHA256,SHA3-256"
@@ -503,8 +503,14 @@ def _add_probe_options(parser: argparse.ArgumentParser) -> None:
         "--check",
         choices=_CHECKS,
         default="login",
-        help="what makes a candidate work: a TCP connect, or a full iSCSI login and logout "
-        "(default %(default)s)",
+        help="what makes a candidate work: a TCP connect, a full iSCSI login and logout, or "
+        "also its LUN (listed, a ready disk; size and WWID shown) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--expect-wwid",
+        metavar="WWID",
+        help="with --check lun: the volume's WWID (naa.6... or 36...); a candidate showing "
+        "another is wrong_volume (default: the first that passes pins it)",
     )
     parser.add_argument(
         "--all", action="store_true", help="probe every candidate, as a health report"
@@ -776,6 +782,7 @@ def _probe_options(args: argparse.Namespace) -> ProbeOptions:
         redirects=RedirectMode(args.redirects),
         redirect_allow=tuple(args.redirect_allow),
         max_redirects=args.max_redirects,
+        expect_wwid=args.expect_wwid,
     )
 
 

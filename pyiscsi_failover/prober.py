@@ -66,6 +66,7 @@ from pyiscsi_failover.transport import (
 
 if TYPE_CHECKING:
     from pyiscsi_failover.initiator import LoginRejected
+    from pyiscsi_failover.lun_check import LunInfo, LunReport
     from pyiscsi_failover.protocol.negotiation import OperationalParameters
 
 __all__ = [
@@ -98,8 +99,12 @@ class Policy(enum.Enum):
 
 
 class Check(enum.Enum):
+    """How far a candidate is checked: TCP reachability, a login, or a login and its LUN
+    (REPORT LUNS, INQUIRY, VPD 0x83, TEST UNIT READY, READ CAPACITY: see lun_check.py)."""
+
     TCP = "tcp"
     LOGIN = "login"
+    LUN = "lun"
 
 
 class Outcome(enum.Enum):
@@ -117,6 +122,11 @@ class Outcome(enum.Enum):
     REDIRECT_LOOP = "redirect_loop"
     REDIRECT_REFUSED = "redirect_refused"
     NEGOTIATION_FAILED = "negotiation_failed"
+    LUN_MISSING = "lun_missing"
+    LUN_NOT_READY = "lun_not_ready"
+    LUN_STANDBY = "lun_standby"
+    LUN_ERROR = "lun_error"
+    WRONG_VOLUME = "wrong_volume"
     NOT_TRIED = "not_tried"
     CANCELLED = "cancelled"
 
@@ -134,6 +144,7 @@ class Attempt:
     redirect_refused: str | None = None
     handoff_portal: Portal | None = None
     notes: tuple[str, ...] = ()
+    lun_info: LunInfo | None = None
     report: LoginReport | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -161,6 +172,7 @@ class Attempt:
             "redirected_to": None if self.redirected_to is None else str(self.redirected_to),
             "redirect_refused": self.redirect_refused,
             "notes": list(self.notes),
+            "lun_info": None if self.lun_info is None else self.lun_info.to_json(),
         }
 
 
@@ -214,9 +226,18 @@ class ProbeOptions:
     redirects: RedirectMode = RedirectMode.FOLLOW
     redirect_allow: tuple[str | IPNetwork, ...] = ()
     max_redirects: int = MAX_REDIRECTS
+    expect_wwid: str | None = None
     redirect_policy: RedirectPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.expect_wwid is not None:
+            wwid = self.expect_wwid.strip() if isinstance(self.expect_wwid, str) else None
+            if not wwid:
+                raise LocalProtocolError(
+                    f"expect_wwid must be a WWID (naa.6..., or 36... as udev shows it),"
+                    f" not {self.expect_wwid!r}"
+                )
+            object.__setattr__(self, "expect_wwid", wwid)
         # Validates (and normalises) the three redirect fields at construction time.
         rules = RedirectPolicy(
             mode=self.redirects,
@@ -326,12 +347,19 @@ async def check_candidate(
             target_chap=info.target_chap,
             chap_policy=options.chap_policy,
         )
+        lun_check = None
+        if options.check is Check.LUN:
+            from pyiscsi_failover.lun_check import LunCheck
+            from pyiscsi_failover.protocol.scsi import AddressingMode
+
+            lun_check = LunCheck(candidate.lun, AddressingMode(info.addressing_mode.value))
         report = await login(
             candidate.portal,
             config,
             connect_timeout=options.connect_timeout,
             login_timeout=options.login_timeout,
             redirect_policy=options.redirect_policy,
+            lun_check=lun_check,
         )
     except RedirectRefused as exc:
         return done(Outcome.REDIRECT_REFUSED, str(exc), redirect_refused=exc.address)
@@ -351,17 +379,68 @@ async def check_candidate(
         )
     detail = "login and logout succeeded"
     notes = report.notes
+    outcome = Outcome.OK
+    lun_info = None
+    if report.lun is not None:
+        outcome, detail, lun_info = _lun_outcome(report.lun, options.expect_wwid)
+        notes = (*report.lun.notes, *notes)
     if report.logout is None:
         # Still a working login, but say so: a logout that goes unanswered is a warning sign.
-        detail = "login succeeded; logout unanswered: " + "; ".join(notes)
+        detail = f"{detail}; logout unanswered: " + "; ".join(report.notes)
     return done(
-        Outcome.OK,
+        outcome,
         detail,
         redirected_to=redirected_to,
-        handoff_portal=report.handoff_portal,
+        handoff_portal=report.handoff_portal if outcome is Outcome.OK else None,
         notes=notes,
+        lun_info=lun_info,
         report=report,
     )
+
+
+def _same_volume(info: LunInfo, wwid: str) -> bool:
+    """Whether ``info`` shows ``wwid``, given as Linux's ``naa.6...`` or udev's ``36...``."""
+    return wwid.lower() in {w.lower() for w in (info.wwid, info.wwid_udev) if w is not None}
+
+
+def _lun_outcome(lun: LunReport, expect_wwid: str | None) -> tuple[Outcome, str, LunInfo | None]:
+    if lun.verdict.value != Outcome.OK.value:
+        return Outcome(lun.verdict.value), lun.detail, lun.info
+    info = lun.info
+    if expect_wwid is not None and (info is None or not _same_volume(info, expect_wwid)):
+        shown = "no WWID" if info is None or info.wwid is None else info.wwid
+        return Outcome.WRONG_VOLUME, f"shows {shown}, expected {expect_wwid}", info
+    return Outcome.OK, lun.detail, info
+
+
+def _pin_volume(attempts: tuple[Attempt, ...], chosen: Attempt | None) -> tuple[Attempt, ...]:
+    """Without ``expect_wwid`` the chosen candidate pins the WWID: any other that passed but
+    shows another volume is ``wrong_volume``, so a wrong alternative list is seen before the
+    wrong disk is ever attached."""
+    if chosen is None or chosen.lun_info is None or chosen.lun_info.wwid is None:
+        return attempts
+    pinned = chosen.lun_info
+    marked = []
+    for attempt in attempts:
+        info = attempt.lun_info
+        if (
+            attempt.ok
+            and attempt is not chosen
+            and info is not None
+            and info.wwid is not None
+            and not _same_volume(pinned, info.wwid)
+        ):
+            marked.append(
+                replace(
+                    attempt,
+                    outcome=Outcome.WRONG_VOLUME,
+                    detail=f"shows {info.wwid}, not {pinned.wwid} of the chosen candidate",
+                    handoff_portal=None,
+                )
+            )
+        else:
+            marked.append(attempt)
+    return tuple(marked)
 
 
 class _Run:
@@ -507,7 +586,7 @@ async def probe(
     return ProbeResult(
         policy=options.policy,
         check=options.check,
-        attempts=run.attempts(),
+        attempts=_pin_volume(run.attempts(), chosen),
         chosen=chosen,
         elapsed_s=trio.current_time() - run.start,
     )

@@ -73,6 +73,7 @@ ATTEMPT_KEYS: Final = {
     "redirected_to",
     "redirect_refused",
     "notes",
+    "lun_info",
 }
 OUTCOMES: Final = {
     "ok",
@@ -87,6 +88,11 @@ OUTCOMES: Final = {
     "redirect_loop",
     "redirect_refused",
     "negotiation_failed",
+    "lun_missing",
+    "lun_not_ready",
+    "lun_standby",
+    "lun_error",
+    "wrong_volume",
     "not_tried",
     "cancelled",
 }

@@ -287,9 +287,11 @@ def test_json_shape() -> None:
         "redirected_to",
         "redirect_refused",
         "notes",
+        "lun_info",
     }
     assert (attempts[0]["redirected_to"], attempts[0]["redirect_refused"]) == (None, None)
     assert attempts[0]["notes"] == []
+    assert attempts[0]["lun_info"] is None
 
 
 # ---------------------------------------------------------------------------------------------
