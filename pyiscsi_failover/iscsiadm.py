@@ -20,7 +20,10 @@ Facts this module relies on, checked against open-iscsi 2.1.8 (Debian 12) and it
 * ``-p`` takes ``host:port[,tpgt]`` with IPv6 in brackets; the record stores the bare address.
   udev's ``path_id`` names the disk ``ip-ADDR:PORT-iscsi-IQN-lun-N`` from the connection's
   ``persistent_address``, which iscsid copies from the record: so IPv6 appears *unbracketed*
-  (``ip-fd00::1:3260-...``) and a host name appears as given.
+  (``ip-fd00::1:3260-...``) and a host name appears as given. ``lun-N`` is the kernel's LUN,
+  which is connection_info's LUN after os-brick's ``addressing_mode``
+  (:func:`~pyiscsi_failover.protocol.scsi.lun_for_addressing`): tgt's LUN 256 with ``SAM2`` is
+  ``lun-0x4100000000000000``, as ``path_id`` writes LUNs of 256 and more.
 * Records are matched by IQN, address and port only: ``-p host:port,TPGT`` shows, updates and
   deletes *every* record of that IQN at ``host:port``, whatever its tpgt.
 
@@ -66,6 +69,7 @@ from typing import Final, Literal, TypeVar
 
 import trio
 
+from pyiscsi_failover.connection_info import AddressingMode
 from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
 from pyiscsi_failover.errors import (
     ConnectionInfoError,
@@ -75,10 +79,12 @@ from pyiscsi_failover.errors import (
     IscsiadmError,
     LedgerError,
     LocalProtocolError,
+    PDUEncodeError,
 )
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 from pyiscsi_failover.protocol.chap import ChapAlgorithm
 from pyiscsi_failover.protocol.negotiation import Digest
+from pyiscsi_failover.protocol.scsi import by_path_lun, lun_for_addressing
 
 __all__ = [
     "DEFAULT_LEDGER_PATH",
@@ -232,7 +238,10 @@ def exit_meaning(code: int | None) -> str:
 class NodeTarget:
     """What to hand to open-iscsi: one portal, one target, one LUN and its credentials.
 
-    ``lun`` is the Linux SCSI LUN number (what Cinder calls ``target_lun``; 0..2**32-1).
+    ``lun`` is connection_info's ``target_lun`` and ``addressing_mode`` its os-brick
+    ``addressing_mode`` (a spelling such as ``"SAM2"`` is accepted and normalised): together they
+    give :attr:`linux_lun`, the kernel's LUN that the by-path name shows. ``lun`` is 0..2**32-1,
+    and at most 16383 where the mode makes it a flat LUN (``SAM3-flat``, ``SAM2`` from 256).
     ``tpgt`` defaults to ``portal.tpgt``; giving both with different values is an error.
     ``chap`` is our CHAP identity; ``target_chap`` the target's, for mutual CHAP
     (``node.session.auth.username_in``/``password_in``) and only together with ``chap``.
@@ -247,6 +256,7 @@ class NodeTarget:
     portal: Portal
     iqn: str
     lun: int
+    addressing_mode: AddressingMode = AddressingMode.SAM
     tpgt: int | None = None
     chap: ChapCredentials | None = None
     target_chap: ChapCredentials | None = None
@@ -264,6 +274,7 @@ class NodeTarget:
         lun: object = self.lun
         if isinstance(lun, bool) or not isinstance(lun, int) or not 0 <= lun <= 0xFFFFFFFF:
             raise ConnectionInfoError(f"lun {lun!r} is not an integer 0..4294967295", key="lun")
+        self._check_addressing_mode(lun)
         tpgt: object = self.tpgt
         if tpgt is not None and (
             isinstance(tpgt, bool) or not isinstance(tpgt, int) or not 0 <= tpgt <= 65535
@@ -292,6 +303,28 @@ class NodeTarget:
                     f"{key} must be a Digest or None, not {type(digest).__name__}", key=key
                 )
         self._check_chap_algorithms()
+
+    def _check_addressing_mode(self, lun: int) -> None:
+        mode: object = self.addressing_mode
+        spellings = ", ".join(repr(m.value) for m in AddressingMode)
+        if not isinstance(mode, str) or mode not in {m.value for m in AddressingMode}:
+            raise ConnectionInfoError(
+                f"addressing_mode {mode!r} is not one of {spellings}", key="addressing_mode"
+            )
+        mode = AddressingMode(mode)
+        object.__setattr__(self, "addressing_mode", mode)
+        try:
+            lun_for_addressing(lun, mode)
+        except PDUEncodeError:
+            raise ConnectionInfoError(
+                f"lun {lun} is above 16383: {mode.value} makes it a flat LUN, which has 14 bits",
+                key="lun",
+            ) from None
+
+    @property
+    def linux_lun(self) -> int:
+        """The LUN as the kernel numbers it (its H:C:T:L), after the addressing mode."""
+        return lun_for_addressing(self.lun, self.addressing_mode)
 
     def _check_chap_algorithms(self) -> None:
         algorithms: object = self.chap_algorithms
@@ -474,20 +507,14 @@ def dry_run_plan(t: NodeTarget) -> list[str]:
     return [command.masked() for command in handoff_plan(t)]
 
 
-def _lun_component(lun: int) -> str:
-    # udev path_id's format_lun_number(): small LUNs in decimal, others in the 8-byte SAM form.
-    if lun < 256:
-        return f"lun-{lun}"
-    return f"lun-0x{lun & 0xFFFF:04x}{(lun >> 16) & 0xFFFF:04x}00000000"
-
-
 def by_path_name(t: NodeTarget) -> str:
     """The ``/dev/disk/by-path`` entry udev creates for the disk (IPv6 unbracketed).
 
     A host name portal appears as written, because iscsid hands the record's address to the
-    kernel as the persistent address.
+    kernel as the persistent address. The LUN is :attr:`NodeTarget.linux_lun`, written as
+    udev's ``path_id`` writes it (``lun-1``; ``lun-0x4100000000000000`` for flat LUN 256).
     """
-    return f"ip-{t.portal.host}:{t.portal.port}-iscsi-{t.iqn}-{_lun_component(t.lun)}"
+    return f"ip-{t.portal.host}:{t.portal.port}-iscsi-{t.iqn}-{by_path_lun(t.linux_lun)}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyiscsi_failover.iscsiadm as iscsiadm_module
+from pyiscsi_failover.connection_info import AddressingMode
 from pyiscsi_failover.credentials import MASK, ChapCredentials, Secret
 from pyiscsi_failover.errors import (
     ConnectionInfoError,
@@ -69,6 +70,7 @@ from pyiscsi_failover.iscsiadm import (
     session_list,
 )
 from pyiscsi_failover.names import Portal
+from pyiscsi_failover.protocol import scsi
 from pyiscsi_failover.protocol.chap import ChapAlgorithm
 from pyiscsi_failover.protocol.negotiation import Digest
 
@@ -306,6 +308,85 @@ def test_dry_run_plan_golden() -> None:
 )
 def test_by_path_name_follows_udev_path_id(portal: Portal, lun: int, expected: str) -> None:
     assert by_path_name(target(portal=portal, lun=lun)) == expected
+
+
+SAM, SAM2, SAM3, TRANSPARENT = (
+    AddressingMode.SAM,
+    AddressingMode.SAM2,
+    AddressingMode.SAM3_FLAT,
+    AddressingMode.TRANSPARENT,
+)
+
+
+@pytest.mark.parametrize(
+    ("mode", "lun", "linux_lun", "component"),
+    [
+        # SAM (the default) and transparent: the LUN as given; path_id's hex form from 256 on.
+        *[
+            (mode, lun, linux_lun, component)
+            for mode in (SAM, TRANSPARENT)
+            for lun, linux_lun, component in [
+                (0, 0, "lun-0"),
+                (1, 1, "lun-1"),
+                (255, 255, "lun-255"),
+                (256, 256, "lun-0x0100000000000000"),
+                (16383, 16383, "lun-0x3fff000000000000"),
+            ]
+        ],
+        # SAM2: peripheral below 256, flat (+16384) from 256 on: tgt's encoding.
+        (SAM2, 0, 0, "lun-0"),
+        (SAM2, 1, 1, "lun-1"),
+        (SAM2, 255, 255, "lun-255"),
+        (SAM2, 256, 16640, "lun-0x4100000000000000"),
+        (SAM2, 16383, 32767, "lun-0x7fff000000000000"),
+        # SAM3-flat: always flat, so even LUN 0 is named in hex.
+        (SAM3, 0, 16384, "lun-0x4000000000000000"),
+        (SAM3, 1, 16385, "lun-0x4001000000000000"),
+        (SAM3, 255, 16639, "lun-0x40ff000000000000"),
+        (SAM3, 256, 16640, "lun-0x4100000000000000"),
+        (SAM3, 16383, 32767, "lun-0x7fff000000000000"),
+    ],
+)
+def test_by_path_name_applies_the_addressing_mode(
+    mode: AddressingMode, lun: int, linux_lun: int, component: str
+) -> None:
+    t = target(lun=lun, addressing_mode=mode)
+    assert t.linux_lun == linux_lun
+    assert by_path_name(t) == f"ip-10.0.0.1:3260-iscsi-{IQN}-{component}"
+    # The by-path LUN is the kernel's reading (scsilun_to_int) of the LUN field our PDUs carry.
+    assert scsi.scsilun_to_int(scsi.lun_field(lun, mode)) == linux_lun
+
+
+def test_node_target_default_mode_is_sam_and_spellings_are_normalised() -> None:
+    assert target().addressing_mode is SAM
+    assert target(lun=256, addressing_mode="SAM2").addressing_mode is SAM2
+    from_scsi = target(lun=256, addressing_mode=scsi.AddressingMode.SAM3_FLAT)
+    assert from_scsi.addressing_mode is SAM3
+    assert from_scsi == target(lun=256, addressing_mode=SAM3)
+    # SAM keeps the old range: the LUN is the kernel's own number.
+    assert target(lun=2**32 - 1).linux_lun == 2**32 - 1
+    assert target(lun=255, addressing_mode=SAM2).linux_lun == 255
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "shown"),
+    [
+        ({"addressing_mode": "sam2"}, "addressing_mode", "'sam2'"),
+        ({"addressing_mode": "SAM-2"}, "addressing_mode", "'SAM-2'"),
+        ({"addressing_mode": None}, "addressing_mode", "None"),
+        ({"addressing_mode": 2}, "addressing_mode", "2"),
+        ({"lun": 16384, "addressing_mode": SAM2}, "lun", "16384"),
+        ({"lun": 16384, "addressing_mode": SAM3}, "lun", "16384"),
+        ({"lun": 2**32 - 1, "addressing_mode": SAM2}, "lun", "4294967295"),
+    ],
+)
+def test_node_target_refuses_a_bad_mode_or_a_lun_it_cannot_address(
+    changes: dict[str, object], key: str, shown: str
+) -> None:
+    with pytest.raises(ConnectionInfoError) as caught:
+        target(**changes)
+    assert caught.value.key == key
+    assert shown in str(caught.value)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -666,6 +747,24 @@ async def test_timeout_kills_iscsiadm_and_cleans_up(fake: Fake) -> None:
     # The login may have half-happened, so we log out (harmless when there is no session).
     assert fake.ops()[-3:] == ["login", "logout", "delete"]
     assert fake.saved()["records"] == []
+
+
+async def test_attach_waits_for_tgt_lun_256_under_its_sam2_name(fake: Fake) -> None:
+    """tgt reports LUN 256 as flat ``41 00``: Linux names it ``lun-0x4100000000000000``."""
+    device = fake.dev_root / f"ip-127.0.0.1:3260-iscsi-{IQN}-lun-0x4100000000000000"
+    fake.env["FAKE_ISCSIADM_DEVICE"] = str(device)  # where udev would put it, written out
+    t = target(portal=LOCAL, lun=256, addressing_mode=SAM2)
+    with trio.fail_after(30):
+        result = await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root)
+    assert result.device == device
+    assert device.exists()
+    # The same LUN under SAM waits for a name udev never makes for this disk.
+    await detach(t, iscsiadm=fake.iscsiadm())
+    device.unlink()
+    sam = target(portal=LOCAL, lun=256)
+    with trio.fail_after(30), pytest.raises(DeviceTimeout) as info:
+        await attach(sam, iscsiadm=fake.iscsiadm(), device_timeout=0.2, dev_root=fake.dev_root)
+    assert info.value.path.endswith("-lun-0x0100000000000000")
 
 
 async def test_device_that_never_appears_times_out_and_undoes_the_login(fake: Fake) -> None:
