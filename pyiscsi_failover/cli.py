@@ -1253,6 +1253,7 @@ def _chosen_node(info: ConnectionInfo, attempt: Attempt, options: ProbeOptions) 
         portal=attempt.handoff_portal or c.portal,
         iqn=c.iqn,
         lun=c.lun,
+        addressing_mode=info.addressing_mode,
         chap=info.chap,
         target_chap=info.target_chap,
         header_digest=None if negotiated is None else negotiated.header_digest,
@@ -1327,7 +1328,10 @@ async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str])
     mode: DeleteMode = "never" if args.keep_record else _DELETE_CHOICES[args.delete]
     iscsiadm = Iscsiadm(binary=args.iscsiadm)
     ledger = RecordLedger(args.state_file)
-    nodes = [NodeTarget(portal=c.portal, iqn=c.iqn, lun=c.lun) for c in info.candidates]
+    nodes = [
+        NodeTarget(portal=c.portal, iqn=c.iqn, lun=c.lun, addressing_mode=info.addressing_mode)
+        for c in info.candidates
+    ]
     # A permanent redirect made attach hand off an address that is not a candidate: the
     # ledger remembers it, so records we created for these IQNs elsewhere are detached too.
     iqns = {node.iqn for node in nodes}

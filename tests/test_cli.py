@@ -998,6 +998,26 @@ def test_attach_runs_iscsiadm_and_finds_the_disk(
     assert_no_secret(ran.out, ran.err, json.dumps(body), state_file.read_text())
 
 
+def test_attach_waits_for_the_by_path_name_of_the_addressing_mode(
+    targets: Targets,
+    tmp_path: Path,
+    fake: FakeIscsiadm,
+    monkeypatch: pytest.MonkeyPatch,
+    state_file: Path,
+) -> None:
+    """connection_info's addressing_mode reaches the hand-off: tgt's LUN 256 with SAM2."""
+    chap = targets.chap.portals["chap"]
+    device = fake.dev_root / f"ip-{chap}-iscsi-{CHAP_IQN}-lun-0x4100000000000000"
+    monkeypatch.setenv("FAKE_ISCSIADM_DEVICE", str(device))
+    info = chap_info(targets, target_lun=256, target_alternative_luns=[256], addressing_mode="SAM2")
+    path = write_json(tmp_path / "ci.json", info)
+    argv = ["attach", "-c", str(path), "--iscsiadm", str(fake.binary), "--json"]
+    argv += ["--state-file", str(state_file), "--dev-root", str(fake.dev_root)]
+    ran = cli_run(*argv, "--device-timeout", "5", *NAME, *FAST)
+    assert ran.code == 0, ran
+    assert ran.json()["attach"]["device"] == str(device)
+
+
 def test_attach_failure_exits_1_masked_and_undoes_the_record(
     targets: Targets,
     tmp_path: Path,
