@@ -520,3 +520,60 @@ def test_tshark_reads_our_pdus_as_valid_iscsi(tgtd_factory: TgtdStarter, tmp_pat
     assert flagged == "", flagged
     chats = tshark(pcap, profile, "-Y", "_ws.expert.severity == chat").strip().splitlines()
     assert len(chats) >= 4, chats
+
+
+SCSI_IQN = "iqn.2026-12.test.pyiscsi:tshark-scsi"
+SCSI_COMMAND = 0x01
+
+
+def test_tshark_reads_our_scsi_commands(tgtd_factory: TgtdStarter, tmp_path: Path) -> None:
+    """A LUN check's SCSI Commands (REPORT LUNS, INQUIRY, VPD 0x83, TEST UNIT READY and its
+    UNIT ATTENTION retry, READ CAPACITY(16)) as tshark reads them: whole PDUs, nothing
+    malformed, the CmdSNs consecutive from the login's, each answered under its own ITT."""
+    require_tool("tshark", "tshark")
+    require_tool("dumpcap", "tshark")
+    from pyiscsi_failover.lun_check import LunCheck, LunVerdict
+
+    tgtd = tgtd_factory(port=ISCSI_PORT)
+    tgtd.add_target(1, SCSI_IQN, luns=1)
+    tgtd.allow(1)
+    check = LunCheck(1)
+    config = LoginConfig(initiator_name=INITIATOR, target_name=SCSI_IQN)
+
+    async def one() -> LoginReport:
+        with trio.fail_after(SESSIONS_DEADLINE):
+            return await login(Portal.parse(tgtd.portal), config, lun_check=check)
+
+    pcap = tmp_path / "scsi.pcapng"
+    with capturing(pcap, tgtd.host):
+        report = trio.run(one)
+    assert report.lun is not None and report.lun.verdict is LunVerdict.OK, report.lun
+    assert report.logout is not None, report.notes
+
+    profile = tmp_path / "wireshark-profile"
+    frames = read_frames(tshark(pcap, profile, "-T", "pdml"))
+    ours = [f for f in frames if f.dstport == ISCSI_PORT and f.tcp_len > 0]
+    for frame in ours:
+        assert sum(pdu.size for pdu in frame.pdus) == frame.tcp_len, frame.number
+    flagged = tshark(pcap, profile, "-Y", "_ws.malformed || _ws.expert.severity >= warning")
+    assert flagged.strip() == ""
+
+    (sent,) = pdus_by_stream(frames, to_target=True)
+    (received,) = pdus_by_stream(frames, to_target=False)
+    commands = [p for p in sent if p.number("iscsi.opcode") & 0x3F == SCSI_COMMAND]
+    # Five commands, plus the TEST UNIT READY repeated after tgtd's UNIT ATTENTION.
+    assert len(commands) == 6, [p.frame for p in commands]
+    cmdsns = [p.number("iscsi.cmdsn") for p in commands]
+    assert cmdsns == list(range(cmdsns[0], cmdsns[0] + 6))
+    expected_lengths = sorted([4096, 255, 255, 0, 32, 0])
+    assert (
+        sorted(p.number("iscsi.scsicommand.expecteddatatransferlength") for p in commands)
+        == expected_lengths
+    )
+    itts = {p.number("iscsi.initiatortasktag") for p in commands}
+    answered = {
+        p.number("iscsi.initiatortasktag")
+        for p in received
+        if p.number("iscsi.opcode") & 0x3F in (0x21, 0x25)
+    }
+    assert itts <= answered
