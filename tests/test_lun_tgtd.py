@@ -9,8 +9,12 @@ the chosen candidate pins the WWID for the others.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peers import Tgtd, TgtdStarter
 
 from pyiscsi_failover.connection_info import build_connection_info, parse_connection_info
@@ -131,3 +135,82 @@ async def test_the_wwid_follows_tgtadm_scsi_id(tgtd: Tgtd) -> None:
     assert info is not None
     assert info.wwid == SCSI_ID_WWID
     assert info.wwid_udev == "36123456789abcdef0123456789abcdef"
+
+
+def add_lun(tgtd: Tgtd, tid: int, lun: int, backing: Path) -> None:
+    with backing.open("wb") as handle:
+        handle.truncate(SIZE_MB << 20)
+    tgtd.tgtadm(
+        "--op", "new", "--mode", "logicalunit", "--tid", str(tid), "--lun", str(lun),
+        "--backing-store", str(backing),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mode", "outcome"),
+    [("SAM2", Outcome.OK), ("SAM3-flat", Outcome.OK), ("SAM", Outcome.LUN_MISSING)],
+)
+async def test_lun_256_needs_flat_addressing_as_os_brick_says(
+    tgtd: Tgtd, tmp_path: Path, mode: str, outcome: Outcome
+) -> None:
+    """tgt encodes LUN 256 with flat addressing (``41 00``), as Linux numbers it 16640. With
+    os-brick's SAM2 (or SAM3-flat) we address that LU; with plain SAM, LUN 256 is ``01 00``,
+    which is not in REPORT LUNS, exactly what the kernel would be told to look for."""
+    add_lun(tgtd, 1, 256, tmp_path / "lun256.img")
+    data = build_connection_info([tgtd.portal], IQN, 256, addressing_mode=mode)
+    info = parse_connection_info(data)
+    with trio.fail_after(DEADLINE):
+        result = await probe(info, ProbeOptions(check=Check.LUN, initiator_name=INITIATOR))
+    (attempt,) = result.attempts
+    assert attempt.outcome is outcome, attempt.detail
+    if outcome is Outcome.OK:
+        assert attempt.lun_info is not None
+        assert attempt.lun_info.wwid == "naa.60000000000000000e00000000010100"
+    else:
+        assert "16640" in attempt.detail  # REPORT LUNS lists it under its Linux number
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    maps=st.lists(st.sets(st.integers(1, 3), max_size=3), min_size=2, max_size=3),
+    wanted=st.integers(1, 3),
+)
+def test_the_first_candidate_whose_lun_exists_is_chosen(
+    tgtd_factory: TgtdStarter,
+    tmp_path_factory: pytest.TempPathFactory,
+    maps: list[set[int]],
+    wanted: int,
+) -> None:
+    """Generated LUN maps, one target per 'portal': each candidate asks for the same LUN
+    number; the chosen one is the first whose target maps it, and every earlier one is
+    ``lun_missing``, under every policy."""
+    tgtd = tgtd_factory()
+    directory = tmp_path_factory.mktemp("luns")
+    iqns = [f"{IQN}-map{index}" for index in range(len(maps))]
+    for tid, (iqn, luns) in enumerate(zip(iqns, maps, strict=True), start=1):
+        tgtd.tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "--targetname", iqn)
+        tgtd.allow(tid)
+        for lun in sorted(luns):
+            add_lun(tgtd, tid, lun, directory / f"t{tid}-l{lun}.img")
+    info = parse_connection_info(
+        build_connection_info([tgtd.portal] * len(maps), iqns, [wanted] * len(maps))
+    )
+    first = next((i for i, luns in enumerate(maps) if wanted in luns), None)
+    for policy in Policy:
+        options = ProbeOptions(
+            policy=policy, check=Check.LUN, initiator_name=INITIATOR, stagger=5.0
+        )
+
+        async def run(options: ProbeOptions = options) -> ProbeResult:
+            with trio.fail_after(DEADLINE):
+                return await probe(info, options)
+
+        result = trio.run(run)
+        chosen = None if result.chosen is None else result.chosen.candidate.index
+        assert chosen == first, (policy, maps, wanted, [a.detail for a in result.attempts])
+        for attempt in result.attempts[: first if first is not None else len(maps)]:
+            assert attempt.outcome is Outcome.LUN_MISSING, attempt.detail
