@@ -275,6 +275,30 @@ def test_submit_outside_the_full_feature_phase_is_a_local_error() -> None:
         conn.submit(TUR.cdb, lun=LUN1, transfer_length=0)
 
 
+@pytest.mark.parametrize("window", [1, 2], ids=["window-closed", "window-open"])
+@pytest.mark.parametrize(
+    ("cdb", "lun"), [(bytes(17), LUN1), (TUR.cdb, bytes(7))], ids=["cdb-17-bytes", "lun-7-bytes"]
+)
+def test_a_command_the_codec_cannot_carry_is_refused_by_submit_leaving_no_trace(
+    window: int, cdb: bytes, lun: bytes
+) -> None:
+    """Refused at once, by submit(), with nothing left behind: no task that never ends, no
+    CmdSN that the target would wait for in vain, no error from a later, unrelated call."""
+    conn = logged_in(window=window)
+    first = conn.submit(TUR.cdb, lun=LUN1, transfer_length=0) if window == 1 else None
+    with pytest.raises(LocalProtocolError):
+        conn.submit(cdb, lun=lun, transfer_length=0)
+    assert conn.outstanding == (1 if first is not None else 0)
+    if first is not None:
+        (sent,) = commands(conn)
+        got = events(conn, response(first, statsn=9, expcmdsn=2, maxcmdsn=3))
+        assert got == [ScsiCompleted(itt=first, status=ScsiStatus.GOOD)]
+        assert commands(conn) == []
+    fine = conn.submit(TUR.cdb, lun=LUN1, transfer_length=0)
+    (sent,) = commands(conn)
+    assert (sent.itt, sent.cmdsn) == (fine, 2 if first is not None else 1)
+
+
 # -- the CmdSN window ------------------------------------------------------------------------------
 
 
