@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from benchmarks import coldstart, cost, failover, plot, scale
+from benchmarks import coldstart, cost, failover, lun, plot, scale
 from benchmarks.common import BenchError, machine_facts, print_table, section
 
 Runner = Callable[..., dict[str, object]]
@@ -23,6 +23,7 @@ BENCHMARKS: Final[dict[str, Runner]] = {
     "scale": scale.run,
     "cost": cost.run,
     "coldstart": coldstart.run,
+    "lun": lun.run,
     "plot": plot.run,
 }
 
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="pyiscsi-failover benchmarks: failover overhead, scale, per-login cost against "
-        "libiscsi, CLI cold start, plot.",
+        "libiscsi, CLI cold start, --check lun against --check login, plot.",
     )
     parser.add_argument(
         "--quick",

@@ -606,6 +606,31 @@ class Tgtd:
         self._target_ids.append(tid)
         self.tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", "ALL")
 
+    def add_disk(
+        self, tid: int, lun: int, *, size_mib: int = 1, backing: Path | None = None
+    ) -> Path:
+        """LUN ``lun`` of ``tid`` as a disk (type 0x00) on a sparse file; returns the file.
+
+        Pass the ``backing`` of an earlier disk to put the same volume under another target.
+        The file lives in this tgtd's work directory and goes with :meth:`stop`.
+        """
+        if self._workdir is None:
+            raise BenchError("tgtd is not running")
+        if backing is None:
+            backing = self._workdir / f"tid{tid}-lun{lun}.img"
+            with backing.open("wb") as handle:
+                handle.truncate(size_mib * 1024 * 1024)
+        where = ("--tid", str(tid), "--lun", str(lun))
+        self.tgtadm("--op", "new", "--mode", "logicalunit", *where, "--backing-store", str(backing))
+        return backing
+
+    def set_scsi_id(self, tid: int, lun: int, scsi_id: str) -> None:
+        """Give an LU tgt's ``scsi_id`` (its T10 and NAA 6 designators, hence its WWID)."""
+        where = ("--tid", str(tid), "--lun", str(lun))
+        self.tgtadm(
+            "--op", "update", "--mode", "logicalunit", *where, "--params", f"scsi_id={scsi_id}"
+        )
+
     def add_portal(self, host: str, port: int = BENCH_PORT) -> None:
         self.tgtadm("--op", "new", "--mode", "portal", "--param", f"portal={host}:{port}")
 
