@@ -78,12 +78,12 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import IO, Final, Literal, NoReturn
 
 from pyiscsi_failover.credentials import MASK, MAX_SECRET_BYTES, ChapCredentials, Secret
 from pyiscsi_failover.errors import ConnectionInfoError
 from pyiscsi_failover.names import Portal, validate_iscsi_name
+from pyiscsi_failover.protocol.addressing import AddressingMode
 
 __all__ = [
     "MAX_INPUT_BYTES",
@@ -125,20 +125,6 @@ _PORTAL, _IQN, _LUN = "target_portal", "target_iqn", "target_lun"
 _ALT = ("target_alternative_portals", "target_alternative_iqns", "target_alternative_luns")
 _MULTI = ("target_portals", "target_iqns", "target_luns")
 _ADDRESSING = "addressing_mode"
-
-
-class AddressingMode(str, Enum):
-    """os-brick's ``addressing_mode``: how connection_info's LUN becomes the LUN Linux uses.
-
-    The same members and spellings as :class:`pyiscsi_failover.protocol.scsi.AddressingMode`
-    (a test keeps them equal; the functions there take either). It is defined here too because
-    ``protocol.scsi`` loads the PDU models, which a probe must not wait for before its first SYN.
-    """
-
-    SAM = "SAM"
-    SAM2 = "SAM2"
-    SAM3_FLAT = "SAM3-flat"
-    TRANSPARENT = "transparent"
 
 
 @dataclass(frozen=True, slots=True)

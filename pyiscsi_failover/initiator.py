@@ -39,6 +39,8 @@ from pyiscsi_failover.protocol.negotiation import (
     OperationalParameters,
 )
 from pyiscsi_failover.protocol.pdu import (
+    CDB_LENGTH,
+    LUN_LENGTH,
     PDU,
     RESERVED_TAG,
     LoginRequest,
@@ -354,6 +356,12 @@ class InitiatorConnection:
             raise LocalProtocolError(f"submit() is not allowed in state {self.state.value}")
         if not 0 <= transfer_length <= _SERIAL_MASK:
             raise LocalProtocolError(f"transfer_length must be 0..2**32-1, not {transfer_length}")
+        # Checked before anything changes: a command the codec cannot carry must not use up
+        # an ITT or a CmdSN (the target would wait for that CmdSN in vain).
+        if not isinstance(cdb, bytes) or not 1 <= len(cdb) <= CDB_LENGTH:
+            raise LocalProtocolError(f"a CDB is 1..{CDB_LENGTH} bytes (longer ones need an AHS)")
+        if not isinstance(lun, bytes) or len(lun) != LUN_LENGTH:
+            raise LocalProtocolError(f"lun must be the {LUN_LENGTH}-byte LUN field, not {lun!r}")
         itt = self._new_itt()
         while itt in self._tasks:  # 2**32 tags wrapped onto one still outstanding
             itt = self._new_itt()
@@ -378,6 +386,8 @@ class InitiatorConnection:
         return len(self._tasks)
 
     def _send_window(self) -> None:
+        if self.state is not State.FULL_FEATURE:
+            return  # nothing leaves after a Logout Request (or during a text exchange)
         while self._queued:
             task = self._tasks.get(self._queued[0])
             if task is None:
@@ -388,6 +398,15 @@ class InitiatorConnection:
             self._queued.pop(0)
             task.sent = True
             self._send(replace(task.command, expstatsn=self._expstatsn))
+
+    def _next_cmdsn(self) -> int:
+        """The CmdSN of the next command to leave: an immediate PDU carries it (RFC 7143
+        4.2.2.1), and commands waiting for the window have numbers but have not left."""
+        for itt in self._queued:
+            task = self._tasks.get(itt)
+            if task is not None:
+                return task.command.cmdsn
+        return self._cmdsn
 
     def _update_window(self, expcmdsn: int, maxcmdsn: int) -> None:
         """RFC 7143 4.2.2.1: MaxCmdSN only moves forward, and is ignored when it is below
@@ -400,12 +419,17 @@ class InitiatorConnection:
     def logout(self) -> None:
         """Close the session, so a probe leaves nothing behind on the target."""
         self._require(State.FULL_FEATURE, "logout")
+        cmdsn = self._next_cmdsn()
+        # Commands still waiting for the window never leave; their CmdSNs go unused.
+        for itt in self._queued:
+            self._tasks.pop(itt, None)
+        self._queued.clear()
         self.state = State.LOGGING_OUT
         self._send(
             LogoutRequest(
                 reason=LogoutReason.CLOSE_SESSION,
                 itt=self._new_itt(),
-                cmdsn=self._cmdsn,
+                cmdsn=cmdsn,
                 expstatsn=self._expstatsn,
                 immediate=True,
             )
@@ -739,9 +763,10 @@ class InitiatorConnection:
         if pdu.tsih == 0:
             raise ProtocolError("final Login Response of a new session carries TSIH 0")
         self._tsih = pdu.tsih
-        # The first full-feature command reuses the login's CmdSN; the window starts here.
-        self._maxcmdsn = self._cmdsn
-        self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
+        # The first full-feature command reuses the login's CmdSN; the window starts here, as
+        # the final Login Response sets it (MaxCmdSN = ExpCmdSN - 1 is a valid, closed one).
+        valid = _serial_le((pdu.expcmdsn - 1) & _SERIAL_MASK, pdu.maxcmdsn)
+        self._maxcmdsn = pdu.maxcmdsn if valid else self._cmdsn
         self._parameters = self._negotiator.result()
         if self._parameters.target_portal_group_tag is None and self._tpgt is not None:
             # TargetPortalGroupTag arrives in the security stage, before the negotiator runs.
@@ -799,6 +824,7 @@ class InitiatorConnection:
     def _on_data_in(self, pdu: ScsiDataIn) -> None:
         task = self._task(pdu.itt, "SCSI Data-In")
         self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
+        self._send_window()
         if pdu.datasn != task.next_datasn:
             raise ProtocolError(
                 f"SCSI Data-In for ITT 0x{pdu.itt:08x} has DataSN {pdu.datasn}, expected"
@@ -875,7 +901,7 @@ class InitiatorConnection:
                     itt=RESERVED_TAG,
                     ttt=pdu.ttt,
                     lun=pdu.lun,
-                    cmdsn=self._cmdsn,
+                    cmdsn=self._next_cmdsn(),
                     expstatsn=self._expstatsn,
                     immediate=True,
                     data=pdu.data,

@@ -203,6 +203,8 @@ class LunCheck:
 
     def completed(self, step: Step, event: ScsiCompleted) -> list[ScsiRequest]:
         """Take the answer to ``step``; return the commands to send next (retries, fallback)."""
+        if step not in self._pending:
+            raise LocalProtocolError(f"{step.value} was answered but is not in flight")
         retries = self._pending.pop(step)
         sense = _sense_of(event)
         if self._retryable(event, sense) and retries < MAX_RETRIES:

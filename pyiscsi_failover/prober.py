@@ -350,9 +350,8 @@ async def check_candidate(
         lun_check = None
         if options.check is Check.LUN:
             from pyiscsi_failover.lun_check import LunCheck
-            from pyiscsi_failover.protocol.scsi import AddressingMode
 
-            lun_check = LunCheck(candidate.lun, AddressingMode(info.addressing_mode.value))
+            lun_check = LunCheck(candidate.lun, info.addressing_mode)
         report = await login(
             candidate.portal,
             config,

@@ -18,6 +18,7 @@ PURE_AND_SANS_IO = [
     "pyiscsi_failover.credentials",
     "pyiscsi_failover.names",
     "pyiscsi_failover.connection_info",
+    "pyiscsi_failover.protocol.addressing",
     "pyiscsi_failover.protocol.isid",
     "pyiscsi_failover.protocol.pdu",
     "pyiscsi_failover.protocol.wire",

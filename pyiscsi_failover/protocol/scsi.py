@@ -39,10 +39,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import IntEnum
 from typing import Final, TypeVar
 
 from pyiscsi_failover.errors import PDUEncodeError, SCSIReplyError
+from pyiscsi_failover.protocol.addressing import AddressingMode
 from pyiscsi_failover.protocol.pdu import ScsiStatus  # one status enum, shared with the codec
 
 __all__ = [
@@ -237,15 +238,6 @@ class SenseKey(IntEnum):
     VOLUME_OVERFLOW = 0xD
     MISCOMPARE = 0xE
     COMPLETED = 0xF
-
-
-class AddressingMode(str, Enum):
-    """connection_info's ``addressing_mode``, spelled as os-brick's constants spell it."""
-
-    SAM = "SAM"
-    SAM2 = "SAM2"
-    SAM3_FLAT = "SAM3-flat"
-    TRANSPARENT = "transparent"
 
 
 _E = TypeVar("_E", bound=IntEnum)
