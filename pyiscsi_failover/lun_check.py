@@ -135,6 +135,7 @@ class _Answers:
     capacity: Capacity | None = None
     listed: bool | None = None
     listed_luns: tuple[int, ...] = ()
+    flat_listed: bool = False
     ready: bool = False
     failures: dict[Step, tuple[LunVerdict, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -239,6 +240,10 @@ class LunCheck:
                     luns = parse_report_luns(event.data)
                     answers.listed = luns.lists(self.lun)
                     answers.listed_luns = tuple(lun.linux_lun for lun in luns.luns)
+                    if not answers.listed and self.mode is AddressingMode.SAM:
+                        # tgt and others list LUNs >= 256 flat-addressed: os-brick's SAM2.
+                        flat = lun_field(self.number, AddressingMode.SAM2)
+                        answers.flat_listed = flat != self.lun and luns.lists(flat)
                 case Step.INQUIRY:
                     answers.inquiry = parse_standard_inquiry(event.data)
                 case Step.DEVICE_ID:
@@ -293,9 +298,13 @@ class LunCheck:
         lun = f"LUN {self.number}"
         if answers.listed is False:
             listed = ", ".join(str(n) for n in answers.listed_luns) or "none"
+            hint = ""
+            if answers.flat_listed:
+                hint = "; it lists this LUN flat-addressed: does connection_info need"
+                hint += " addressing_mode 'SAM2'?"
             return LunReport(
                 verdict=LunVerdict.MISSING,
-                detail=f"{lun} is not in REPORT LUNS (it lists {listed})",
+                detail=f"{lun} is not in REPORT LUNS (it lists {listed}){hint}",
                 notes=notes,
             )
         inquiry = answers.inquiry

@@ -168,6 +168,7 @@ async def test_lun_256_needs_flat_addressing_as_os_brick_says(
         assert attempt.lun_info.wwid == "naa.60000000000000000e00000000010100"
     else:
         assert "16640" in attempt.detail  # REPORT LUNS lists it under its Linux number
+        assert "addressing_mode 'SAM2'?" in attempt.detail
 
 
 @settings(
