@@ -295,6 +295,42 @@ def _top(stats: pstats.Stats, count: int, limit: int) -> list[dict[str, object]]
     ]
 
 
+#: Functions whose cumulative time per probe says where a LUN check's extra time goes:
+#: (label, file suffix or "~" for builtins, function name).
+_WATCHED: Final = (
+    ("transport._check_lun (the whole SCSI phase)", "pyiscsi_failover/transport.py", "_check_lun"),
+    ("LunCheck.start (plan the CDBs)", "pyiscsi_failover/lun_check.py", "start"),
+    ("LunCheck.completed (judge each answer)", "pyiscsi_failover/lun_check.py", "completed"),
+    (
+        "  parse_vpd_device_identification",
+        "pyiscsi_failover/protocol/scsi.py",
+        "parse_vpd_device_identification",
+    ),
+    ("  DeviceIdentification.wwid", "pyiscsi_failover/protocol/scsi.py", "wwid"),
+    ("InitiatorConnection.submit", "pyiscsi_failover/initiator.py", "submit"),
+    ("InitiatorConnection._send_window", "pyiscsi_failover/initiator.py", "_send_window"),
+    ("  dataclasses.replace (all callers)", "dataclasses.py", "replace"),
+    ("InitiatorConnection._on_data_in", "pyiscsi_failover/initiator.py", "_on_data_in"),
+    ("encode_pdu", "pyiscsi_failover/protocol/wire.py", "encode_pdu"),
+    ("decode_pdu", "pyiscsi_failover/protocol/wire.py", "decode_pdu"),
+    ("socket.send", "~", "<method 'send' of '_socket.socket' objects>"),
+    ("socket.recv", "~", "<method 'recv' of '_socket.socket' objects>"),
+)
+
+
+def _watched(stats: pstats.Stats, count: int) -> dict[str, dict[str, float]]:
+    table = stats.stats  # type: ignore[attr-defined]
+    out: dict[str, dict[str, float]] = {}
+    for label, suffix, function in _WATCHED:
+        calls = cum = 0.0
+        for (file, _line, name), (_cc, nc, _tt, ct, _callers) in table.items():
+            if name == function and (file == suffix if suffix == "~" else file.endswith(suffix)):
+                calls += nc
+                cum += ct
+        out[label] = {"calls": round(calls / count, 2), "cumtime_us": round(cum / count * 1e6, 1)}
+    return out
+
+
 def _where(plan: Plan) -> dict[str, object]:
     login = _profile(Check.LOGIN, plan.profile_probes)
     lun = _profile(Check.LUN, plan.profile_probes)
@@ -314,6 +350,10 @@ def _where(plan: Plan) -> dict[str, object]:
         "probes": plan.profile_probes,
         "by_category": rows,
         "total_us": {"login": sum(by_login.values()), "lun": sum(by_lun.values())},
+        "functions": {
+            "login": _watched(login, plan.profile_probes),
+            "lun": _watched(lun, plan.profile_probes),
+        },
         "top_tottime_lun": _top(lun, plan.profile_probes, 20),
         "top_tottime_login": _top(login, plan.profile_probes, 10),
     }
@@ -606,6 +646,22 @@ def _print(
         "Where the CPU goes: cProfile (CPU time) per probe, us (inflated by the profiler)",
         ["category", "login", "lun", "lun - login"],
         [[r["category"], r["login_us"], r["lun_us"], r["extra_us"]] for r in categories],
+    )
+    functions = where["functions"]
+    assert isinstance(functions, dict)
+    print_table(
+        "  per probe, calls and cumulative us (cProfile)",
+        ["function", "login calls", "login us", "lun calls", "lun us"],
+        [
+            [
+                label,
+                functions["login"][label]["calls"],
+                functions["login"][label]["cumtime_us"],
+                functions["lun"][label]["calls"],
+                functions["lun"][label]["cumtime_us"],
+            ]
+            for label, _suffix, _name in _WATCHED
+        ],
     )
     top = where["top_tottime_lun"]
     assert isinstance(top, list)
