@@ -1,16 +1,24 @@
-"""The PDU codec: round trips, exact bit positions, lenient reserved fields, and totality."""
+"""The PDU codec: round trips, exact bit positions, lenient reserved fields, and totality.
+
+One peer test, marked ``peer``, has tshark read the Asynchronous Messages we encode.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import struct
+import subprocess
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from construct import ConstructError
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from strategies import PDU_STRATEGIES, data_segments, login_requests, pdus, u32
+from peers import require_tool
+from strategies import PDU_STRATEGIES, data_segments, login_requests, pdus, u8, u16, u32
 
 from pyiscsi_failover.errors import PDUDecodeError, PDUEncodeError
 from pyiscsi_failover.protocol import wire
@@ -19,6 +27,8 @@ from pyiscsi_failover.protocol.pdu import (
     ISID,
     PDU,
     RESERVED_TAG,
+    AsyncEvent,
+    AsyncMessage,
     LoginRequest,
     LoginResponse,
     LogoutReason,
@@ -849,6 +859,8 @@ def _compiled_parse(codec: Any, bhs: bytes) -> dict[str, Any] | type[Exception]:
 @given(opcode=st.sampled_from(list(Opcode)), raw=st.binary(min_size=48, max_size=48))
 @example(opcode=Opcode.REJECT, raw=bytes(48))  # Reject ITT is a Const: both must refuse it
 @example(opcode=Opcode.REJECT, raw=bytes(16) + b"\xff" * 4 + bytes(28))
+@example(opcode=Opcode.ASYNC_MESSAGE, raw=bytes(48))  # so is an Asynchronous Message's
+@example(opcode=Opcode.ASYNC_MESSAGE, raw=b"\xff" * 48)
 def test_compiled_parse_equals_interpreted(opcode: Opcode, raw: bytes) -> None:
     codec = wire._BY_OPCODE[opcode]
     bhs = bytes([(raw[0] & 0xC0) | opcode]) + raw[1:]
@@ -1395,3 +1407,360 @@ def test_compiled_scsi_build_errors_come_from_the_interpreted_definition(
     with pytest.raises(ConstructError) as raised:
         wire._build_header(codec, fields)
     assert name in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Asynchronous Message (0x32)
+# ---------------------------------------------------------------------------------------------
+
+# 18-byte fixed-format sense of a SCSI event: UNIT ATTENTION 2A/09 (capacity data has changed).
+CAPACITY_CHANGED = bytes.fromhex("700006000000000a000000002a0900000000")
+
+
+@st.composite
+def async_messages(draw: st.DrawFn) -> AsyncMessage:
+    """Asynchronous Messages the codec accepts: a SCSI event always carries sense."""
+    event = draw(st.sampled_from(AsyncEvent))
+    if event is not AsyncEvent.SCSI_EVENT and draw(st.booleans()):
+        data = b""
+    else:
+        minimum = 1 if event is AsyncEvent.SCSI_EVENT else 0
+        sense = draw(st.binary(min_size=minimum, max_size=40))
+        data = sense_data_segment(sense, draw(st.binary(max_size=12)))
+    return AsyncMessage(
+        async_event=event,
+        statsn=draw(u32),
+        expcmdsn=draw(u32),
+        maxcmdsn=draw(u32),
+        lun=draw(luns),
+        async_vcode=draw(u8),
+        parameter1=draw(u16),
+        parameter2=draw(u16),
+        parameter3=draw(u16),
+        data=data,
+    )
+
+
+def async_message(**changes: Any) -> AsyncMessage:
+    pdu = AsyncMessage(
+        async_event=AsyncEvent.DROP_CONNECTION,
+        statsn=0x11121314,
+        expcmdsn=0x21222324,
+        maxcmdsn=0x31323334,
+        lun=bytes.fromhex("0102030405060708"),
+        async_vcode=0x5A,
+        parameter1=0x4142,
+        parameter2=0x4344,
+        parameter3=0x4546,
+    )
+    return dataclasses.replace(pdu, **changes)
+
+
+def scsi_event(**changes: Any) -> AsyncMessage:
+    return async_message(
+        async_event=AsyncEvent.SCSI_EVENT,
+        lun=bytes.fromhex("0001000000000000"),
+        async_vcode=0,
+        parameter1=0,
+        parameter2=0,
+        parameter3=0,
+        data=sense_data_segment(CAPACITY_CHANGED, b"event"),
+        **changes,
+    )
+
+
+@given(pdu=async_messages(), header_digest=st.booleans(), data_digest=st.booleans())
+@settings(max_examples=200)
+def test_async_message_round_trip(
+    pdu: AsyncMessage, header_digest: bool, data_digest: bool
+) -> None:
+    raw = encode_pdu(pdu, header_digest=header_digest, data_digest=data_digest)
+    assert len(raw) % 4 == 0
+    assert pdu_length(raw[:48], header_digest=header_digest, data_digest=data_digest) == len(raw)
+    decoded = decode_pdu(raw, header_digest=header_digest, data_digest=data_digest)
+    assert type(decoded) is AsyncMessage
+    assert decoded == pdu
+    assert encode_pdu(decoded, header_digest=header_digest, data_digest=data_digest) == raw
+
+
+def test_async_message_layout() -> None:
+    raw = encode_pdu(async_message(data=sense_data_segment(b"", b"vendor")))
+    assert raw[0:4] == b"\x32\x80\x00\x00"  # opcode, F=1; bytes 2-3 reserved
+    assert raw[4:8] == b"\x00\x00\x00\x08"  # no AHS; SenseLength (2) + 6 bytes of event data
+    assert raw[8:16] == bytes.fromhex("0102030405060708")  # LUN, raw
+    assert raw[16:20] == b"\xff\xff\xff\xff"  # ITT: always the reserved tag
+    assert raw[20:24] == bytes(4)
+    assert raw[24:28] == b"\x11\x12\x13\x14"  # StatSN
+    assert raw[28:32] == b"\x21\x22\x23\x24"  # ExpCmdSN
+    assert raw[32:36] == b"\x31\x32\x33\x34"  # MaxCmdSN
+    assert raw[36] == 2  # AsyncEvent: the target will drop a connection
+    assert raw[37] == 0x5A  # AsyncVCode
+    assert raw[38:40] == b"\x41\x42"  # Parameter1: the CID
+    assert raw[40:42] == b"\x43\x44"  # Parameter2: Time2Wait
+    assert raw[42:44] == b"\x45\x46"  # Parameter3: Time2Retain
+    assert raw[44:48] == bytes(4)
+    assert raw[48:] == b"\x00\x00vendor"  # SenseLength 0, then the event data; no padding
+    assert len(raw) == 56
+    event = encode_pdu(scsi_event())
+    assert event[36] == 0
+    assert event[48:50] == b"\x00\x12"  # SenseLength 18
+    assert event[50:68] == CAPACITY_CHANGED
+    assert event[68:] == b"event\x00\x00\x00"
+
+
+def test_async_message_from_hand_built_bytes() -> None:
+    # A logout request as a target sends it: log out within 10 seconds.
+    raw = bytearray(48)
+    raw[0:2] = b"\x32\x80"
+    raw[16:20] = b"\xff\xff\xff\xff"
+    raw[24:28] = (7).to_bytes(4, "big")  # StatSN
+    raw[28:32] = (3).to_bytes(4, "big")  # ExpCmdSN
+    raw[32:36] = (10).to_bytes(4, "big")  # MaxCmdSN
+    raw[36] = 1
+    raw[42:44] = (10).to_bytes(2, "big")  # Parameter3
+    decoded = decode_pdu(bytes(raw))
+    expected = AsyncMessage(
+        async_event=AsyncEvent.REQUEST_LOGOUT, statsn=7, expcmdsn=3, maxcmdsn=10, parameter3=10
+    )
+    assert decoded == expected
+    assert encode_pdu(expected) == bytes(raw)
+
+
+@pytest.mark.parametrize(
+    ("event", "respond_within", "dropped_cid", "time2wait", "time2retain"),
+    [
+        (AsyncEvent.SCSI_EVENT, None, None, None, None),
+        (AsyncEvent.REQUEST_LOGOUT, 0x4546, None, None, None),
+        (AsyncEvent.DROP_CONNECTION, None, 0x4142, 0x4344, 0x4546),
+        (AsyncEvent.DROP_ALL_CONNECTIONS, None, None, 0x4344, 0x4546),
+        (AsyncEvent.REQUEST_NEGOTIATION, 0x4546, None, None, None),
+        (AsyncEvent.VENDOR_SPECIFIC, None, None, None, None),
+    ],
+    ids=lambda v: v.name if isinstance(v, AsyncEvent) else None,
+)
+def test_async_parameters_are_named_per_event(
+    event: AsyncEvent,
+    respond_within: int | None,
+    dropped_cid: int | None,
+    time2wait: int | None,
+    time2retain: int | None,
+) -> None:
+    data = sense_data_segment(CAPACITY_CHANGED) if event is AsyncEvent.SCSI_EVENT else b""
+    decoded = decode_pdu(encode_pdu(async_message(async_event=event, data=data)))
+    assert isinstance(decoded, AsyncMessage)
+    assert decoded.async_event is event
+    assert (decoded.respond_within, decoded.dropped_cid) == (respond_within, dropped_cid)
+    assert (decoded.time2wait, decoded.time2retain) == (time2wait, time2retain)
+    # The raw parameters stay whatever the event.
+    assert (decoded.parameter1, decoded.parameter2, decoded.parameter3) == (0x4142, 0x4344, 0x4546)
+
+
+def test_async_sense_and_event_data() -> None:
+    decoded = decode_pdu(encode_pdu(scsi_event()))
+    assert isinstance(decoded, AsyncMessage)
+    assert (decoded.sense, decoded.event_data) == (CAPACITY_CHANGED, b"event")
+    assert decoded.sense[12:14] == b"\x2a\x09"
+    bare = async_message()
+    assert (bare.sense, bare.event_data) == (b"", b"")
+    vendor = async_message(async_event=AsyncEvent.VENDOR_SPECIFIC, data=b"\x00\x00abc")
+    assert (vendor.sense, vendor.event_data) == (b"", b"abc")
+
+
+# RFC 7143 11.9: bytes 2-3, 20-23 and 44-47, byte 0's bits 7-6 and byte 1's bits 6-0.
+ASYNC_RESERVED_BYTES = [2, 3, *range(20, 24), *range(44, 48)]
+
+
+@given(pdu=async_messages(), junk=st.data(), header_digest=st.booleans())
+def test_async_reserved_fields_are_ignored(
+    pdu: AsyncMessage, junk: st.DataObject, header_digest: bool
+) -> None:
+    raw = bytearray(encode_pdu(pdu))
+    for offset in ASYNC_RESERVED_BYTES:
+        raw[offset] = junk.draw(st.integers(1, 255))
+    raw[0] |= 0xC0
+    raw[1] |= 0x7F
+    if header_digest:
+        raw[48:48] = crc32c(bytes(raw[:48]))
+    assert decode_pdu(bytes(raw), header_digest=header_digest) == pdu
+
+
+@pytest.mark.parametrize("byte1", range(256))
+def test_every_async_message_byte1(byte1: int) -> None:
+    raw = patched(encode_pdu(scsi_event()), 1, bytes([byte1]))
+    if not byte1 & 0x80:
+        error = decode_error(raw)
+        assert (error.field, error.offset, error.value) == ("F", 1, byte1)
+        return
+    assert decode_pdu(raw) == scsi_event()
+
+
+@pytest.mark.parametrize("event", [5, 6, 0x80, 0xFE])
+def test_reserved_async_events(event: int) -> None:
+    error = decode_error(patched(encode_pdu(async_message()), 36, bytes([event])))
+    assert (error.field, error.offset, error.value) == ("AsyncEvent", 36, event)
+    assert "AsyncEvent" in str(error)
+    refused = encode_error(async_message(async_event=event))
+    assert (refused.field, refused.value) == ("AsyncEvent", event)
+
+
+@pytest.mark.parametrize("itt", [b"\x00\x00\x00\x00", b"\xff\xff\xff\xfe"])
+def test_async_message_itt_is_fixed(itt: bytes) -> None:
+    error = decode_error(patched(encode_pdu(async_message()), 16, itt))
+    assert (error.field, error.offset, error.value) == (
+        "InitiatorTaskTag",
+        16,
+        int.from_bytes(itt, "big"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("event", "data", "value", "reason"),
+    [
+        (AsyncEvent.SCSI_EVENT, b"", 0, "SCSI event (AsyncEvent 0) without sense"),
+        (AsyncEvent.SCSI_EVENT, b"\x00\x00data", 0, "without sense"),
+        (AsyncEvent.REQUEST_LOGOUT, b"\x00", 1, "cannot hold SenseLength"),
+        (AsyncEvent.VENDOR_SPECIFIC, b"\x00\x05abcd", 5, "overrun"),
+        (AsyncEvent.SCSI_EVENT, b"\xff\xff", 0xFFFF, "overrun"),
+    ],
+)
+def test_async_sense_segment_errors(
+    event: AsyncEvent, data: bytes, value: int, reason: str
+) -> None:
+    # Built by hand: the encoder refuses the same segments.
+    header = patched(encode_pdu(async_message())[:48], 36, bytes([event]))
+    header = patched(header, 5, len(data).to_bytes(3, "big"))
+    stream = header + crc32c(header) + data + bytes(-len(data) % 4)
+    error = decode_error(stream, header_digest=True)
+    assert (error.field, error.offset, error.value) == ("SenseLength", 52, value)
+    assert reason in str(error)
+    refused = encode_error(async_message(async_event=event, data=data))
+    assert (refused.field, refused.value) == ("SenseLength", value)
+
+
+def test_non_scsi_events_may_carry_sense() -> None:
+    # SenseLength is 0 "e.g., the event is not a SCSI event": an example, not a rule.
+    pdu = async_message(data=sense_data_segment(CAPACITY_CHANGED))
+    assert decode_pdu(encode_pdu(pdu)) == pdu
+
+
+@pytest.mark.parametrize(
+    ("pdu", "field", "value"),
+    [
+        (async_message(async_event=None), "AsyncEvent", None),
+        (async_message(lun=bytes(7)), "LUN", 7),
+        (async_message(lun=0), "LUN", "int"),
+        (async_message(statsn=2**32), "StatSN", 2**32),
+        (async_message(expcmdsn=-1), "ExpCmdSN", -1),
+        (async_message(maxcmdsn="1"), "MaxCmdSN", "1"),
+        (async_message(async_vcode=256), "AsyncVCode", 256),
+        (async_message(parameter1=2**16), "Parameter1", 2**16),
+        (async_message(parameter2=-1), "Parameter2", -1),
+        (async_message(parameter3=2**16), "Parameter3", 2**16),
+        (async_message(data="sense"), "DataSegment", "str"),
+    ],
+)
+def test_async_encode_errors(pdu: AsyncMessage, field: str, value: object) -> None:
+    error = encode_error(pdu)
+    assert (error.field, error.value) == (field, value)
+    assert field in str(error)
+
+
+@given(pdu=async_messages(), options=digests, data=st.data())
+@settings(max_examples=300)
+def test_mutated_async_messages(
+    pdu: AsyncMessage, options: dict[str, bool], data: st.DataObject
+) -> None:
+    raw = encode_pdu(pdu, **options)
+    mutated = data.draw(mutations(len(raw)))(raw)
+    decoded = decode_or_reject(mutated, **options)
+    if mutated == raw:
+        assert decoded == pdu
+
+
+@given(pdu=async_messages())
+@settings(max_examples=200)
+def test_compiled_async_build_equals_interpreted(pdu: AsyncMessage) -> None:
+    codec = wire._BY_MODEL[AsyncMessage]
+    fields, data = codec.fields_in(pdu)
+    fields["TotalAHSLength"] = 0
+    fields["DataSegmentLength"] = len(data)
+    interpreted = codec.header.build(fields)
+    assert wire._compiled(codec).build(fields) == interpreted
+    assert wire._build_header(codec, fields) == interpreted
+    assert len(interpreted) == BHS_LENGTH
+
+
+# Wireshark's dissector as a second opinion on the encoder (the target side sends these). The
+# bytes go into a pcap written here, as TCP segments from port 3260, each holding one PDU.
+
+
+def _pcap(payloads: list[bytes]) -> bytes:
+    """A classic pcap of Ethernet/IPv4/TCP frames 127.0.0.1:3260 -> 127.0.0.1:40000."""
+    out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]  # LINKTYPE_ETHERNET
+    seq = 1
+    for number, payload in enumerate(payloads):
+        tcp = struct.pack("!HHIIBBHHH", 3260, 40000, seq, 1, 5 << 4, 0x18, 65535, 0, 0)
+        seq += len(payload)
+        ip = bytearray(struct.pack("!BBHHHBBH", 0x45, 0, 40 + len(payload), 1, 0x4000, 64, 6, 0))
+        ip += bytes([127, 0, 0, 1, 127, 0, 0, 1])
+        total = sum(struct.unpack("!10H", ip))
+        total = (total & 0xFFFF) + (total >> 16)
+        ip[10:12] = (~(total + (total >> 16)) & 0xFFFF).to_bytes(2, "big")
+        frame = bytes(12) + b"\x08\x00" + bytes(ip) + tcp + payload
+        out.append(struct.pack("<IIII", number, 0, len(frame), len(frame)) + frame)
+    return b"".join(out)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("digests", [False, True])
+def test_tshark_reads_our_async_messages(tmp_path: Path, digests: bool) -> None:
+    tshark = require_tool("tshark", "tshark")
+    sent = [
+        AsyncMessage(
+            async_event=AsyncEvent.REQUEST_LOGOUT, statsn=5, expcmdsn=6, maxcmdsn=7, parameter3=10
+        ),
+        scsi_event(),
+        async_message(),
+        async_message(async_event=AsyncEvent.VENDOR_SPECIFIC, data=sense_data_segment(b"", b"v")),
+    ]
+    pcap = tmp_path / "async.pcap"
+    pcap.write_bytes(
+        _pcap([encode_pdu(p, header_digest=digests, data_digest=digests) for p in sent])
+    )
+    pdml = subprocess.run(
+        [tshark, "-n", "-r", str(pcap), "-T", "pdml", "-d", "tcp.port==3260,iscsi"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},  # no user profile
+    ).stdout
+    packets = ElementTree.fromstring(pdml).findall("packet")
+    assert len(packets) == len(sent)
+    for packet, pdu in zip(packets, sent, strict=True):
+        fields = {f.get("name"): f for f in packet.iter() if f.tag in ("field", "proto")}
+        assert "_ws.malformed" not in fields and "_ws.expert" not in fields
+        shown = {
+            name: int(fields[name].get("show", ""), 0)
+            for name in (
+                "iscsi.opcode",
+                "iscsi.statsn",
+                "iscsi.asyncevent",
+                "iscsi.eventvendorcode",
+                "iscsi.parameter1",
+                "iscsi.parameter2",
+                "iscsi.parameter3",
+            )
+        }
+        assert shown == {
+            "iscsi.opcode": 0x32,
+            "iscsi.statsn": pdu.statsn,
+            "iscsi.asyncevent": pdu.async_event,
+            "iscsi.eventvendorcode": pdu.async_vcode,
+            "iscsi.parameter1": pdu.parameter1,
+            "iscsi.parameter2": pdu.parameter2,
+            "iscsi.parameter3": pdu.parameter3,
+        }
+        if digests:
+            assert "Good CRC32" in fields["iscsi.headerdigest32"].get("showname", "")
+        if pdu.sense:
+            assert int(fields["scsi.sns.asc"].get("show", ""), 0) == pdu.sense[12]

@@ -1,4 +1,5 @@
-"""Typed models of the PDUs an initiator meets: login, discovery, logout, and the SCSI task.
+"""Typed models of the PDUs an initiator meets: login, discovery, logout, the SCSI task, and
+the events a target reports unasked (Asynchronous Message).
 
 These are what the rest of the package sees: frozen dataclasses and IntEnums. The wire format
 lives in :mod:`pyiscsi_failover.protocol.wire` alone (the only module that imports construct),
@@ -21,6 +22,8 @@ __all__ = [
     "LUN_LENGTH",
     "PDU",
     "RESERVED_TAG",
+    "AsyncEvent",
+    "AsyncMessage",
     "LoginRequest",
     "LoginResponse",
     "LoginStatus",
@@ -66,6 +69,7 @@ class Opcode(enum.IntEnum):
     TEXT_RESPONSE = 0x24
     SCSI_DATA_IN = 0x25
     LOGOUT_RESPONSE = 0x26
+    ASYNC_MESSAGE = 0x32
     REJECT = 0x3F
 
 
@@ -332,8 +336,18 @@ class ScsiCommand:
 
 
 def sense_data_segment(sense: bytes, response_data: bytes = b"") -> bytes:
-    """The data segment of a SCSI Response: SenseLength (2 bytes), sense, then response data."""
+    """The data segment of a SCSI Response or an Asynchronous Message: SenseLength (2 bytes),
+    sense, then response data (a Response) or iSCSI event data (an Asynchronous Message)."""
     return len(sense).to_bytes(2, "big") + sense + response_data
+
+
+def _split_sense(data: bytes) -> tuple[bytes, bytes]:
+    """(sense, what follows it) of a SenseLength-prefixed data segment; the codec checks the
+    length, so a model built by hand with a short segment just yields short parts."""
+    if len(data) < 2:
+        return b"", b""
+    end = 2 + int.from_bytes(data[:2], "big")
+    return data[2:end], data[end:]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -367,16 +381,12 @@ class ScsiResponse:
     @property
     def sense(self) -> bytes:
         """The sense data (empty when the segment has none); the codec checks its length."""
-        if len(self.data) < 2:
-            return b""
-        return self.data[2 : 2 + int.from_bytes(self.data[:2], "big")]
+        return _split_sense(self.data)[0]
 
     @property
     def response_data(self) -> bytes:
         """What follows the sense data in the segment (iSCSI defines none; kept for SPC)."""
-        if len(self.data) < 2:
-            return b""
-        return self.data[2 + int.from_bytes(self.data[:2], "big") :]
+        return _split_sense(self.data)[1]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -407,6 +417,89 @@ class ScsiDataIn:
     data: bytes = b""
 
 
+class AsyncEvent(enum.IntEnum):
+    """AsyncEvent of an Asynchronous Message (RFC 7143 11.9.1); 5-254 are reserved."""
+
+    SCSI_EVENT = 0  # a SCSI asynchronous event, told by the sense data
+    REQUEST_LOGOUT = 1  # log out (this connection or the session) within Parameter3 seconds
+    DROP_CONNECTION = 2  # the target will drop the connection whose CID is Parameter1
+    DROP_ALL_CONNECTIONS = 3  # the target will drop every connection of the session
+    REQUEST_NEGOTIATION = 4  # send a Text Request (even an empty one) within Parameter3 seconds
+    VENDOR_SPECIFIC = 255  # AsyncVCode says what
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AsyncMessage:
+    """An Asynchronous Message (opcode 0x32): an event the target reports without being asked.
+
+    It carries no task (its ITT is the all-ones reserved tag) but it does advance StatSN. The
+    three parameters are kept raw whatever the event; what they mean depends on it (RFC 7143
+    11.9.1), and the properties below read them only where the RFC defines them:
+
+    ======================== ================= ================= ==========================
+    ``async_event``          ``parameter1``    ``parameter2``    ``parameter3``
+    ======================== ================= ================= ==========================
+    REQUEST_LOGOUT           reserved          reserved          seconds to log out within
+    DROP_CONNECTION          CID being dropped Time2Wait         Time2Retain
+    DROP_ALL_CONNECTIONS     reserved          Time2Wait         Time2Retain
+    REQUEST_NEGOTIATION      reserved          reserved          seconds to send Text within
+    ======================== ================= ================= ==========================
+
+    ``async_vcode`` is the vendor's detail code, meaningful only with VENDOR_SPECIFIC; ``lun``
+    (8 raw bytes) only with SCSI_EVENT. ``data`` is the whole data segment: SenseLength, sense,
+    then iSCSI event data (see :func:`sense_data_segment`, :attr:`sense`, :attr:`event_data`);
+    a SCSI_EVENT must carry sense, since the sense data is the event.
+    """
+
+    async_event: AsyncEvent
+    statsn: int
+    expcmdsn: int
+    maxcmdsn: int
+    lun: bytes = bytes(LUN_LENGTH)
+    async_vcode: int = 0
+    parameter1: int = 0
+    parameter2: int = 0
+    parameter3: int = 0
+    data: bytes = b""
+
+    @property
+    def sense(self) -> bytes:
+        """The sense data (empty when the segment has none); the codec checks its length."""
+        return _split_sense(self.data)[0]
+
+    @property
+    def event_data(self) -> bytes:
+        """The iSCSI event data after the sense (vendor-defined; an initiator may ignore it)."""
+        return _split_sense(self.data)[1]
+
+    @property
+    def respond_within(self) -> int | None:
+        """Seconds the target allows for the Logout (REQUEST_LOGOUT) or the Text Request
+        (REQUEST_NEGOTIATION) it asks for: Parameter3. None for other events."""
+        if self.async_event in (AsyncEvent.REQUEST_LOGOUT, AsyncEvent.REQUEST_NEGOTIATION):
+            return self.parameter3
+        return None
+
+    @property
+    def dropped_cid(self) -> int | None:
+        """The CID of the connection a DROP_CONNECTION is about: Parameter1."""
+        return self.parameter1 if self.async_event is AsyncEvent.DROP_CONNECTION else None
+
+    @property
+    def time2wait(self) -> int | None:
+        """Seconds to wait before reconnecting, for the DROP events (Parameter2; 0: at once)."""
+        return self.parameter2 if self.async_event in _DROP_EVENTS else None
+
+    @property
+    def time2retain(self) -> int | None:
+        """Seconds, after Time2Wait, within which tasks can be reassigned, for the DROP events
+        (Parameter3; 0: the target ends them at once)."""
+        return self.parameter3 if self.async_event in _DROP_EVENTS else None
+
+
+_DROP_EVENTS = frozenset({AsyncEvent.DROP_CONNECTION, AsyncEvent.DROP_ALL_CONNECTIONS})
+
+
 PDU: TypeAlias = (
     LoginRequest
     | LoginResponse
@@ -420,4 +513,5 @@ PDU: TypeAlias = (
     | ScsiCommand
     | ScsiResponse
     | ScsiDataIn
+    | AsyncMessage
 )

@@ -16,11 +16,13 @@ reserved *code value* in a defined field is a protocol error):
 * Reserved bits and bytes are written as zero and ignored on receipt, everywhere. tgt, the
   reference peer, zeroes them, but nothing is gained by dropping a login over one.
 * Fixed values are checked on receipt: the opcode, ``I`` = 1 in a Login Request (RFC 7143
-  11.12: "always 1"), ``F`` = 1 in the single-PDU types (Logout, NOP, Reject) and the all-ones
-  ITT of a Reject. Every target we know sets them; a peer that does not is confused.
+  11.12: "always 1"), ``F`` = 1 in the single-PDU types (Logout, NOP, Reject, Asynchronous
+  Message) and the all-ones ITT of a Reject and of an Asynchronous Message. Every target we
+  know sets them; a peer that does not is confused.
 * Reserved code values are errors: an unknown opcode, stage 2 in CSG or NSG (also when ``T`` = 0,
   since the model must hold a real stage), Status-Class above 3, an unknown logout reason,
-  logout response or reject reason. ``T`` and ``C`` both set in a Login PDU is an error too.
+  logout response or reject reason, AsyncEvent 5-254. ``T`` and ``C`` both set in a Login PDU
+  is an error too.
 * Status-Detail may be any byte (the model keeps the raw value). ISID type 3 (reserved) is let
   through: the model carries it and the initiator compares the echoed ISID anyway.
 * Padding bytes are ignored on receipt (the data digest still covers them as received).
@@ -47,6 +49,19 @@ encode and decode, so a model that decodes also encodes to the same bytes:
   than GOOD, CONDITION MET or INTERMEDIATE(-CONDITION MET) with S: any other needs a Response,
   which alone can carry sense. Without S the Status byte is reserved and ignored. O with U is an
   error. StatSN, O/U and the residual are kept raw whatever S says (meaningful only with S).
+
+Asynchronous Message (RFC 7143 11.9), which a target may send at any time in the Full Feature
+Phase:
+
+* AsyncEvent 0-4 and 255 (vendor-specific) are known; 5-254 are reserved, so an error (section
+  11: a reserved code value is a protocol error). Refusing an event we cannot name is safe: each
+  of them asks the initiator to act (log out, renegotiate, expect a drop), and a probe that does
+  not know how must not carry on as if nothing was asked.
+* AsyncVCode, the LUN and Parameter1-3 are kept raw whatever the event, as Data-In keeps
+  StatSN: each is reserved for some events, and the model names what each means per event.
+* The data segment is read like a SCSI Response's: empty, or SenseLength, sense and iSCSI event
+  data (11.9.4); a SenseLength that overruns it is an error, and so is a SCSI event (0) without
+  sense, since the sense data is the event.
 
 Speed: per PDU, construct parses or builds the 48-byte BHS alone, once, with its Struct
 compiled by ``.compile()`` (see ``_COMPILED``: the interpreted Struct stays the definition and
@@ -92,6 +107,8 @@ from pyiscsi_failover.protocol.pdu import (
     LUN_LENGTH,
     PDU,
     RESERVED_TAG,
+    AsyncEvent,
+    AsyncMessage,
     LoginRequest,
     LoginResponse,
     LogoutReason,
@@ -371,6 +388,24 @@ _SCSI_DATA_IN: Final = _bhs(
         "DataSN" / Int32ub,
         "BufferOffset" / Int32ub,
         "ResidualCount" / Int32ub,
+    ),
+)
+
+_ASYNC_MESSAGE: Final = _bhs(
+    (Padding(2),),
+    (
+        "LUN" / Bytes(LUN_LENGTH),
+        "InitiatorTaskTag" / Const(RESERVED_TAG, Int32ub),
+        Padding(4),
+        "StatSN" / Int32ub,
+        "ExpCmdSN" / Int32ub,
+        "MaxCmdSN" / Int32ub,
+        "AsyncEvent" / Int8ub,
+        "AsyncVCode" / Int8ub,
+        "Parameter1" / Int16ub,
+        "Parameter2" / Int16ub,
+        "Parameter3" / Int16ub,
+        Padding(4),
     ),
 )
 
@@ -851,9 +886,9 @@ def _response_status(response: int, status: object) -> ScsiStatus | None:
     return _to_enum(ScsiStatus, status, ("Status",))
 
 
-def _check_sense(data: object, status: ScsiStatus | None) -> None:
-    """The data segment is SenseLength + sense + response data (RFC 7143 11.4.7), and a
-    CHECK CONDITION must carry sense (autosense is mandatory in iSCSI)."""
+def _check_sense(data: object, needs_sense: str | None) -> None:
+    """The data segment is empty or SenseLength + sense + the rest (RFC 7143 11.4.7, 11.9.4);
+    ``needs_sense`` names what must carry sense, if anything does."""
     if not isinstance(data, (bytes, bytearray)):
         return  # reported as DataSegment by the encoder
     sense_length = 0
@@ -873,16 +908,21 @@ def _check_sense(data: object, status: ScsiStatus | None) -> None:
                 f"{sense_length} bytes of sense overrun a {len(data)}-byte data segment",
                 data_offset=0,
             )
-    if status is ScsiStatus.CHECK_CONDITION and not sense_length:
+    if needs_sense is not None and not sense_length:
         raise _FieldProblem(
-            ("SenseLength",), sense_length, "CHECK CONDITION without sense data", data_offset=0
+            ("SenseLength",), sense_length, f"{needs_sense} without sense data", data_offset=0
         )
+
+
+def _response_needs_sense(status: ScsiStatus | None) -> str | None:
+    """A CHECK CONDITION must carry sense: autosense is mandatory in iSCSI."""
+    return "CHECK CONDITION" if status is ScsiStatus.CHECK_CONDITION else None
 
 
 def _scsi_response_in(p: ScsiResponse) -> tuple[dict[str, Any], bytes]:
     response = _response_code(p.response)
     status = _response_status(response, p.status)
-    _check_sense(p.data, status)
+    _check_sense(p.data, _response_needs_sense(status))
     return {
         "Byte0": _byte0(Opcode.SCSI_RESPONSE),
         "Byte1": _FINAL
@@ -914,7 +954,7 @@ def _scsi_response_out(h: Container[Any], data: bytes) -> ScsiResponse:
         if response == ScsiResponseCode.COMMAND_COMPLETED
         else None
     )
-    _check_sense(data, status)
+    _check_sense(data, _response_needs_sense(status))
     return ScsiResponse(
         itt=h["InitiatorTaskTag"],
         statsn=h["StatSN"],
@@ -1009,6 +1049,45 @@ def _scsi_data_in_out(h: Container[Any], data: bytes) -> ScsiDataIn:
     )
 
 
+def _async_needs_sense(event: AsyncEvent) -> str | None:
+    return "a SCSI event (AsyncEvent 0)" if event is AsyncEvent.SCSI_EVENT else None
+
+
+def _async_message_in(p: AsyncMessage) -> tuple[dict[str, Any], bytes]:
+    event = _to_enum(AsyncEvent, p.async_event, ("AsyncEvent",))
+    _check_sense(p.data, _async_needs_sense(event))
+    return {
+        "Byte0": _byte0(Opcode.ASYNC_MESSAGE),
+        "Byte1": _FINAL,
+        "LUN": _raw_lun(p.lun),
+        "StatSN": p.statsn,
+        "ExpCmdSN": p.expcmdsn,
+        "MaxCmdSN": p.maxcmdsn,
+        "AsyncEvent": int(event),
+        "AsyncVCode": p.async_vcode,
+        "Parameter1": p.parameter1,
+        "Parameter2": p.parameter2,
+        "Parameter3": p.parameter3,
+    }, p.data
+
+
+def _async_message_out(h: Container[Any], data: bytes) -> AsyncMessage:
+    event = _to_enum(AsyncEvent, h["AsyncEvent"], ("AsyncEvent",))
+    _check_sense(data, _async_needs_sense(event))
+    return AsyncMessage(
+        async_event=event,
+        statsn=h["StatSN"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+        lun=h["LUN"],
+        async_vcode=h["AsyncVCode"],
+        parameter1=h["Parameter1"],
+        parameter2=h["Parameter2"],
+        parameter3=h["Parameter3"],
+        data=data,
+    )
+
+
 _P = TypeVar("_P")
 
 
@@ -1064,6 +1143,9 @@ _BY_OPCODE: Final[dict[int, _Codec[Any]]] = {
         ScsiResponse, _SCSI_RESPONSE, (_ALWAYS_FINAL,), _scsi_response_in, _scsi_response_out
     ),
     Opcode.SCSI_DATA_IN: _Codec(ScsiDataIn, _SCSI_DATA_IN, (), _scsi_data_in_in, _scsi_data_in_out),
+    Opcode.ASYNC_MESSAGE: _Codec(
+        AsyncMessage, _ASYNC_MESSAGE, (_ALWAYS_FINAL,), _async_message_in, _async_message_out
+    ),
 }
 _BY_MODEL: Final[dict[type[Any], _Codec[Any]]] = {c.model: c for c in _BY_OPCODE.values()}
 
