@@ -9,13 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import login_responses, nop_ins, pdus
-from test_wire import scsi_pdus
+from test_wire import async_messages, scsi_pdus
 
 from pyiscsi_failover.errors import LocalProtocolError, PDUDecodeError
 from pyiscsi_failover.protocol.framing import PDUBuffer
 from pyiscsi_failover.protocol.pdu import (
     PDU,
     RESERVED_TAG,
+    AsyncEvent,
+    AsyncMessage,
     NopIn,
     ScsiDataIn,
     ScsiResponse,
@@ -145,6 +147,90 @@ def test_a_read_answer_in_one_stream() -> None:
     for i in range(len(stream)):
         buffer.feed(stream[i : i + 1])
     assert drain(buffer) == sequence
+
+
+@given(
+    sequence=st.lists(pdus() | scsi_pdus() | async_messages(), max_size=6),
+    cuts=st.lists(st.integers(0, 2000), max_size=12),
+    header_digest=st.booleans(),
+    data_digest=st.booleans(),
+)
+@settings(max_examples=100)
+def test_async_messages_are_framed_like_the_others(
+    sequence: list[PDU], cuts: list[int], header_digest: bool, data_digest: bool
+) -> None:
+    stream = b"".join(
+        encode_pdu(p, header_digest=header_digest, data_digest=data_digest) for p in sequence
+    )
+    buffer = PDUBuffer(header_digest=header_digest, data_digest=data_digest)
+    received: list[PDU] = []
+    for chunk in chunks(stream, cuts):
+        buffer.feed(chunk)
+        received += drain(buffer)
+    assert received == sequence
+    assert buffer.buffered == 0
+
+
+def test_async_messages_between_task_replies() -> None:
+    # What a target may send unasked in the middle of a task: a SCSI event (sense, then event
+    # data, with padding and a data digest) and a logout request (header only), between two
+    # Data-In. Digests on both sides, fed byte by byte.
+    sense = bytes.fromhex("700006000000000a000000002a0900000000")
+    event = AsyncMessage(
+        async_event=AsyncEvent.SCSI_EVENT,
+        statsn=4,
+        expcmdsn=2,
+        maxcmdsn=9,
+        lun=bytes.fromhex("0001000000000000"),
+        data=sense_data_segment(sense, b"event"),
+    )
+    logout = AsyncMessage(
+        async_event=AsyncEvent.REQUEST_LOGOUT, statsn=5, expcmdsn=2, maxcmdsn=9, parameter3=10
+    )
+    first = ScsiDataIn(itt=7, expcmdsn=2, maxcmdsn=9, datasn=0, data=b"a" * 13)
+    last = ScsiDataIn(
+        itt=7,
+        expcmdsn=2,
+        maxcmdsn=9,
+        datasn=1,
+        buffer_offset=13,
+        final=True,
+        status=ScsiStatus.GOOD,
+        statsn=6,
+        data=b"b" * 3,
+    )
+    sequence: list[PDU] = [first, event, logout, last]
+    stream = b"".join(encode_pdu(p, header_digest=True, data_digest=True) for p in sequence)
+    # 48 + 4 each, then the padded data and its digest where there is data.
+    assert len(stream) == (52 + 16 + 4) + (52 + 28 + 4) + 52 + (52 + 4 + 4)
+    buffer = PDUBuffer(header_digest=True, data_digest=True, max_data_segment_length=25)
+    received: list[PDU] = []
+    for i in range(len(stream)):
+        buffer.feed(stream[i : i + 1])
+        received += drain(buffer)
+    assert received == sequence
+    assert isinstance(received[1], AsyncMessage)
+    assert (received[1].sense, received[1].event_data) == (sense, b"event")
+    assert isinstance(received[2], AsyncMessage)
+    assert received[2].respond_within == 10
+
+
+def test_async_message_with_a_bad_data_digest_is_refused() -> None:
+    event = AsyncMessage(
+        async_event=AsyncEvent.VENDOR_SPECIFIC,
+        statsn=1,
+        expcmdsn=1,
+        maxcmdsn=1,
+        async_vcode=7,
+        data=sense_data_segment(b"", b"vendor"),
+    )
+    stream = bytearray(encode_pdu(event, header_digest=True, data_digest=True))
+    stream[-1] ^= 0x01
+    buffer = PDUBuffer(header_digest=True, data_digest=True)
+    buffer.feed(bytes(stream))
+    with pytest.raises(PDUDecodeError) as info:
+        buffer.next_pdu()
+    assert (info.value.field, info.value.offset) == ("DataDigest", len(stream) - 4)
 
 
 def test_oversized_data_in_refused_on_its_header() -> None:
