@@ -43,6 +43,8 @@ from pyiscsi_failover.protocol.pdu import (
     LUN_LENGTH,
     PDU,
     RESERVED_TAG,
+    AsyncEvent,
+    AsyncMessage,
     LoginRequest,
     LoginResponse,
     LoginStatus,
@@ -77,6 +79,7 @@ __all__ = [
     "NeedData",
     "ScsiCompleted",
     "State",
+    "TargetRequest",
     "TargetsDiscovered",
     "probe_isid",
 ]
@@ -178,8 +181,24 @@ class ScsiCompleted:
     residual: int = 0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetRequest:
+    """An Asynchronous Message asking us to end the session: log out (within
+    ``respond_within`` seconds), or the target drops the connection, or wants to renegotiate
+    (which a probe answers by logging out). Other async events are not reported."""
+
+    event: AsyncEvent
+    respond_within: int | None = None
+
+
 Event: TypeAlias = (
-    LoginSucceeded | LoginRedirected | LoginRejected | TargetsDiscovered | LoggedOut | ScsiCompleted
+    LoginSucceeded
+    | LoginRedirected
+    | LoginRejected
+    | TargetsDiscovered
+    | LoggedOut
+    | ScsiCompleted
+    | TargetRequest
 )
 
 
@@ -515,6 +534,8 @@ class InitiatorConnection:
                 self._on_logout_response(pdu)
             case NopIn() if self.state not in _LOGIN_STATES:
                 self._on_nop_in(pdu)
+            case AsyncMessage() if self.state not in _LOGIN_STATES:
+                self._on_async_message(pdu)
             case ScsiDataIn() if self.state in _TASK_STATES:
                 self._on_data_in(pdu)
             case ScsiResponse() if self.state in _TASK_STATES:
@@ -889,6 +910,18 @@ class InitiatorConnection:
         self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
         self.state = State.DONE
         self._events.append(LoggedOut(response=pdu.response))
+
+    def _on_async_message(self, pdu: AsyncMessage) -> None:
+        # Unlike an unsolicited NOP-In, an Async Message takes a StatSN.
+        self._advance_statsn(pdu.statsn)
+        self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
+        if pdu.async_event in (AsyncEvent.SCSI_EVENT, AsyncEvent.VENDOR_SPECIFIC):
+            logger.debug("target sent async event %s; nothing to do", pdu.async_event.name)
+            self._send_window()
+            return
+        if self.state is State.LOGGING_OUT:
+            return  # already on our way out
+        self._events.append(TargetRequest(event=pdu.async_event, respond_within=pdu.respond_within))
 
     def _on_nop_in(self, pdu: NopIn) -> None:
         # An unsolicited NOP-In does not advance StatSN (RFC 7143 section 11.19).

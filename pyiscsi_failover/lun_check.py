@@ -202,6 +202,15 @@ class LunCheck:
     def done(self) -> bool:
         return self.report is not None
 
+    def abandon(self, reason: str) -> None:
+        """End the check early (the target asked us to log out, say): a ``lun_error``."""
+        self._pending.clear()
+        self.report = LunReport(
+            verdict=LunVerdict.ERROR,
+            detail=f"LUN {self.number}: check not finished: {reason}",
+            notes=tuple(self._answers.notes),
+        )
+
     def completed(self, step: Step, event: ScsiCompleted) -> list[ScsiRequest]:
         """Take the answer to ``step``; return the commands to send next (retries, fallback)."""
         if step not in self._pending:

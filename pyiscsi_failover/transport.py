@@ -612,7 +612,7 @@ async def _check_lun(
     sending: _Sending,
 ) -> None:
     """Run ``check``'s SCSI commands over the session, pipelined, until it has its answer."""
-    from pyiscsi_failover.initiator import ScsiCompleted
+    from pyiscsi_failover.initiator import ScsiCompleted, TargetRequest
 
     steps = {}
     for request in check.start():
@@ -622,6 +622,12 @@ async def _check_lun(
         steps[itt] = request.step
     while not check.done:
         event = await _next_event(sock, conn, portal, sending)
+        if isinstance(event, TargetRequest):
+            # A logout request (or a drop, or renegotiation) ends the check cleanly: the
+            # login's own logout follows at once.
+            what = event.event.name.lower().replace("_", " ")
+            check.abandon(f"the target sent an async {what}")
+            return
         if not isinstance(event, ScsiCompleted):
             raise ProtocolError(f"{portal}: unexpected {type(event).__name__} during the LUN check")
         for request in check.completed(steps.pop(event.itt), event):

@@ -23,10 +23,13 @@ from pyiscsi_failover.initiator import (
     LoginSucceeded,
     ScsiCompleted,
     State,
+    TargetRequest,
 )
 from pyiscsi_failover.protocol.pdu import (
     PDU,
     RESERVED_TAG,
+    AsyncEvent,
+    AsyncMessage,
     LoginRequest,
     LoginResponse,
     LogoutRequest,
@@ -743,3 +746,58 @@ def test_commands_never_pass_maxcmdsn_and_all_complete(
     assert [c.itt for c in sent] == itts
     assert [c.cmdsn for c in sent] == [(base + i) & MASK for i in range(6)]
     assert conn.outstanding == 0
+
+
+@pytest.mark.parametrize(
+    ("event", "reported"),
+    [
+        (AsyncEvent.REQUEST_LOGOUT, True),
+        (AsyncEvent.DROP_CONNECTION, True),
+        (AsyncEvent.DROP_ALL_CONNECTIONS, True),
+        (AsyncEvent.REQUEST_NEGOTIATION, True),
+        (AsyncEvent.SCSI_EVENT, False),
+        (AsyncEvent.VENDOR_SPECIFIC, False),
+    ],
+)
+def test_an_async_message_is_reported_when_it_asks_us_to_end(
+    event: AsyncEvent, reported: bool
+) -> None:
+    """An Async Message takes a StatSN (unlike an unsolicited NOP-In) and may open the window;
+    a logout request, a drop or a renegotiation is reported so that the check ends and we log
+    out; a SCSI or vendor event is only noted."""
+    conn = logged_in(window=1)
+    first, second = (conn.submit(TUR.cdb, lun=LUN1, transfer_length=0) for _ in range(2))
+    assert [c.itt for c in commands(conn)] == [first]
+    sense = sense_data_segment(encode_fixed_sense(SenseKey.UNIT_ATTENTION, 0x3F, 0x0E))
+    message = AsyncMessage(
+        async_event=event,
+        statsn=LOGIN_STATSN + 1,
+        expcmdsn=1,
+        maxcmdsn=2,
+        parameter3=5 if event is AsyncEvent.REQUEST_LOGOUT else 0,
+        data=sense if event is AsyncEvent.SCSI_EVENT else b"",
+    )
+    got = events(conn, encode_pdu(message))
+    if reported:
+        assert got == [TargetRequest(event=event, respond_within=message.respond_within)]
+        if event is AsyncEvent.REQUEST_LOGOUT:
+            assert isinstance(got[0], TargetRequest)
+            assert got[0].respond_within == 5
+    else:
+        assert got == []
+        # The window it opened is used at once.
+        assert [c.itt for c in commands(conn)] == [second]
+    conn.logout()
+    (bye,) = wire(conn)
+    assert isinstance(bye, LogoutRequest)
+    assert bye.expstatsn == LOGIN_STATSN + 2  # the Async Message's StatSN was counted
+
+
+def test_an_async_message_while_logging_out_is_not_reported() -> None:
+    conn = logged_in(window=2)
+    conn.logout()
+    wire(conn)
+    message = AsyncMessage(
+        async_event=AsyncEvent.REQUEST_LOGOUT, statsn=LOGIN_STATSN + 1, expcmdsn=1, maxcmdsn=2
+    )
+    assert events(conn, encode_pdu(message)) == []

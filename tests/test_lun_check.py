@@ -529,3 +529,15 @@ def test_any_order_and_mix_of_retryable_answers_ends_with_one_report(
         assert report.verdict is LunVerdict.OK, report
         assert report.info is not None
         assert (report.info.wwid is None) is (Step.DEVICE_ID in retried_out)
+
+
+def test_abandon_ends_the_check_as_a_lun_error() -> None:
+    """A target's async logout request ends the check cleanly: one report, nothing in flight."""
+    check = LunCheck(1)
+    check.start()
+    check.abandon("the target sent an async request logout")
+    assert check.done and check.report is not None
+    assert check.report.verdict is LunVerdict.ERROR
+    assert "check not finished: the target sent an async request logout" in check.report.detail
+    with pytest.raises(LocalProtocolError):
+        check.completed(Step.INQUIRY, ScsiCompleted(itt=1, status=ScsiStatus.GOOD))
