@@ -396,7 +396,7 @@ def test_connection_info_model_takes_and_normalises_the_mode() -> None:
     other_class = ConnectionInfo(
         candidates=(a,),
         source="single",
-        addressing_mode=scsi.AddressingMode.SAM3_FLAT,  # type: ignore[arg-type]
+        addressing_mode=scsi.AddressingMode.SAM3_FLAT,
     )
     assert other_class.addressing_mode is AddressingMode.SAM3_FLAT
     for bad in ("sam2", None, 1):

@@ -71,7 +71,7 @@ def test_the_codec_loads_with_the_first_connection_not_before(modules: tuple[str
         "pyiscsi_failover.protocol.pdu",
         "pyiscsi_failover.protocol.framing",
         "pyiscsi_failover.initiator",
-    "pyiscsi_failover.lun_check",
+        "pyiscsi_failover.lun_check",
     )
     code = (
         "import sys, importlib\n"

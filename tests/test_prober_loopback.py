@@ -436,7 +436,8 @@ async def probe_all_policies(
 )
 @given(
     behaviours=behaviours_strategy,
-    check=st.sampled_from(Check),
+    # Check.LUN needs SCSI, which our test target does not speak yet: tgtd tests cover it.
+    check=st.sampled_from([Check.TCP, Check.LOGIN]),
     probe_all=st.booleans(),
 )
 @real_time
