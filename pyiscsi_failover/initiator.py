@@ -204,9 +204,14 @@ Event: TypeAlias = (
 
 @dataclass(slots=True, kw_only=True)
 class _Task:
-    """One outstanding SCSI command and the Data-In gathered for it so far."""
+    """One outstanding SCSI command and the Data-In gathered for it so far. The PDU itself is
+    built when it leaves, with the ExpStatSN of that moment."""
 
-    command: ScsiCommand
+    cdb: bytes
+    lun: bytes
+    edtl: int
+    cmdsn: int
+    read: bool
     data: bytearray = field(default_factory=bytearray)
     next_datasn: int = 0
     sent: bool = False
@@ -384,17 +389,10 @@ class InitiatorConnection:
         itt = self._new_itt()
         while itt in self._tasks:  # 2**32 tags wrapped onto one still outstanding
             itt = self._new_itt()
-        command = ScsiCommand(
-            itt=itt,
-            edtl=transfer_length,
-            cmdsn=self._cmdsn,
-            expstatsn=self._expstatsn,
-            cdb=cdb,
-            lun=lun,
-            read=read and transfer_length > 0,
+        self._tasks[itt] = _Task(
+            cdb=cdb, lun=lun, edtl=transfer_length, cmdsn=self._cmdsn, read=read
         )
         self._cmdsn = (self._cmdsn + 1) & _SERIAL_MASK
-        self._tasks[itt] = _Task(command=command)
         self._queued.append(itt)
         self._send_window()
         return itt
@@ -408,15 +406,26 @@ class InitiatorConnection:
         if self.state is not State.FULL_FEATURE:
             return  # nothing leaves after a Logout Request (or during a text exchange)
         while self._queued:
-            task = self._tasks.get(self._queued[0])
+            itt = self._queued[0]
+            task = self._tasks.get(itt)
             if task is None:
                 self._queued.pop(0)
                 continue
-            if not _serial_le(task.command.cmdsn, self._maxcmdsn):
+            if not _serial_le(task.cmdsn, self._maxcmdsn):
                 return  # the window is closed: wait for a response to open it
             self._queued.pop(0)
             task.sent = True
-            self._send(replace(task.command, expstatsn=self._expstatsn))
+            self._send(
+                ScsiCommand(
+                    itt=itt,
+                    edtl=task.edtl,
+                    cmdsn=task.cmdsn,
+                    expstatsn=self._expstatsn,
+                    cdb=task.cdb,
+                    lun=task.lun,
+                    read=task.read and task.edtl > 0,
+                )
+            )
 
     def _next_cmdsn(self) -> int:
         """The CmdSN of the next command to leave: an immediate PDU carries it (RFC 7143
@@ -424,7 +433,7 @@ class InitiatorConnection:
         for itt in self._queued:
             task = self._tasks.get(itt)
             if task is not None:
-                return task.command.cmdsn
+                return task.cmdsn
         return self._cmdsn
 
     def _update_window(self, expcmdsn: int, maxcmdsn: int) -> None:
@@ -857,10 +866,9 @@ class InitiatorConnection:
                 f"SCSI Data-In for ITT 0x{pdu.itt:08x} is at buffer offset {pdu.buffer_offset},"
                 f" expected {len(task.data)} (we negotiated DataPDUInOrder=Yes)"
             )
-        if len(task.data) + len(pdu.data) > task.command.edtl:
+        if len(task.data) + len(pdu.data) > task.edtl:
             raise ProtocolError(
-                f"SCSI Data-In for ITT 0x{pdu.itt:08x} goes past the expected length"
-                f" {task.command.edtl}"
+                f"SCSI Data-In for ITT 0x{pdu.itt:08x} goes past the expected length {task.edtl}"
             )
         task.data += pdu.data
         if pdu.status is not None:
