@@ -31,6 +31,7 @@ from pyiscsi_failover.errors import LocalProtocolError, SCSIReplyError
 from pyiscsi_failover.initiator import ScsiCompleted
 from pyiscsi_failover.protocol.pdu import ScsiStatus
 from pyiscsi_failover.protocol.scsi import (
+    MAX_FLAT_LUN,
     AddressingMode,
     Capacity,
     Cdb,
@@ -249,7 +250,8 @@ class LunCheck:
                     luns = parse_report_luns(event.data)
                     answers.listed = luns.lists(self.lun)
                     answers.listed_luns = tuple(lun.linux_lun for lun in luns.luns)
-                    if not answers.listed and self.mode is AddressingMode.SAM:
+                    flat_addressable = 256 <= self.number <= MAX_FLAT_LUN
+                    if not answers.listed and self.mode is AddressingMode.SAM and flat_addressable:
                         # tgt and others list LUNs >= 256 flat-addressed: os-brick's SAM2.
                         flat = lun_field(self.number, AddressingMode.SAM2)
                         answers.flat_listed = flat != self.lun and luns.lists(flat)

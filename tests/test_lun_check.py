@@ -541,3 +541,16 @@ def test_abandon_ends_the_check_as_a_lun_error() -> None:
     assert "check not finished: the target sent an async request logout" in check.report.detail
     with pytest.raises(LocalProtocolError):
         check.completed(Step.INQUIRY, ScsiCompleted(itt=1, status=ScsiStatus.GOOD))
+
+
+@pytest.mark.parametrize(
+    ("lun", "hinted"), [(256, True), (16383, True), (255, False), (20000, False)]
+)
+def test_sam2_hint_only_where_flat_addressing_could_name_the_lun(lun: int, hinted: bool) -> None:
+    """tgt lists LUN 256 flat-addressed (41 00): with plain SAM the check hints at SAM2, but only
+    for LUNs flat addressing can hold (256..16383); a larger LUN is simply missing, no crash."""
+    # encode_sam_lun lists LUNs >= 256 flat-addressed, as tgt does.
+    listed = (0, 1, lun) if hinted else (0, 1)
+    report, _ = run(LunCheck(lun), scripted(base=healthy(luns=listed)))
+    assert report.verdict is LunVerdict.MISSING
+    assert ("addressing_mode 'SAM2'?" in report.detail) is hinted
