@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from pyiscsi_failover.login_config import LoginConfig
     from pyiscsi_failover.names import Portal
     from pyiscsi_failover.prober import Attempt, ProbeOptions, ProbeResult, ProgressEvent
-    from pyiscsi_failover.protocol.chap import ChapAlgorithm
+    from pyiscsi_failover.protocol.chap import ChapAlgorithm, ChapPolicy
     from pyiscsi_failover.transport import LoginReport, RedirectPolicy
 
 __all__ = ["build_parser", "main", "run"]
@@ -743,32 +743,29 @@ def _login_config(
     target_chap: ChapCredentials | None,
 ) -> LoginConfig:
     from pyiscsi_failover.login_config import LoginConfig
-    from pyiscsi_failover.protocol.chap import ChapPolicy
 
-    policy = (
-        ChapPolicy()
-        if args.chap_algorithms is None
-        else ChapPolicy(algorithms=args.chap_algorithms)
-    )
     return LoginConfig(
         initiator_name=_initiator_name(args),
         target_name=target_name,
         chap=chap,
         target_chap=target_chap,
-        chap_policy=policy,
+        chap_policy=_chap_policy(args),
     )
+
+
+def _chap_policy(args: argparse.Namespace) -> ChapPolicy:
+    """``--chap-algorithms``' offer, or the library's default policy."""
+    from pyiscsi_failover.protocol.chap import DEFAULT_POLICY, ChapPolicy
+
+    if args.chap_algorithms is None:
+        return DEFAULT_POLICY
+    return ChapPolicy(algorithms=args.chap_algorithms)
 
 
 def _probe_options(args: argparse.Namespace) -> ProbeOptions:
     from pyiscsi_failover.prober import Check, Policy, ProbeOptions
-    from pyiscsi_failover.protocol.chap import ChapPolicy
     from pyiscsi_failover.transport import RedirectMode
 
-    policy = (
-        ChapPolicy()
-        if args.chap_algorithms is None
-        else ChapPolicy(algorithms=args.chap_algorithms)
-    )
     return ProbeOptions(
         policy=Policy(args.policy),
         check=Check(args.check),
@@ -778,7 +775,7 @@ def _probe_options(args: argparse.Namespace) -> ProbeOptions:
         stagger=args.stagger,
         probe_all=args.all,
         initiator_name=_initiator_name(args),
-        chap_policy=policy,
+        chap_policy=_chap_policy(args),
         redirects=RedirectMode(args.redirects),
         redirect_allow=tuple(args.redirect_allow),
         max_redirects=args.max_redirects,
@@ -825,8 +822,8 @@ def _names_a_portal(message: str) -> bool:
 def _named(portal: object, message: str) -> str:
     """``message`` led by the portal it is about, unless it already names one.
 
-    Errors raised by the login state machine (not an iSCSI target, a failed mutual CHAP proof)
-    do not know the address; every line the user sees should.
+    The transport names the portal in most of its errors, not in all (a redirect loop lists
+    the chain instead); every line the user sees should lead with it.
     """
     return message if _names_a_portal(message) else f"{portal}: {message}"
 
