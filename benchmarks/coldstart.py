@@ -39,10 +39,10 @@ from benchmarks.common import (
     Summary,
     children_cpu,
     find_tool,
-    load_average,
     loopback,
     machine_facts,
     print_table,
+    results_header,
     utc_now,
     warn_if_busy,
     write_json,
@@ -237,12 +237,9 @@ def run(*, quick: bool, reps: int | None = None) -> dict[str, object]:
     ]
     script = _console_script()
     payload: dict[str, object] = {
-        "benchmark": "coldstart",
-        "mode": "quick" if quick else "full",
-        "started_at": started_at,
-        "duration_s": round(time.monotonic() - started, 1),
-        "machine": machine,
-        "load_average_at_end": load_average(),
+        **results_header(
+            "coldstart", quick=quick, started_at=started_at, started=started, machine=machine
+        ),
         "settings": {
             "runs": runs,
             "warm_up_runs": WARM_UP_RUNS,

@@ -54,8 +54,10 @@ __all__ = [
     "print_table",
     "process_cpu",
     "raise_nofile",
+    "results_header",
     "results_path",
     "run_iscsi_ls",
+    "run_worker",
     "section",
     "self_cpu",
     "utc_now",
@@ -64,6 +66,8 @@ __all__ = [
 ]
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
+#: The checkout: worker processes run from here, so ``-m benchmarks...`` finds the package.
+_ROOT: Final = Path(__file__).resolve().parent.parent
 BENCH_PORT: Final = 23260
 BENCH_INITIATOR: Final = "iqn.2026-11.org.pyiscsi-failover.bench:initiator"
 BENCH_IQN_PREFIX: Final = "iqn.2026-11.org.pyiscsi-failover.bench"
@@ -172,6 +176,41 @@ def write_json(name: str, payload: Mapping[str, object], *, quick: bool) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
+
+
+def results_header(
+    name: str, *, quick: bool, started_at: str, started: float, machine: Mapping[str, object]
+) -> dict[str, object]:
+    """The keys every results JSON starts with: which benchmark, how long, on what machine.
+    ``started`` is the ``time.monotonic()`` reading taken with ``started_at``."""
+    return {
+        "benchmark": name,
+        "mode": "quick" if quick else "full",
+        "started_at": started_at,
+        "duration_s": round(time.monotonic() - started, 1),
+        "machine": machine,
+        "load_average_at_end": load_average(),
+    }
+
+
+def run_worker(module: str, spec: Mapping[str, object], *, timeout: float) -> dict[str, object]:
+    """Run ``python -m MODULE --worker`` from the checkout with ``spec`` as JSON on stdin, in a
+    fresh process (so each measurement starts from a clean interpreter); its JSON result."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--worker"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        cwd=_ROOT,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        name = module.rpartition(".")[2]
+        raise BenchError(f"{name} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout)
+    assert isinstance(result, dict)
+    return result
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -34,11 +34,11 @@ from benchmarks.common import (
     Summary,
     Tgtd,
     find_tool,
-    load_average,
     loopback,
     machine_facts,
     print_table,
     process_cpu,
+    results_header,
     utc_now,
     warn_if_busy,
     write_json,
@@ -550,12 +550,9 @@ def run(*, quick: bool, reps: int | None = None) -> dict[str, object]:
     chap = _chap_costs(plan)
     goals = [_goal(cases, skipped)]
     payload: dict[str, object] = {
-        "benchmark": "cost",
-        "mode": "quick" if quick else "full",
-        "started_at": started_at,
-        "duration_s": round(time.monotonic() - started, 1),
-        "machine": machine,
-        "load_average_at_end": load_average(),
+        **results_header(
+            "cost", quick=quick, started_at=started_at, started=started, machine=machine
+        ),
         "settings": {
             "ops_per_round": plan.ops_per_round,
             "rounds": plan.rounds,

@@ -56,10 +56,10 @@ from benchmarks.common import (
     TargetProcess,
     ToolRun,
     find_tool,
-    load_average,
     loopback,
     machine_facts,
     print_table,
+    results_header,
     run_iscsi_ls,
     utc_now,
     warn_if_busy,
@@ -590,13 +590,10 @@ def run(*, quick: bool, reps: int | None = None) -> dict[str, object]:
             }
         )
     payload: dict[str, object] = {
-        "benchmark": "failover",
-        "mode": "quick" if quick else "full",
-        "started_at": started_at,
-        "duration_s": round(time.monotonic() - started, 1),
+        **results_header(
+            "failover", quick=quick, started_at=started_at, started=started, machine=machine
+        ),
         "our_runs_duration_s": round(ours_s, 1),
-        "machine": machine,
-        "load_average_at_end": load_average(),
         "settings": {
             "connect_timeout_s": settings.connect_timeout,
             "login_timeout_s": settings.login_timeout,

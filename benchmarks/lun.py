@@ -30,7 +30,6 @@ import json
 import math
 import pstats
 import resource
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -50,12 +49,13 @@ from benchmarks.common import (
     Summary,
     Tgtd,
     find_tool,
-    load_average,
     loopback,
     machine_facts,
     print_table,
     process_cpu,
     raise_nofile,
+    results_header,
+    run_worker,
     utc_now,
     warn_if_busy,
     write_json,
@@ -75,7 +75,6 @@ SCSI_ID: Final = "0123456789abcdef0123456789abcde"
 GOAL_RATIO: Final = 1.5
 SCALE_CANDIDATES: Final = 1000
 CHECKS: Final = (Check.LOGIN, Check.LUN)
-_ROOT: Final = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -390,20 +389,7 @@ def _worker(spec: dict[str, object]) -> dict[str, object]:
 
 
 def _run_worker(spec: dict[str, object]) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lun", "--worker"],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        cwd=_ROOT,
-        timeout=600,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"lun worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout)
-    assert isinstance(result, dict)
-    return result
+    return run_worker("benchmarks.lun", spec, timeout=600)
 
 
 @dataclass(slots=True)
@@ -535,12 +521,9 @@ def run(*, quick: bool, reps: int | None = None) -> dict[str, object]:
             }
         )
     payload: dict[str, object] = {
-        "benchmark": "lun",
-        "mode": "quick" if quick else "full",
-        "started_at": started_at,
-        "duration_s": round(time.monotonic() - started, 1),
-        "machine": machine,
-        "load_average_at_end": load_average(),
+        **results_header(
+            "lun", quick=quick, started_at=started_at, started=started, machine=machine
+        ),
         "settings": {
             "peer": "tgtd: 250 loopback portals, 4 targets, LUN 1 of each a disk on one shared "
             f"64 MiB sparse file with scsi_id={SCSI_ID} (one volume); LUN 0 is tgt's controller",

@@ -24,7 +24,6 @@ import json
 import pstats
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,12 +46,13 @@ from benchmarks.common import (
     TargetProcess,
     Tgtd,
     find_tool,
-    load_average,
     loopback,
     machine_facts,
     print_table,
     process_cpu,
     raise_nofile,
+    results_header,
+    run_worker,
     utc_now,
     warn_if_busy,
     write_json,
@@ -216,20 +216,7 @@ def _worker(spec: dict[str, object]) -> dict[str, object]:
 
 
 def _run_worker(spec: dict[str, object]) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scale", "--worker"],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        cwd=_ROOT,
-        timeout=900,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"scale worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout)
-    assert isinstance(result, dict)
-    return result
+    return run_worker("benchmarks.scale", spec, timeout=900)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,12 +427,9 @@ def run(*, quick: bool, reps: int | None = None) -> dict[str, object]:
         for c in goal_cells
     ]
     payload: dict[str, object] = {
-        "benchmark": "scale",
-        "mode": "quick" if quick else "full",
-        "started_at": started_at,
-        "duration_s": round(time.monotonic() - started, 1),
-        "machine": machine,
-        "load_average_at_end": load_average(),
+        **results_header(
+            "scale", quick=quick, started_at=started_at, started=started, machine=machine
+        ),
         "settings": {
             "policy": "ordered, probe_all=True (every candidate logs in and out)",
             "portals": PORTALS,
