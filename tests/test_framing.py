@@ -62,16 +62,10 @@ def bhs_announcing(data_length: int, ahs_words: int = 0) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-@given(
-    sequence=st.lists(pdus(), max_size=6),
-    cuts=st.lists(st.integers(0, 2000), max_size=12),
-    header_digest=st.booleans(),
-    data_digest=st.booleans(),
-)
-@settings(max_examples=150)
-def test_any_chunking_yields_the_same_pdus(
-    sequence: list[PDU], cuts: list[int], header_digest: bool, data_digest: bool
+def assert_chunking_keeps(
+    sequence: list[PDU], cuts: list[int], *, header_digest: bool, data_digest: bool
 ) -> None:
+    """``sequence`` encoded, cut at ``cuts`` and fed back gives exactly ``sequence``."""
     stream = b"".join(
         encode_pdu(p, header_digest=header_digest, data_digest=data_digest) for p in sequence
     )
@@ -82,6 +76,19 @@ def test_any_chunking_yields_the_same_pdus(
         received += drain(buffer)
     assert received == sequence
     assert buffer.buffered == 0
+
+
+@given(
+    sequence=st.lists(pdus(), max_size=6),
+    cuts=st.lists(st.integers(0, 2000), max_size=12),
+    header_digest=st.booleans(),
+    data_digest=st.booleans(),
+)
+@settings(max_examples=150)
+def test_any_chunking_yields_the_same_pdus(
+    sequence: list[PDU], cuts: list[int], header_digest: bool, data_digest: bool
+) -> None:
+    assert_chunking_keeps(sequence, cuts, header_digest=header_digest, data_digest=data_digest)
 
 
 @given(sequence=st.lists(pdus(), min_size=1, max_size=3))
@@ -106,14 +113,7 @@ def test_byte_by_byte(sequence: list[PDU]) -> None:
 def test_scsi_pdus_are_framed_like_the_others(
     sequence: list[PDU], cuts: list[int], digests: bool
 ) -> None:
-    stream = b"".join(encode_pdu(p, header_digest=digests, data_digest=digests) for p in sequence)
-    buffer = PDUBuffer(header_digest=digests, data_digest=digests)
-    received: list[PDU] = []
-    for chunk in chunks(stream, cuts):
-        buffer.feed(chunk)
-        received += drain(buffer)
-    assert received == sequence
-    assert buffer.buffered == 0
+    assert_chunking_keeps(sequence, cuts, header_digest=digests, data_digest=digests)
 
 
 def test_a_read_answer_in_one_stream() -> None:
@@ -159,16 +159,7 @@ def test_a_read_answer_in_one_stream() -> None:
 def test_async_messages_are_framed_like_the_others(
     sequence: list[PDU], cuts: list[int], header_digest: bool, data_digest: bool
 ) -> None:
-    stream = b"".join(
-        encode_pdu(p, header_digest=header_digest, data_digest=data_digest) for p in sequence
-    )
-    buffer = PDUBuffer(header_digest=header_digest, data_digest=data_digest)
-    received: list[PDU] = []
-    for chunk in chunks(stream, cuts):
-        buffer.feed(chunk)
-        received += drain(buffer)
-    assert received == sequence
-    assert buffer.buffered == 0
+    assert_chunking_keeps(sequence, cuts, header_digest=header_digest, data_digest=data_digest)
 
 
 def test_async_messages_between_task_replies() -> None:
