@@ -46,6 +46,7 @@ __all__ = [
     "TargetProcess",
     "Tgtd",
     "ToolRun",
+    "WorkerRuns",
     "children_cpu",
     "find_tool",
     "load_average",
@@ -211,6 +212,45 @@ def run_worker(module: str, spec: Mapping[str, object], *, timeout: float) -> di
     result = json.loads(done.stdout)
     assert isinstance(result, dict)
     return result
+
+
+class WorkerRuns:
+    """Summaries over ``runs``, the JSON results of :func:`run_worker` processes (wall and CPU
+    seconds, peak RSS, outcome counts), for the dataclasses that collect them."""
+
+    __slots__ = ()
+    runs: list[dict[str, object]]
+
+    def values(self, key: str) -> list[float]:
+        out: list[float] = []
+        for run in self.runs:
+            value = run[key]
+            assert isinstance(value, int | float)
+            out.append(float(value))
+        return out
+
+    @property
+    def wall(self) -> Summary:
+        return Summary.of(self.values("wall_s"))
+
+    @property
+    def cpu(self) -> Summary:
+        return Summary.of(
+            [u + s for u, s in zip(self.values("user_s"), self.values("sys_s"), strict=True)]
+        )
+
+    @property
+    def rss_mib(self) -> float:
+        return max(self.values("maxrss_kib")) / 1024
+
+    def all_succeeded(self, candidates: int) -> bool:
+        """Whether every run's probe had all ``candidates`` end ``ok``."""
+        for run in self.runs:
+            outcomes = run["outcomes"]
+            assert isinstance(outcomes, dict)
+            if outcomes.get("ok", 0) != candidates:
+                return False
+        return True
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

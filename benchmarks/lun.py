@@ -48,6 +48,7 @@ from benchmarks.common import (
     Clock,
     Summary,
     Tgtd,
+    WorkerRuns,
     find_tool,
     loopback,
     machine_facts,
@@ -393,38 +394,15 @@ def _run_worker(spec: dict[str, object]) -> dict[str, object]:
 
 
 @dataclass(slots=True)
-class _Cell:
+class _Cell(WorkerRuns):
     check: Check
     concurrency: int
     runs: list[dict[str, object]] = field(default_factory=list)
     tgtd_cpu_s: list[float] = field(default_factory=list)
 
-    def values(self, key: str) -> list[float]:
-        out: list[float] = []
-        for run in self.runs:
-            value = run[key]
-            assert isinstance(value, int | float)
-            out.append(float(value))
-        return out
-
-    @property
-    def wall(self) -> Summary:
-        return Summary.of(self.values("wall_s"))
-
-    @property
-    def cpu(self) -> Summary:
-        return Summary.of(
-            [u + s for u, s in zip(self.values("user_s"), self.values("sys_s"), strict=True)]
-        )
-
     @property
     def all_ok(self) -> bool:
-        for run in self.runs:
-            outcomes = run["outcomes"]
-            assert isinstance(outcomes, dict)
-            if outcomes.get("ok", 0) != SCALE_CANDIDATES:
-                return False
-        return True
+        return self.all_succeeded(SCALE_CANDIDATES)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -434,7 +412,7 @@ class _Cell:
             "wall_s": self.wall.to_json(),
             "cpu_s": self.cpu.to_json(),
             "probes_per_s": SCALE_CANDIDATES / self.wall.median,
-            "peak_rss_mib": max(self.values("maxrss_kib")) / 1024,
+            "peak_rss_mib": self.rss_mib,
             "tgtd_cpu_s": Summary.of(self.tgtd_cpu_s).to_json(),
             "all_ok": self.all_ok,
             "runs": self.runs,

@@ -45,6 +45,7 @@ from benchmarks.common import (
     Summary,
     TargetProcess,
     Tgtd,
+    WorkerRuns,
     find_tool,
     loopback,
     machine_facts,
@@ -224,7 +225,7 @@ def _run_worker(spec: dict[str, object]) -> dict[str, object]:
 
 
 @dataclass(slots=True)
-class _Cell:
+class _Cell(WorkerRuns):
     """All repetitions of one (target, N, concurrency)."""
 
     target: str
@@ -233,36 +234,9 @@ class _Cell:
     runs: list[dict[str, object]]
     target_cpu_s: list[float]
 
-    def values(self, key: str) -> list[float]:
-        out = []
-        for run in self.runs:
-            value = run[key]
-            assert isinstance(value, int | float)
-            out.append(float(value))
-        return out
-
-    @property
-    def wall(self) -> Summary:
-        return Summary.of(self.values("wall_s"))
-
-    @property
-    def cpu(self) -> Summary:
-        return Summary.of(
-            [u + s for u, s in zip(self.values("user_s"), self.values("sys_s"), strict=True)]
-        )
-
-    @property
-    def rss_mib(self) -> float:
-        return max(self.values("maxrss_kib")) / 1024
-
     @property
     def all_ok(self) -> bool:
-        for run in self.runs:
-            outcomes = run["outcomes"]
-            assert isinstance(outcomes, dict)
-            if outcomes.get("ok", 0) != self.n:
-                return False
-        return True
+        return self.all_succeeded(self.n)
 
     @property
     def passes(self) -> bool:
