@@ -93,12 +93,9 @@ class ProtocolError(ISCSIError):
     """The peer sent something that breaks RFC 7143."""
 
 
-class PDUDecodeError(ProtocolError, ValueError):
-    """Bytes that do not decode as a PDU.
-
-    ``field`` names the offending field, ``offset`` its byte offset from the start of the PDU
-    (when known) and ``value`` the value found there.
-    """
+class _BadBytes(ProtocolError, ValueError):
+    """Bytes that do not parse, located: ``field`` names the offending field, ``offset`` its
+    byte offset (when known) and ``value`` the value found there."""
 
     def __init__(
         self,
@@ -112,6 +109,10 @@ class PDUDecodeError(ProtocolError, ValueError):
         self.field = field
         self.offset = offset
         self.value = value
+
+
+class PDUDecodeError(_BadBytes):
+    """Bytes that do not decode as a PDU (``offset`` counts from the start of the PDU)."""
 
 
 class TextError(ProtocolError, ValueError):
@@ -131,25 +132,9 @@ class NegotiationError(ProtocolError):
         self.value = value
 
 
-class SCSIReplyError(ProtocolError, ValueError):
-    """A SCSI reply from a logical unit (INQUIRY or REPORT LUNS data, sense...) does not parse.
-
-    ``field`` names the offending field, ``offset`` its byte offset in the reply and ``value``
-    the value found there, as for :class:`PDUDecodeError`: the PDU was fine, its payload not.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        field: str | None = None,
-        offset: int | None = None,
-        value: object = None,
-    ) -> None:
-        super().__init__(message)
-        self.field = field
-        self.offset = offset
-        self.value = value
+class SCSIReplyError(_BadBytes):
+    """A SCSI reply from a logical unit (INQUIRY or REPORT LUNS data, sense...) does not parse
+    (``offset`` counts from the start of the reply): the PDU was fine, its payload not."""
 
 
 class NotAnISCSITarget(ProtocolError):
