@@ -21,8 +21,8 @@ and the session goes on.
         await running.wait_idle()
         assert not running.lingering_sessions
 
-Layers: :mod:`.faults` (pure data), :mod:`.target` (the sans-IO state machine and the
-configuration), :mod:`.server` (trio) and ``python -m pyiscsi_failover.testing`` (a process).
+Layers: :mod:`.faults` and :mod:`.config` (pure data), :mod:`.target` (the sans-IO state
+machine), :mod:`.server` (trio) and ``python -m pyiscsi_failover.testing`` (a process).
 Importing this package imports no I/O module: the trio server is loaded the first time one of
 its names (``serve_target``, ``RunningTarget``, ``ConnectionRecord``, ``LoginRecord``) is used.
 """
@@ -31,6 +31,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pyiscsi_failover.testing.config import (
+    ChapSettings,
+    LunSpec,
+    PortalConfig,
+    TargetConfig,
+    TargetSpec,
+)
 from pyiscsi_failover.testing.faults import (
     Blackhole,
     DelayPDUs,
@@ -60,14 +67,7 @@ from pyiscsi_failover.testing.faults import (
     format_fault,
     parse_fault,
 )
-from pyiscsi_failover.testing.target import (
-    ChapSettings,
-    ConnectionState,
-    PortalConfig,
-    TargetConfig,
-    TargetConnection,
-    TargetSpec,
-)
+from pyiscsi_failover.testing.target import ConnectionState, TargetConnection
 
 if TYPE_CHECKING:
     from pyiscsi_failover.testing.server import (
@@ -90,6 +90,7 @@ __all__ = [
     "FaultLayer",
     "GarbageKeyValues",
     "LoginRecord",
+    "LunSpec",
     "MalformedPDU",
     "NonUTF8Text",
     "OversizedPDU",

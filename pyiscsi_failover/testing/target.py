@@ -34,8 +34,8 @@ Mistakes of the initiator that a lenient target would let pass (a changed CmdSN,
 ahead of what was sent...) are reported as :class:`ProtocolViolation` events, so tests can assert
 that none happened.
 
-Configuration (:class:`TargetConfig` and friends) lives here too: frozen data shared by the state
-machine and the server.
+Configuration (:class:`TargetConfig` and friends) lives in :mod:`.config`; its names are
+re-exported here for code that imported them from this module.
 
 Sans-IO: never imports trio, socket or subprocess.
 """
@@ -44,26 +44,21 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import ipaddress
 import secrets
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TypeAlias
 
-from pyiscsi_failover.credentials import ChapCredentials
 from pyiscsi_failover.errors import (
     InvalidName,
-    InvalidPortal,
     ISCSIError,
     LocalProtocolError,
     PDUDecodeError,
     TextError,
 )
-from pyiscsi_failover.names import DEFAULT_PORT, Portal, validate_iscsi_name
+from pyiscsi_failover.names import Portal, validate_iscsi_name
 from pyiscsi_failover.protocol.chap import (
-    DEFAULT_ALGORITHMS,
-    ChapAlgorithm,
     ChapAuthenticator,
     chap_response,
 )
@@ -106,6 +101,13 @@ from pyiscsi_failover.protocol.text import (
     parse_number,
 )
 from pyiscsi_failover.protocol.wire import BHS_LENGTH, decode_pdu, encode_pdu, pdu_length
+from pyiscsi_failover.testing.config import (
+    DEFAULT_TPGT,
+    ChapSettings,
+    PortalConfig,
+    TargetConfig,
+    TargetSpec,
+)
 from pyiscsi_failover.testing.faults import (
     DigestsRequired,
     DowngradeToNone,
@@ -149,252 +151,10 @@ __all__ = [
     "TargetSpec",
 ]
 
-#: The target portal group tag of a portal that does not name one.
-DEFAULT_TPGT = 1
 #: RFC 7143: until MaxRecvDataSegmentLength is negotiated, no data segment exceeds this.
 LOGIN_SEGMENT_LIMIT = 8192
 _MAX_24BIT = 0xFFFFFF
 _SERIAL_MASK = 0xFFFFFFFF
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
-def _check_faults(owner: str, faults: object, *, per_target: bool) -> tuple[Fault, ...]:
-    if not isinstance(faults, tuple):
-        raise LocalProtocolError(f"{owner}: faults must be a tuple")
-    for fault in faults:
-        kind = getattr(fault, "kind", None)
-        if not isinstance(kind, FaultKind):
-            raise LocalProtocolError(f"{owner}: {fault!r} is not a fault")
-        if per_target and not kind.per_target:
-            raise LocalProtocolError(
-                f"{owner}: fault {kind.value} acts on sockets or timing and can only be set on "
-                "a portal"
-            )
-    kinds = [fault.kind for fault in faults]
-    if len(set(kinds)) != len(kinds):
-        raise LocalProtocolError(f"{owner}: the same fault kind is given twice")
-    return faults
-
-
-def _format_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PortalConfig:
-    """One listening address of the test target.
-
-    ``port`` 0 asks the server for a free port; the server's resolved config (and
-    :attr:`RunningTarget.portals`) carry the port it got. ``name`` is how targets, faults and the
-    command line refer to the portal; it defaults to ``host:port`` as configured (so
-    ``127.0.0.1:0`` for an ephemeral port) and never changes when the port is resolved.
-    """
-
-    host: str
-    port: int = DEFAULT_PORT
-    tpgt: int = DEFAULT_TPGT
-    name: str = ""
-    faults: tuple[Fault, ...] = ()
-
-    def __post_init__(self) -> None:
-        port: object = self.port
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise LocalProtocolError(f"portal port must be 0..65535, not {port!r}")
-        tpgt: object = self.tpgt
-        if isinstance(tpgt, bool) or not isinstance(tpgt, int) or not 0 <= tpgt <= 65535:
-            raise LocalProtocolError(f"portal tpgt must be 0..65535, not {tpgt!r}")
-        # Portal normalises the host (and refuses nonsense); port 0 is not a Portal's business.
-        host = Portal(host=self.host, port=self.port or DEFAULT_PORT).host
-        object.__setattr__(self, "host", host)
-        if not self.name:
-            object.__setattr__(self, "name", f"{_format_host(host)}:{self.port}")
-        _check_faults(f"portal {self.name}", self.faults, per_target=False)
-
-    @classmethod
-    def parse(cls, text: str, *, faults: tuple[Fault, ...] = ()) -> PortalConfig:
-        """Read ``host:port[,tpgt]`` (IPv6 as ``[addr]:port``); port 0 means "any free port"."""
-        address, comma, tpgt_text = text.partition(",")
-        ephemeral = address.endswith(":0") and (address.startswith("[") or address.count(":") == 1)
-        portal = Portal.parse(address[:-2] if ephemeral else address)
-        tpgt = DEFAULT_TPGT
-        if comma:
-            tpgt = Portal.parse(f"{_format_host(portal.host)},{tpgt_text}").tpgt or 0
-        return cls(
-            host=portal.host,
-            port=0 if ephemeral else portal.port,
-            tpgt=tpgt,
-            name=address,
-            faults=faults,
-        )
-
-    @property
-    def portal(self) -> Portal:
-        """The address as a :class:`Portal` (with the tpgt). Fails while the port is still 0."""
-        if self.port == 0:
-            raise LocalProtocolError(f"portal {self.name} has no port yet (it is not bound)")
-        return Portal(host=self.host, port=self.port, tpgt=self.tpgt)
-
-    def has(self, kind: FaultKind) -> bool:
-        return find_fault(self.faults, kind) is not None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ChapSettings:
-    """CHAP as the target demands it: no accounts means no authentication.
-
-    ``accounts`` are the initiators' credentials the target accepts; ``mutual`` is what the
-    target answers with when an initiator challenges it back.
-    """
-
-    accounts: tuple[ChapCredentials, ...] = ()
-    mutual: ChapCredentials | None = None
-    algorithms: tuple[ChapAlgorithm, ...] = DEFAULT_ALGORITHMS
-
-    def __post_init__(self) -> None:
-        names = [account.username for account in self.accounts]
-        if len(set(names)) != len(names):
-            raise LocalProtocolError("CHAP accounts name the same user twice")
-        for account in (*self.accounts, *(() if self.mutual is None else (self.mutual,))):
-            if not account.username or not len(account.secret):
-                raise LocalProtocolError(
-                    f"CHAP account {account.username!r} needs a username and a non-empty secret"
-                )
-        if not self.algorithms:
-            raise LocalProtocolError("CHAP needs at least one algorithm")
-        if self.mutual is not None and not self.accounts:
-            raise LocalProtocolError("mutual CHAP credentials need at least one CHAP account")
-
-    @property
-    def required(self) -> bool:
-        return bool(self.accounts)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TargetSpec:
-    """One target: its name, where it is served, who may log in and how.
-
-    ``portals`` names the portals that serve it (``None``: all of them); ``allowed_initiators``
-    is its ACL (``None``: anyone). ``luns`` is informational only: this target speaks no SCSI.
-    ``faults`` may hold protocol faults only; they apply to Normal sessions with this target.
-    """
-
-    name: str
-    portals: tuple[str, ...] | None = None
-    luns: tuple[int, ...] = (0,)
-    allowed_initiators: frozenset[str] | None = None
-    chap: ChapSettings = ChapSettings()
-    faults: tuple[Fault, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "name", validate_iscsi_name(self.name))
-        if self.allowed_initiators is not None:
-            object.__setattr__(
-                self,
-                "allowed_initiators",
-                frozenset(validate_iscsi_name(name) for name in self.allowed_initiators),
-            )
-        _check_faults(f"target {self.name}", self.faults, per_target=True)
-
-    def admits(self, initiator_name: str) -> bool:
-        return self.allowed_initiators is None or initiator_name in self.allowed_initiators
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TargetConfig:
-    """Everything the test target serves: portals, targets, discovery authentication, limits.
-
-    ``max_recv_data_segment_length`` is what the target declares it can receive;
-    ``cmd_window`` sets MaxCmdSN = ExpCmdSN + cmd_window - 1.
-    """
-
-    portals: tuple[PortalConfig, ...]
-    targets: tuple[TargetSpec, ...] = ()
-    discovery_chap: ChapSettings = ChapSettings()
-    max_recv_data_segment_length: int = 8192
-    cmd_window: int = 32
-    digests: tuple[Digest, ...] = (Digest.NONE, Digest.CRC32C)
-    #: (host, port) -> portal, built once: the server looks a portal up per connection, and a
-    #: linear scan cost half the target's CPU with hundreds of portals (benchmarks/scale.py).
-    _by_address: dict[tuple[str, int], PortalConfig] = field(
-        init=False, repr=False, compare=False, default_factory=dict
-    )
-
-    def __post_init__(self) -> None:
-        if not self.portals:
-            raise LocalProtocolError("a test target needs at least one portal")
-        for portal in self.portals:
-            self._by_address.setdefault((portal.host, portal.port), portal)
-        names = [portal.name for portal in self.portals]
-        if len(set(names)) != len(names):
-            raise LocalProtocolError("two portals have the same name; give them distinct names")
-        targets = [target.name for target in self.targets]
-        if len(set(targets)) != len(targets):
-            raise LocalProtocolError("two targets have the same name")
-        for target in self.targets:
-            for portal_name in target.portals or ():
-                if portal_name not in names:
-                    raise LocalProtocolError(
-                        f"target {target.name} names portal {portal_name!r}, which is not "
-                        f"configured (portals: {', '.join(names)})"
-                    )
-            for fault in target.faults:
-                if isinstance(fault, Redirect):
-                    self._check_redirect(fault)
-        for portal in self.portals:
-            for fault in portal.faults:
-                if isinstance(fault, Redirect):
-                    self._check_redirect(fault)
-        if not 512 <= self.max_recv_data_segment_length <= _MAX_24BIT:
-            raise LocalProtocolError("max_recv_data_segment_length must be 512..16777215")
-        if not 1 <= self.cmd_window <= 0x7FFFFFFF:
-            raise LocalProtocolError("cmd_window must be positive")
-        if Digest.NONE not in self.digests:
-            raise LocalProtocolError("the target must accept digest None")
-
-    def _check_redirect(self, fault: Redirect) -> None:
-        if self.find_portal(fault.to) is None:
-            try:
-                Portal.parse(fault.to)
-            except InvalidPortal as exc:
-                raise LocalProtocolError(
-                    f"redirect target {fault.to!r} is neither a portal name nor an address"
-                ) from exc
-
-    def find_portal(self, name: str) -> PortalConfig | None:
-        return next((portal for portal in self.portals if portal.name == name), None)
-
-    def find_target(self, name: str) -> TargetSpec | None:
-        try:
-            wanted = validate_iscsi_name(name)
-        except InvalidName:
-            return None
-        return next((target for target in self.targets if target.name == wanted), None)
-
-    def portals_of(self, target: TargetSpec) -> tuple[PortalConfig, ...]:
-        """The portals serving ``target``, in configuration order."""
-        if target.portals is None:
-            return self.portals
-        return tuple(portal for portal in self.portals if portal.name in target.portals)
-
-    def portal_at(self, portal: Portal) -> PortalConfig:
-        """The configured portal listening at ``portal``'s address (its tpgt is ignored)."""
-        # Both sides are normalised by names.Portal, so an exact match is the common case.
-        found = self._by_address.get((portal.host, portal.port))
-        if found is not None:
-            return found
-        for candidate in self.portals:
-            if candidate.port == portal.port and _same_host(candidate.host, portal.host):
-                return candidate
-        raise LocalProtocolError(f"no portal of this config listens at {portal}")
-
-
-def _same_host(one: str, other: str) -> bool:
-    try:
-        return ipaddress.ip_address(one) == ipaddress.ip_address(other)
-    except ValueError:
-        return one.lower() == other.lower()
 
 
 # ---------------------------------------------------------------------------------------------
