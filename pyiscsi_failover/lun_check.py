@@ -11,9 +11,13 @@ After a login, a probe asks the target whether *this* logical unit is there and 
   login; NOT READY 04/0B or 04/0C is an ALUA standby or unavailable port, not a dead one;
 * READ CAPACITY(16), falling back to (10), gives the size.
 
-All five are sent at once (the connection pipelines them within the target's CmdSN window).
-BUSY and TASK SET FULL are retried a bounded number of times, as is a UNIT ATTENTION. A
-RESERVATION CONFLICT is a note, not a failure: it is usually a cluster's own reservation.
+All five are sent at once (the connection pipelines them within the target's CmdSN window),
+and TEST UNIT READY twice: a new I_T nexus starts with a UNIT ATTENTION pending on every LU
+(SPC's "power on, reset or I_T nexus loss", which tgtd and LIO both queue at login), the first
+TEST UNIT READY takes it, and the second, already on the wire, is its retry. That costs one small
+command instead of one more round trip. BUSY and TASK SET FULL are retried a bounded number of
+times, as is a UNIT ATTENTION. A RESERVATION CONFLICT is a note, not a failure: it is usually a
+cluster's own reservation.
 
 :class:`LunCheck` is driven by the transport: :meth:`LunCheck.start` gives the first
 :class:`ScsiRequest`\\s, :meth:`LunCheck.completed` takes each answer and gives what to send
@@ -36,6 +40,7 @@ from pyiscsi_failover.protocol.scsi import (
     Capacity,
     Cdb,
     PeripheralDeviceType,
+    SamLun,
     Sense,
     SenseKey,
     StandardInquiry,
@@ -72,6 +77,17 @@ class Step(enum.Enum):
     TEST_UNIT_READY = "TEST UNIT READY"
     READ_CAPACITY_16 = "READ CAPACITY(16)"
     READ_CAPACITY_10 = "READ CAPACITY(10)"
+
+
+#: The same CDB every time: built once.
+_CDBS: Final[dict[Step, Cdb]] = {
+    Step.REPORT_LUNS: cdb_report_luns(),
+    Step.INQUIRY: cdb_inquiry(),
+    Step.DEVICE_ID: cdb_inquiry(evpd=True, page=VpdPage.DEVICE_IDENTIFICATION),
+    Step.TEST_UNIT_READY: cdb_test_unit_ready(),
+    Step.READ_CAPACITY_16: cdb_read_capacity_16(),
+    Step.READ_CAPACITY_10: cdb_read_capacity_10(),
+}
 
 
 class LunVerdict(enum.Enum):
@@ -135,7 +151,7 @@ class _Answers:
     wwid_udev: str | None = None
     capacity: Capacity | None = None
     listed: bool | None = None
-    listed_luns: tuple[int, ...] = ()
+    listed_luns: tuple[SamLun, ...] = ()
     flat_listed: bool = False
     ready: bool = False
     failures: dict[Step, tuple[LunVerdict, str]] = field(default_factory=dict)
@@ -168,7 +184,8 @@ class LunCheck:
             raise LocalProtocolError(f"LUN {lun} with addressing mode {mode}: {exc}") from exc
         self.number = lun
         self.mode = AddressingMode(mode)
-        self._pending: dict[Step, int] = {}  # step -> retries used, for steps in flight
+        self._in_flight: dict[Step, int] = {}  # step -> copies sent and not yet answered
+        self._retries: dict[Step, int] = {}  # step -> retries sent
         self._answers = _Answers()
         self.report: LunReport | None = None
 
@@ -180,24 +197,15 @@ class LunCheck:
             Step.TEST_UNIT_READY,
             Step.READ_CAPACITY_16,
         )
-        return [self._request(step, retries=0) for step in steps]
+        first = [self._request(step) for step in steps]
+        # The login's UNIT ATTENTION retry, sent ahead (see the module docstring).
+        return [*first, self._request(Step.TEST_UNIT_READY, retry=True)]
 
-    def _request(self, step: Step, *, retries: int) -> ScsiRequest:
-        self._pending[step] = retries
-        match step:
-            case Step.REPORT_LUNS:
-                return ScsiRequest(step=step, cdb=cdb_report_luns(), lun=_LUN_ZERO)
-            case Step.INQUIRY:
-                cdb = cdb_inquiry()
-            case Step.DEVICE_ID:
-                cdb = cdb_inquiry(evpd=True, page=VpdPage.DEVICE_IDENTIFICATION)
-            case Step.TEST_UNIT_READY:
-                cdb = cdb_test_unit_ready()
-            case Step.READ_CAPACITY_16:
-                cdb = cdb_read_capacity_16()
-            case Step.READ_CAPACITY_10:
-                cdb = cdb_read_capacity_10()
-        return ScsiRequest(step=step, cdb=cdb, lun=self.lun)
+    def _request(self, step: Step, *, retry: bool = False) -> ScsiRequest:
+        self._in_flight[step] = self._in_flight.get(step, 0) + 1
+        self._retries[step] = self._retries.get(step, 0) + retry
+        lun = _LUN_ZERO if step is Step.REPORT_LUNS else self.lun
+        return ScsiRequest(step=step, cdb=_CDBS[step], lun=lun)
 
     @property
     def done(self) -> bool:
@@ -205,7 +213,7 @@ class LunCheck:
 
     def abandon(self, reason: str) -> None:
         """End the check early (the target asked us to log out, say): a ``lun_error``."""
-        self._pending.clear()
+        self._in_flight.clear()
         self.report = LunReport(
             verdict=LunVerdict.ERROR,
             detail=f"LUN {self.number}: check not finished: {reason}",
@@ -214,14 +222,18 @@ class LunCheck:
 
     def completed(self, step: Step, event: ScsiCompleted) -> list[ScsiRequest]:
         """Take the answer to ``step``; return the commands to send next (retries, fallback)."""
-        if step not in self._pending:
+        in_flight = self._in_flight.get(step, 0)
+        if not in_flight:
             raise LocalProtocolError(f"{step.value} was answered but is not in flight")
-        retries = self._pending.pop(step)
+        self._in_flight[step] = in_flight - 1
         sense = _sense_of(event)
-        if self._retryable(event, sense) and retries < MAX_RETRIES:
-            return [self._request(step, retries=retries + 1)]
+        if self._retryable(event, sense):
+            if in_flight > 1:
+                return []  # its retry is already on the wire
+            if self._retries[step] < MAX_RETRIES:
+                return [self._request(step, retry=True)]
         follow = self._take(step, event, sense)
-        if not self._pending and not follow:
+        if not follow and not any(self._in_flight.values()):
             self.report = self._verdict()
         return follow
 
@@ -249,7 +261,7 @@ class LunCheck:
                 case Step.REPORT_LUNS:
                     luns = parse_report_luns(event.data)
                     answers.listed = luns.lists(self.lun)
-                    answers.listed_luns = tuple(lun.linux_lun for lun in luns.luns)
+                    answers.listed_luns = luns.luns
                     flat_addressable = 256 <= self.number <= MAX_FLAT_LUN
                     if not answers.listed and self.mode is AddressingMode.SAM and flat_addressable:
                         # tgt and others list LUNs >= 256 flat-addressed: os-brick's SAM2.
@@ -262,7 +274,9 @@ class LunCheck:
                     answers.wwid = identification.wwid
                     answers.wwid_udev = identification.scsi_id
                 case Step.TEST_UNIT_READY:
+                    # Of two answers (see start()), the later one is the LU's state now.
                     answers.ready = True
+                    answers.failures.pop(step, None)
                 case Step.READ_CAPACITY_16:
                     answers.capacity = parse_read_capacity_16(event.data)
                 case Step.READ_CAPACITY_10:
@@ -281,7 +295,7 @@ class LunCheck:
             sense.key is SenseKey.ILLEGAL_REQUEST and (sense.asc, sense.ascq) in _NOT_SUPPORTED
         )
         if step is Step.READ_CAPACITY_16 and unknown_to_the_lu:
-            return [self._request(Step.READ_CAPACITY_10, retries=0)]
+            return [self._request(Step.READ_CAPACITY_10)]
         if step is Step.DEVICE_ID:
             # No page 0x83 is allowed (SPC makes it mandatory, old LUs lack it): no WWID then.
             answers.notes.append(f"no WWID: {what}")
@@ -300,6 +314,8 @@ class LunCheck:
             elif sense.key is SenseKey.UNIT_ATTENTION:
                 verdict = LunVerdict.NOT_READY
                 what += f" (still after {MAX_RETRIES} retries)"
+        if step is Step.TEST_UNIT_READY:
+            answers.ready = False
         answers.failures[step] = (verdict, what)
         return []
 
@@ -308,7 +324,7 @@ class LunCheck:
         notes = tuple(answers.notes)
         lun = f"LUN {self.number}"
         if answers.listed is False:
-            listed = ", ".join(str(n) for n in answers.listed_luns) or "none"
+            listed = ", ".join(str(lun.linux_lun) for lun in answers.listed_luns) or "none"
             hint = ""
             if answers.flat_listed:
                 hint = "; it lists this LUN flat-addressed: does connection_info need"

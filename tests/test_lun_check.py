@@ -60,6 +60,7 @@ START_STEPS = [
     Step.DEVICE_ID,
     Step.TEST_UNIT_READY,
     Step.READ_CAPACITY_16,
+    Step.TEST_UNIT_READY,  # the retry of the login's UNIT ATTENTION, sent ahead
 ]
 
 Answer = Callable[[ScsiRequest, int], ScsiCompleted]
@@ -143,7 +144,7 @@ def steps_asked(asked: list[ScsiRequest]) -> Counter[Step]:
 # -- what is asked ----------------------------------------------------------------------------
 
 
-def test_start_asks_all_five_at_once_with_the_right_cdbs_and_luns() -> None:
+def test_start_asks_all_five_and_a_spare_test_unit_ready_at_once() -> None:
     check = LunCheck(1)
     requests = check.start()
     assert [r.step for r in requests] == START_STEPS
@@ -237,11 +238,11 @@ def test_inquiry_that_shows_no_disk_is_lun_missing(
 
 def test_logical_unit_not_supported_is_lun_missing() -> None:
     missing = check_condition(SenseKey.ILLEGAL_REQUEST, 0x25, 0x00)
-    report, asked = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [missing]}))
+    report, asked = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [missing] * 2}))
     assert report.verdict is LunVerdict.MISSING
     assert "TEST UNIT READY" in report.detail
     assert "ILLEGAL REQUEST 25/00" in report.detail
-    assert steps_asked(asked)[Step.TEST_UNIT_READY] == 1  # not retried
+    assert steps_asked(asked)[Step.TEST_UNIT_READY] == 2  # the two sent at once, not retried
 
 
 # -- retries -------------------------------------------------------------------------------------
@@ -256,6 +257,33 @@ def test_unit_attention_is_retried_then_ok(step: Step) -> None:
     # A retry is the same command again.
     again = [r for r in asked if r.step is step]
     assert all(r == again[0] for r in again)
+
+
+def test_the_login_unit_attention_costs_no_round_trip() -> None:
+    """tgtd's UNIT ATTENTION on the first TEST UNIT READY: the spare one is its retry."""
+    ua = check_condition(SenseKey.UNIT_ATTENTION, 0x29, 0x00)
+    check = LunCheck(1)
+    first = check.start()
+    follow: list[ScsiRequest] = []
+    answers = scripted({Step.TEST_UNIT_READY: [ua]})
+    sent: Counter[Step] = Counter()
+    for request in first:
+        follow += check.completed(request.step, answers(request, sent[request.step]))
+        sent[request.step] += 1
+    assert follow == []
+    assert check.report is not None and check.report.verdict is LunVerdict.OK
+
+
+@pytest.mark.parametrize("ready_first", [True, False])
+def test_of_two_test_unit_ready_answers_the_later_one_counts(ready_first: bool) -> None:
+    becoming = check_condition(SenseKey.NOT_READY, 0x04, 0x01)
+    script = [good(), becoming] if ready_first else [becoming, good()]
+    report, asked = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: script}))
+    assert steps_asked(asked)[Step.TEST_UNIT_READY] == 2
+    if ready_first:
+        assert report.verdict is LunVerdict.NOT_READY and "04/01" in report.detail
+    else:
+        assert report.verdict is LunVerdict.OK, report
 
 
 def test_unit_attention_exhausted_is_lun_not_ready() -> None:
@@ -295,15 +323,15 @@ def test_busy_forever_is_bounded(busy: ScsiStatus) -> None:
 )
 def test_alua_standby_or_unavailable_is_lun_standby(ascq: int, words: str) -> None:
     sense = check_condition(SenseKey.NOT_READY, 0x04, ascq)
-    report, asked = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [sense]}))
+    report, asked = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [sense] * 2}))
     assert report.verdict is LunVerdict.STANDBY
     assert words in report.detail
-    assert steps_asked(asked)[Step.TEST_UNIT_READY] == 1
+    assert steps_asked(asked)[Step.TEST_UNIT_READY] == 2
 
 
 def test_becoming_ready_is_lun_not_ready_with_the_sense_described() -> None:
     sense = check_condition(SenseKey.NOT_READY, 0x04, 0x01)
-    report, _ = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [sense]}))
+    report, _ = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [sense] * 2}))
     assert report.verdict is LunVerdict.NOT_READY
     assert report.detail == (
         "LUN 1: TEST UNIT READY: CHECK CONDITION, "
@@ -317,11 +345,11 @@ def test_standby_outranks_not_ready_and_missing_outranks_both() -> None:
     missing = check_condition(SenseKey.ILLEGAL_REQUEST, 0x25, 0x00)
     report, _ = run(
         LunCheck(1),
-        scripted({Step.TEST_UNIT_READY: [standby], Step.READ_CAPACITY_16: [becoming]}),
+        scripted({Step.TEST_UNIT_READY: [standby] * 2, Step.READ_CAPACITY_16: [becoming]}),
     )
     assert report.verdict is LunVerdict.STANDBY
     report, _ = run(
-        LunCheck(1), scripted({Step.TEST_UNIT_READY: [standby], Step.INQUIRY: [missing]})
+        LunCheck(1), scripted({Step.TEST_UNIT_READY: [standby] * 2, Step.INQUIRY: [missing]})
     )
     assert report.verdict is LunVerdict.MISSING
 
@@ -333,7 +361,7 @@ def test_reservation_conflict_is_a_note_not_a_failure(step: Step) -> None:
     assert report.verdict is LunVerdict.OK
     assert len(report.notes) == 1 and "reservation conflict" in report.notes[0]
     assert step.value in report.notes[0]
-    assert steps_asked(asked)[step] == 1
+    assert steps_asked(asked)[step] == START_STEPS.count(step)
     assert report.info is not None
     if step is Step.READ_CAPACITY_16:
         assert report.info.size_bytes is None and "unknown size" in report.detail
@@ -341,7 +369,7 @@ def test_reservation_conflict_is_a_note_not_a_failure(step: Step) -> None:
 
 def test_a_target_failure_is_lun_error() -> None:
     failed = ScsiCompleted(itt=0, status=None, response=1)
-    report, _ = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [failed]}))
+    report, _ = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [failed] * 2}))
     assert report.verdict is LunVerdict.ERROR
     assert "iSCSI response 0x01" in report.detail
 
@@ -417,10 +445,10 @@ def test_a_malformed_reply_is_lun_error(step: Step, payload: bytes) -> None:
 
 def test_sense_that_cannot_be_parsed_is_still_judged() -> None:
     garbled = ScsiCompleted(itt=0, status=ScsiStatus.CHECK_CONDITION, sense=b"\x00\x01")
-    report, asked = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [garbled]}))
+    report, asked = run(LunCheck(1), scripted({Step.TEST_UNIT_READY: [garbled] * 2}))
     assert report.verdict is LunVerdict.ERROR
     assert "CHECK CONDITION" in report.detail
-    assert steps_asked(asked)[Step.TEST_UNIT_READY] == 1
+    assert steps_asked(asked)[Step.TEST_UNIT_READY] == 2
 
 
 # -- LUN addressing -------------------------------------------------------------------------------
@@ -469,8 +497,9 @@ def test_an_answer_for_a_step_not_asked_is_a_local_error() -> None:
         check.completed(Step.TEST_UNIT_READY, good())
     check.start()
     check.completed(Step.TEST_UNIT_READY, good())
+    check.completed(Step.TEST_UNIT_READY, good())  # the spare one
     with pytest.raises(LocalProtocolError):
-        check.completed(Step.TEST_UNIT_READY, good())  # answered twice
+        check.completed(Step.TEST_UNIT_READY, good())  # answered three times
     with pytest.raises(LocalProtocolError):
         check.completed(Step.READ_CAPACITY_10, good())  # never asked
 

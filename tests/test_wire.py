@@ -1104,6 +1104,72 @@ def test_scsi_command_layout() -> None:
     assert raw[48:] == b"w\x00\x00\x00"
 
 
+def _interpreted_bhs(command: ScsiCommand) -> bytes:
+    """The BHS as the construct definition itself builds it, no template, no compiled code."""
+    codec = wire._BY_MODEL[ScsiCommand]
+    fields, _ = codec.fields_in(command)
+    fields["TotalAHSLength"] = 0
+    fields["DataSegmentLength"] = 0
+    built: bytes = codec.header.build(fields)
+    return built
+
+
+@settings(max_examples=300)
+@given(
+    itt=u32,
+    edtl=u32,
+    cmdsn=u32,
+    expstatsn=u32,
+    cdb=st.binary(min_size=1, max_size=16),
+    lun=st.binary(min_size=8, max_size=8),
+    write=st.booleans(),
+    attribute=st.sampled_from(TaskAttribute),
+    immediate=st.booleans(),
+    header_digest=st.booleans(),
+)
+def test_a_data_less_scsi_command_from_its_template_is_the_full_build(
+    itt: int,
+    edtl: int,
+    cmdsn: int,
+    expstatsn: int,
+    cdb: bytes,
+    lun: bytes,
+    write: bool,
+    attribute: TaskAttribute,
+    immediate: bool,
+    header_digest: bool,
+) -> None:
+    """The same command with other tags must not come out of the cache with stale ones."""
+    command = ScsiCommand(
+        itt=itt,
+        edtl=edtl,
+        cmdsn=cmdsn,
+        expstatsn=expstatsn,
+        cdb=cdb,
+        lun=lun,
+        read=not write,
+        write=write,
+        attribute=attribute,
+        immediate=immediate,
+    )
+    bhs = _interpreted_bhs(command)
+    expected = bhs + crc32c(bhs) if header_digest else bhs
+    assert encode_pdu(command, header_digest=header_digest) == expected
+    again = dataclasses.replace(command, itt=itt ^ 1, cmdsn=cmdsn ^ 1, expstatsn=expstatsn ^ 1)
+    assert encode_pdu(again) == _interpreted_bhs(again)
+    assert decode_pdu(encode_pdu(again)) == again
+
+
+@pytest.mark.parametrize("field", ["itt", "cmdsn", "expstatsn"])
+def test_a_scsi_command_tag_out_of_range_is_refused_by_name(field: str) -> None:
+    good = inquiry()
+    encode_pdu(good)  # its template is cached now
+    with pytest.raises(PDUEncodeError) as caught:
+        encode_pdu(dataclasses.replace(good, **{field: 1 << 32}))
+    names = {"itt": "InitiatorTaskTag", "cmdsn": "CmdSN", "expstatsn": "ExpStatSN"}
+    assert caught.value.field == names[field]
+
+
 def test_cdb_is_padded_to_16_bytes_and_a_longer_one_is_refused() -> None:
     short = inquiry(cdb=b"\x00")
     assert short.cdb == bytes(16)  # padded by the model, so a decoded copy compares equal

@@ -245,8 +245,12 @@ _E = TypeVar("_E", bound=IntEnum)
 
 def _enum_or_int(kind: type[_E], value: int) -> _E | int:
     """Known codes become enum members; unknown ones stay plain ints rather than failing."""
+    # The member map first: calling the enum costs several times as much, on every field.
+    member = kind._value2member_map_.get(value)
+    if member is not None:
+        return member  # type: ignore[return-value]
     try:
-        return kind(value)
+        return kind(value)  # a member construction would still find (none today)
     except ValueError:
         return value
 
@@ -718,7 +722,7 @@ def linux_wwid(designators: Iterable[Designator]) -> str | None:
     shown up to its NUL padding, which sysfs itself prints along. Kernels before the 2020
     priority fix (about v5.11) preferred the longest designator instead; not modelled here.
     """
-    wwid: str | None = None
+    wwid: str | bytes | None = None  # bytes: a T10 identifier, escaped once it has won
     best_priority = best_size = 0
     for d in designators:
         priority = _kernel_priority(d)
@@ -728,7 +732,7 @@ def linux_wwid(designators: Iterable[Designator]) -> str | None:
         if d.designator_type == DesignatorType.T10_VENDOR_ID:
             if best_size > size:
                 continue
-            wwid = "t10." + _kernel_escaped(d.value)
+            wwid = d.value
         elif d.designator_type == DesignatorType.EUI_64:
             wwid = "eui." + d.value.hex()
         elif d.designator_type == DesignatorType.NAA:
@@ -740,7 +744,7 @@ def linux_wwid(designators: Iterable[Designator]) -> str | None:
                 continue
             wwid = d.value.split(b"\x00", 1)[0].decode("utf-8", errors="backslashreplace")
         best_priority, best_size = priority, size
-    return wwid
+    return "t10." + _kernel_escaped(wwid) if isinstance(wwid, bytes) else wwid
 
 
 # udev scsi_id's search: (designator type, NAA type or None for any), binary before ASCII.

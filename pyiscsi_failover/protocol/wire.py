@@ -77,24 +77,29 @@ from __future__ import annotations
 
 import binascii
 import enum
+import functools
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeAlias, TypeVar
 
 from construct import (
     Bytes,
+    BytesInteger,
     Const,
     Construct,
     ConstructError,
     Container,
     ExprAdapter,
+    FormatField,
     Int8ub,
     Int16ub,
     Int24ub,
     Int32ub,
     Int64ub,
+    Padded,
     Padding,
+    Pass,
     Renamed,
     Struct,
 )
@@ -198,6 +203,10 @@ _ISID_T_SHIFT: Final = 6
 _ISID_T_WIDTH: Final = 2
 _ISID_A: Final = 0x3F
 _ISID_A_WIDTH: Final = 6
+
+
+#: A parsed BHS: construct's Container, or the plain dict of a flat header (see _flat_parser).
+_Fields: TypeAlias = Mapping[str, Any]
 
 
 def _bhs(
@@ -545,7 +554,7 @@ def _login_request_in(p: LoginRequest) -> tuple[dict[str, Any], bytes]:
 # runs a Python-level __getattr__, which cost about 15% of a decode.
 
 
-def _login_request_out(h: Container[Any], data: bytes) -> LoginRequest:
+def _login_request_out(h: _Fields, data: bytes) -> LoginRequest:
     transit, cont, csg, nsg = _login_flags_out(h["Byte1"])
     return LoginRequest(
         transit=transit,
@@ -581,7 +590,7 @@ def _login_response_in(p: LoginResponse) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _login_response_out(h: Container[Any], data: bytes) -> LoginResponse:
+def _login_response_out(h: _Fields, data: bytes) -> LoginResponse:
     transit, cont, csg, nsg = _login_flags_out(h["Byte1"])
     return LoginResponse(
         transit=transit,
@@ -614,7 +623,7 @@ def _text_request_in(p: TextRequest) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _text_request_out(h: Container[Any], data: bytes) -> TextRequest:
+def _text_request_out(h: _Fields, data: bytes) -> TextRequest:
     return TextRequest(
         final=bool(h["Byte1"] & _FINAL),
         cont=bool(h["Byte1"] & _CONTINUE),
@@ -641,7 +650,7 @@ def _text_response_in(p: TextResponse) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _text_response_out(h: Container[Any], data: bytes) -> TextResponse:
+def _text_response_out(h: _Fields, data: bytes) -> TextResponse:
     return TextResponse(
         final=bool(h["Byte1"] & _FINAL),
         cont=bool(h["Byte1"] & _CONTINUE),
@@ -667,7 +676,7 @@ def _logout_request_in(p: LogoutRequest) -> tuple[dict[str, Any], bytes]:
     }, b""
 
 
-def _logout_request_out(h: Container[Any], data: bytes) -> LogoutRequest:
+def _logout_request_out(h: _Fields, data: bytes) -> LogoutRequest:
     _no_data(data, "Logout Request")
     return LogoutRequest(
         reason=_to_enum(LogoutReason, h["Byte1"] & _REASON_CODE, ("Byte1", "ReasonCode")),
@@ -693,7 +702,7 @@ def _logout_response_in(p: LogoutResponse) -> tuple[dict[str, Any], bytes]:
     }, b""
 
 
-def _logout_response_out(h: Container[Any], data: bytes) -> LogoutResponse:
+def _logout_response_out(h: _Fields, data: bytes) -> LogoutResponse:
     _no_data(data, "Logout Response")
     return LogoutResponse(
         response=_to_enum(LogoutResponseCode, h["Response"], ("Response",)),
@@ -718,7 +727,7 @@ def _reject_in(p: Reject) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _reject_out(h: Container[Any], data: bytes) -> Reject:
+def _reject_out(h: _Fields, data: bytes) -> Reject:
     return Reject(
         reason=_to_enum(RejectReason, h["Reason"], ("Reason",)),
         statsn=h["StatSN"],
@@ -741,7 +750,7 @@ def _nop_out_in(p: NopOut) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _nop_out_out(h: Container[Any], data: bytes) -> NopOut:
+def _nop_out_out(h: _Fields, data: bytes) -> NopOut:
     return NopOut(
         itt=h["InitiatorTaskTag"],
         ttt=h["TargetTransferTag"],
@@ -766,7 +775,7 @@ def _nop_in_in(p: NopIn) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _nop_in_out(h: Container[Any], data: bytes) -> NopIn:
+def _nop_in_out(h: _Fields, data: bytes) -> NopIn:
     return NopIn(
         itt=h["InitiatorTaskTag"],
         ttt=h["TargetTransferTag"],
@@ -827,7 +836,7 @@ def _scsi_command_in(p: ScsiCommand) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _scsi_command_out(h: Container[Any], data: bytes) -> ScsiCommand:
+def _scsi_command_out(h: _Fields, data: bytes) -> ScsiCommand:
     byte1 = h["Byte1"]
     attribute = _to_enum(TaskAttribute, byte1 & _ATTR, ("Byte1", "ATTR"))
     final, read, write = bool(byte1 & _FINAL), bool(byte1 & _READ), bool(byte1 & _WRITE)
@@ -941,7 +950,7 @@ def _scsi_response_in(p: ScsiResponse) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _scsi_response_out(h: Container[Any], data: bytes) -> ScsiResponse:
+def _scsi_response_out(h: _Fields, data: bytes) -> ScsiResponse:
     byte1 = h["Byte1"]
     bidi_overflow, bidi_underflow = bool(byte1 & _BIDI_OVERFLOW), bool(byte1 & _BIDI_UNDERFLOW)
     overflow, underflow = bool(byte1 & _OVERFLOW), bool(byte1 & _UNDERFLOW)
@@ -1020,7 +1029,7 @@ def _scsi_data_in_in(p: ScsiDataIn) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _scsi_data_in_out(h: Container[Any], data: bytes) -> ScsiDataIn:
+def _scsi_data_in_out(h: _Fields, data: bytes) -> ScsiDataIn:
     byte1 = h["Byte1"]
     final, overflow, underflow = (
         bool(byte1 & _FINAL),
@@ -1071,7 +1080,7 @@ def _async_message_in(p: AsyncMessage) -> tuple[dict[str, Any], bytes]:
     }, p.data
 
 
-def _async_message_out(h: Container[Any], data: bytes) -> AsyncMessage:
+def _async_message_out(h: _Fields, data: bytes) -> AsyncMessage:
     event = _to_enum(AsyncEvent, h["AsyncEvent"], ("AsyncEvent",))
     _check_sense(data, _async_needs_sense(event))
     return AsyncMessage(
@@ -1099,7 +1108,7 @@ class _Codec(Generic[_P]):
     header: Struct
     fixed_bits: tuple[_FixedBit, ...]
     fields_in: Callable[[_P], tuple[dict[str, Any], bytes]]
-    fields_out: Callable[[Container[Any], bytes], _P]
+    fields_out: Callable[[_Fields, bytes], _P]
 
 
 _BY_OPCODE: Final[dict[int, _Codec[Any]]] = {
@@ -1157,7 +1166,14 @@ _BY_MODEL: Final[dict[type[Any], _Codec[Any]]] = {c.model: c for c in _BY_OPCODE
 # a compiled parser only ever sees exactly BHS_LENGTH bytes, and whenever compiled code raises,
 # the interpreted definition runs again on the same input, so every error is reported by it,
 # with its field path. Each header is compiled on first use (about 1 ms each), not at import.
+#
+# Parsing goes one step further for the flat headers (every field a big-endian integer, raw
+# bytes, a Const or padding: all but the Login PDUs, whose ISID is a nested Struct): their
+# definition is read once into a single struct format, and a header is one unpack into a dict.
+# construct's compiled code reads field by field into a Container, which cost half of the
+# decoding of each SCSI Data-In. The same tests hold this parser to the interpreted one.
 _COMPILED: Final[dict[type[Any], Construct[Any, Any]]] = {}
+_FLAT: Final[dict[type[Any], Callable[[bytes], _Fields] | None]] = {}
 
 
 def _compiled(codec: _Codec[Any]) -> Construct[Any, Any]:
@@ -1167,13 +1183,68 @@ def _compiled(codec: _Codec[Any]) -> Construct[Any, Any]:
     return compiled
 
 
-def _parse_header(codec: _Codec[Any], bhs: bytes) -> Container[Any]:
+def _flat_parser(header: Struct) -> Callable[[bytes], _Fields] | None:
+    """One ``struct`` unpack that parses ``header`` as its definition does; None when a field
+    is not flat (a nested Struct, an adapter)."""
+    formats = [">"]
+    names: list[str] = []
+    wide: list[str] = []  # integers of a width struct has no code for (DataSegmentLength's 3)
+    consts: list[tuple[str, object]] = []
+    for sub in header.subcons:
+        inner = sub.subcon if isinstance(sub, Renamed) else sub
+        if isinstance(inner, Padded) and inner.subcon is Pass:
+            formats.append(f"{inner.length}x")  # read and ignored, as Padding does
+            continue
+        if sub.name is None:
+            return None
+        if isinstance(inner, Const) and isinstance(inner.subcon, FormatField):
+            consts.append((sub.name, inner.value))
+            inner = inner.subcon
+        if isinstance(inner, FormatField) and inner.fmtstr[:1] == ">":
+            formats.append(inner.fmtstr[1:])
+        elif (
+            isinstance(inner, BytesInteger)
+            and isinstance(inner.length, int)
+            and not inner.signed
+            and not inner.swapped
+        ):
+            formats.append(f"{inner.length}s")
+            wide.append(sub.name)
+        elif type(inner) is Bytes and isinstance(inner.length, int):
+            formats.append(f"{inner.length}s")
+        else:
+            return None
+        names.append(sub.name)
+    layout = struct.Struct("".join(formats))
+    if layout.size != BHS_LENGTH:
+        return None
+    unpack = layout.unpack
+
+    def parse(bhs: bytes) -> _Fields:
+        fields = dict(zip(names, unpack(bhs), strict=True))
+        for name in wide:
+            fields[name] = int.from_bytes(fields[name], "big")
+        for name, value in consts:
+            if fields[name] != value:
+                raise ValueError(f"{name} is not {value!r}")  # the definition reports it
+        return fields
+
+    return parse
+
+
+def _parse_header(codec: _Codec[Any], bhs: bytes) -> _Fields:
     """The BHS fields of ``bhs`` (exactly BHS_LENGTH bytes, already framed)."""
     if len(bhs) != BHS_LENGTH:
         # Unreachable from decode_pdu, which slices a checked PDU; never hand short input to
         # compiled code.
         raise _FieldProblem(("BHS",), len(bhs), f"a BHS is {BHS_LENGTH} bytes, not {len(bhs)}")
+    model = codec.model
+    if model not in _FLAT:
+        _FLAT[model] = _flat_parser(codec.header)
+    flat = _FLAT[model]
     try:
+        if flat is not None:
+            return flat(bhs)
         header: Container[Any] = _compiled(codec).parse(bhs)
     except (ConstructError, struct.error, ValueError, TypeError, KeyError):
         header = codec.header.parse(bhs)  # raises the error, with its field
@@ -1198,9 +1269,11 @@ def _build_header(codec: _Codec[Any], fields: dict[str, Any]) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    """Where each part of a PDU lies, as announced by its BHS (offsets from the PDU start)."""
+class _Layout(NamedTuple):
+    """Where each part of a PDU lies, as announced by its BHS (offsets from the PDU start).
+
+    A named tuple: one is made for every PDU a stream delivers, twice, and a frozen dataclass
+    costs several times as much to make."""
 
     data_length: int
     header_digest_at: int  # end of the AHS
@@ -1366,6 +1439,10 @@ def pdu_length(
 
 def encode_pdu(pdu: PDU, *, header_digest: bool = False, data_digest: bool = False) -> bytes:
     """The on-the-wire bytes of ``pdu``; PDUEncodeError if a field is out of range."""
+    if type(pdu) is ScsiCommand and not pdu.data:
+        bhs = _scsi_command_bhs(pdu)
+        if bhs is not None:
+            return bhs + crc32c(bhs) if header_digest else bhs
     codec = _BY_MODEL.get(type(pdu))
     if codec is None:
         raise PDUEncodeError(
@@ -1399,6 +1476,74 @@ def encode_pdu(pdu: PDU, *, header_digest: bool = False, data_digest: bool = Fal
         if data_digest:
             parts.append(crc32c(padded))
     return b"".join(parts)
+
+
+# A SCSI Command without data is the one PDU sent many times with only its tags changed: the
+# LUN check sends the same few CDBs on every probe. Its BHS is built by the definition above
+# once per distinct command, with the three counters zero, then copied with them written in at
+# the offsets that same definition gives. tests/test_wire.py checks it against a full build.
+def _offset_of(name: str) -> int:
+    where = _locate(_SCSI_COMMAND, [name])
+    if where is None or where[1] != 4:
+        raise RuntimeError(f"the SCSI Command definition has no 4-byte {name}")
+    return where[0]
+
+
+_ITT_AT: Final = _offset_of("InitiatorTaskTag")
+_CMDSN_AT: Final = _offset_of("CmdSN")  # ExpStatSN follows it
+_U32_AT: Final = struct.Struct(">I")
+_TWO_U32_AT: Final = struct.Struct(">II")
+if _offset_of("ExpStatSN") != _CMDSN_AT + 4:
+    raise RuntimeError("ExpStatSN must follow CmdSN in the SCSI Command definition")
+#: A SCSI Command but for its tags: lun, cdb, edtl, read, write, final, attribute, immediate.
+_CommandKey: TypeAlias = tuple[bytes, bytes, int, bool, bool, bool, TaskAttribute, bool]
+
+
+@functools.lru_cache(maxsize=64)
+def _scsi_command_template(key: _CommandKey) -> bytes:
+    lun, cdb, edtl, read, write, final, attribute, immediate = key
+    command = ScsiCommand(
+        itt=0,
+        edtl=edtl,
+        cmdsn=0,
+        expstatsn=0,
+        cdb=cdb,
+        lun=lun,
+        read=read,
+        write=write,
+        final=final,
+        attribute=attribute,
+        immediate=immediate,
+    )
+    codec = _BY_MODEL[ScsiCommand]
+    fields, _ = codec.fields_in(command)
+    fields["TotalAHSLength"] = 0
+    fields["DataSegmentLength"] = 0
+    return _build_header(codec, fields)
+
+
+def _scsi_command_bhs(pdu: ScsiCommand) -> bytes | None:
+    """The BHS of a data-less SCSI Command from its template; None sends it through the full
+    build, which then reports whatever is wrong with it."""
+    try:
+        template = _scsi_command_template(
+            (
+                pdu.lun,
+                pdu.cdb,
+                pdu.edtl,
+                pdu.read,
+                pdu.write,
+                pdu.final,
+                pdu.attribute,
+                pdu.immediate,
+            )
+        )
+        bhs = bytearray(template)
+        _U32_AT.pack_into(bhs, _ITT_AT, pdu.itt)
+        _TWO_U32_AT.pack_into(bhs, _CMDSN_AT, pdu.cmdsn, pdu.expstatsn)
+    except (_FieldProblem, ConstructError, struct.error, ValueError, TypeError, OverflowError):
+        return None
+    return bytes(bhs)
 
 
 def _checked_data(data: object) -> bytes:
