@@ -610,7 +610,7 @@ def test_logical_units_share_one_lu_per_target_lun_and_refuse_backing_without_op
 ) -> None:
     portal = PortalConfig(host="127.0.0.1", port=0)
     config = TargetConfig(portals=(portal,), targets=(TargetSpec(name=IQN, luns=(0, 2)),))
-    units = LogicalUnits(config)
+    units = LogicalUnits(config.targets)
     lu0 = units.get(IQN, 0)
     assert lu0 is not None and units.get(IQN, 1) is None
     assert units.table_for(config.targets[0], NEXUS).luns == (0, 2)
@@ -618,12 +618,10 @@ def test_logical_units_share_one_lu_per_target_lun_and_refuse_backing_without_op
     assert len(list(units)) == 2
     backed = TargetSpec(name=IQN, luns=(LunSpec(lun=0, backing=tmp_path / "x"),))
     with pytest.raises(LocalProtocolError, match="only the server opens"):
-        LogicalUnits(TargetConfig(portals=(portal,), targets=(backed,)))
+        LogicalUnits((backed,))
     path = tmp_path / "x"
     path.write_bytes(bytes(4096))
-    opened = LogicalUnits(
-        TargetConfig(portals=(portal,), targets=(backed,)), open_backing=open_backing_file
-    )
+    opened = LogicalUnits((backed,), open_backing=open_backing_file)
     lu = opened.get(IQN, 0)
     assert lu is not None and lu.blocks == 8
     opened.close()

@@ -46,6 +46,8 @@ from pyiscsi_failover.protocol.pdu import (
     NopOut,
     Reject,
     RejectReason,
+    ScsiDataIn,
+    ScsiStatus,
     Stage,
     TextRequest,
     TextResponse,
@@ -101,6 +103,7 @@ from pyiscsi_failover.testing.target import (
     PeerClosed,
     ProtocolViolation,
     Rejected,
+    ScsiAnswered,
     SendTargetsAnswered,
 )
 
@@ -520,7 +523,8 @@ async def test_normal_session_send_targets_current_and_named() -> None:
         ("DataDigest", "Banana,None", "None"),
         ("HeaderDigest", "Banana", "Reject"),
         ("MaxConnections", "4", "1"),
-        ("InitialR2T", "No", "Yes"),
+        ("InitialR2T", "No", "No"),  # the target lets the initiator choose (as Linux wants)
+        ("InitialR2T", "Yes", "Yes"),
         ("ImmediateData", "No", "No"),
         ("ImmediateData", "Yes", "Yes"),
         ("MaxBurstLength", "1048576", "262144"),
@@ -1376,9 +1380,6 @@ def raw_request(
 
 
 UNSUPPORTED = {
-    0x01: "SCSI Command",
-    0x02: "SCSI Task Management Function Request",
-    0x05: "SCSI Data-Out",
     0x10: "SNACK Request",
     0x1C: "vendor-specific request 0x1c",
 }
@@ -1815,25 +1816,25 @@ async def test_redirect_over_tcp_to_another_bound_portal() -> None:
             ]
 
 
-async def test_server_rejects_a_scsi_command_and_answers_the_logout_after_it() -> None:
+async def test_server_answers_a_scsi_command_and_the_logout_after_it() -> None:
     with trio.fail_after(NET_TIMEOUT):
         async with serve_target(server_config(())) as running:
             link = await open_link(running.portals[0])
             async with link.stream:
                 await do_login(link, target=DISK1)
-                command = raw_request(0x01, link.ini)
+                command = raw_request(0x01, link.ini)  # REPORT LUNS, EDTL 16
                 await link.stream.send_all(command)
                 answer = await link.receive()
-                assert isinstance(answer, Reject)
-                assert answer.reason is RejectReason.COMMAND_NOT_SUPPORTED
-                assert answer.data == command
+                assert isinstance(answer, ScsiDataIn)
+                assert answer.status is ScsiStatus.GOOD
+                assert answer.data == (8).to_bytes(4, "big") + bytes(12)  # LUN 0, the default
+                assert answer.itt == int.from_bytes(command[16:20], "big")
                 await logout(link)
             await running.wait_idle()
     [record] = running.connections
     assert record.logged_out
-    assert Rejected(reason=RejectReason.COMMAND_NOT_SUPPORTED, pdu_type="SCSI Command") in (
-        record.events
-    )
+    [scsi] = [event for event in record.events if isinstance(event, ScsiAnswered)]
+    assert (scsi.lun, scsi.opcode, scsi.status, scsi.data_in) == (0, 0xA0, 0, 16)
     assert record.violations == []
 
 

@@ -33,7 +33,7 @@ Pure: never imports trio, socket or subprocess, and opens no file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -58,7 +58,7 @@ from pyiscsi_failover.protocol.scsi import (
     encode_vpd_supported_pages,
     encode_vpd_unit_serial,
 )
-from pyiscsi_failover.testing.config import DEFAULT_LUN_SIZE, LunSpec, TargetConfig, TargetSpec
+from pyiscsi_failover.testing.config import DEFAULT_LUN_SIZE, LunSpec, TargetSpec
 
 __all__ = [
     "BlockStore",
@@ -554,8 +554,8 @@ OpenBacking = Callable[[LunSpec], BlockStore]
 
 
 class LogicalUnits:
-    """Every LU of a :class:`TargetConfig`, keyed by (target name, LUN), shared by all
-    connections so that every portal serves the same volume.
+    """Every LU of some targets (usually a :class:`TargetConfig`'s), keyed by (target name,
+    LUN), shared by all connections so that every portal serves the same volume.
 
     Backing files are opened through ``open_backing`` (the server's); without one, a LUN with
     a backing file is refused here, so that a sans-IO user never silently gets an empty disk
@@ -564,10 +564,12 @@ class LogicalUnits:
 
     __slots__ = ("_units",)
 
-    def __init__(self, config: TargetConfig, *, open_backing: OpenBacking | None = None) -> None:
+    def __init__(
+        self, targets: Iterable[TargetSpec], *, open_backing: OpenBacking | None = None
+    ) -> None:
         self._units: dict[tuple[str, int], LogicalUnit] = {}
         try:
-            for target in config.targets:
+            for target in targets:
                 for spec in target.logical_units:
                     self._units[target.name, spec.lun] = LogicalUnit(
                         spec, _store_for(target, spec, open_backing)

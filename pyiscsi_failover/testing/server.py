@@ -1,13 +1,15 @@
 """The test target's trio server: portals, socket and timing faults, and a log for tests.
 
-``async with serve_target(config) as running:`` binds every portal of a
-:class:`~pyiscsi_failover.testing.target.TargetConfig` (port 0 gets a free port; the real ones
-are in ``running.portals``, in configuration order), runs one sans-IO
-:class:`~pyiscsi_failover.testing.target.TargetConnection` per accepted connection, and closes
-every socket it made on the way out. Tests then assert on ``running.connections`` and
-``running.logins`` ("every login was followed by a logout", "no session lingered") and wait on
-:meth:`RunningTarget.wait_for` instead of sleeping (``ConnectionRecord.bytes_buffered`` tells
-that a partial PDU arrived, e.g. one whose required digest never comes).
+``async with serve_target(config) as running:`` opens the LUNs' backing files, binds every
+portal of a :class:`~pyiscsi_failover.testing.target.TargetConfig` (port 0 gets a free port;
+the real ones are in ``running.portals``, in configuration order), runs one sans-IO
+:class:`~pyiscsi_failover.testing.target.TargetConnection` per accepted connection, all sharing
+one set of logical units (``running.logical_units``: the same volume on every portal), and
+closes every socket and file it opened on the way out. Tests then assert on
+``running.connections`` and ``running.logins`` ("every login was followed by a logout", "no
+session lingered") and wait on :meth:`RunningTarget.wait_for` instead of sleeping
+(``ConnectionRecord.bytes_buffered`` tells that a partial PDU arrived, e.g. one whose required
+digest never comes).
 
 Faults carried out here rather than in the state machine:
 
@@ -40,7 +42,9 @@ from pyiscsi_failover.errors import LocalProtocolError
 from pyiscsi_failover.names import Portal
 from pyiscsi_failover.protocol.negotiation import SessionType
 from pyiscsi_failover.protocol.pdu import ISID, LoginStatus
+from pyiscsi_failover.testing.backing_file import open_backing_file
 from pyiscsi_failover.testing.faults import DelayPDUs, FaultKind, SlowDrip, find_fault
+from pyiscsi_failover.testing.logical_unit import LogicalUnit, LogicalUnits
 from pyiscsi_failover.testing.target import (
     ChallengeReceived,
     Event,
@@ -139,9 +143,11 @@ class ConnectionRecord:
 class RunningTarget:
     """A serving test target: its bound portals and the record of every connection."""
 
-    def __init__(self, config: TargetConfig) -> None:
+    def __init__(self, config: TargetConfig, logical_units: LogicalUnits) -> None:
         #: The configuration with every port resolved.
         self.config = config
+        #: Every LUN of every target, shared by all connections (and so all portals).
+        self.logical_units = logical_units
         #: Bound portals (with their tpgt), in configuration order.
         self.portals: list[Portal] = [portal.portal for portal in config.portals]
         self.connections: list[ConnectionRecord] = []
@@ -153,6 +159,14 @@ class RunningTarget:
     def __repr__(self) -> str:
         portals = ", ".join(str(portal) for portal in self.portals)
         return f"RunningTarget(portals=[{portals}], connections={len(self.connections)})"
+
+    def logical_unit(self, target_name: str, lun: int) -> LogicalUnit:
+        """The LU serving ``lun`` of ``target_name`` (its image can be read and written)."""
+        target = self.config.find_target(target_name)
+        unit = None if target is None else self.logical_units.get(target.name, lun)
+        if unit is None:
+            raise LocalProtocolError(f"no LUN {lun} in target {target_name!r}")
+        return unit
 
     def portal(self, name: str) -> Portal:
         """The bound address of the portal configured as ``name``."""
@@ -289,12 +303,14 @@ class _Server:
 async def serve_target(config: TargetConfig) -> AsyncIterator[RunningTarget]:
     """Serve ``config`` until the block exits; yields the :class:`RunningTarget`."""
     server = _Server()
+    # Backing files are opened (and their problems reported) before any portal is bound.
+    logical_units = LogicalUnits(config.targets, open_backing=open_backing_file)
     try:
         bound: list[tuple[PortalConfig, trio.socket.SocketType | None]] = []
         for portal in config.portals:
             bound.append(await server.bind(portal))
         resolved = replace(config, portals=tuple(portal for portal, _ in bound))
-        running = RunningTarget(resolved)
+        running = RunningTarget(resolved, logical_units)
         # The caller's exception is kept out of the nursery, which would wrap it in an
         # ExceptionGroup, and re-raised unchanged once the nursery is done.
         body_error: BaseException | None = None
@@ -312,6 +328,7 @@ async def serve_target(config: TargetConfig) -> AsyncIterator[RunningTarget]:
             raise body_error
     finally:
         server.close()
+        logical_units.close()
 
 
 async def _accept_loop(
@@ -401,6 +418,7 @@ async def _serve_connection(
         portal=portal.portal,
         tsih=running._allocate_tsih(),
         seen_challenges=running.challenges,
+        logical_units=running.logical_units,
     )
     silent = portal.has(FaultKind.SILENT)
     reset = False

@@ -1,4 +1,4 @@
-"""The target side of iSCSI login, discovery and logout, as a sans-IO state machine.
+"""The target side of iSCSI login, discovery, logout and SCSI, as a sans-IO state machine.
 
 This is what our scriptable test target speaks on each TCP connection. It follows h11's shape:
 the caller feeds received bytes to :meth:`TargetConnection.receive_data` (``b""`` for EOF), sends
@@ -20,12 +20,20 @@ What it implements, deliberately a small and strict subset of RFC 7143:
 * Full feature phase: Text ``SendTargets`` (``All`` in Discovery sessions, ``<iqn>`` or empty in
   Normal ones) listing every portal that serves each target, split over several Text Responses
   with F=0 and a TTT when large or when :class:`~.faults.SplitText` asks; NOP-Out answered with
-  NOP-In; Logout answered and the connection closed. Opcodes an initiator may send but this
-  target does not implement (SCSI Command, Task Management, Data-Out, SNACK, vendor-specific
+  NOP-In; Logout answered and the connection closed.
+* SCSI, in Normal sessions: SCSI Commands, Data-Out and Task Management requests go, after
+  their CmdSN and ExpStatSN are checked here, to the session's
+  :class:`~.scsi_session.ScsiSession`, which runs them on the target's logical units
+  (:mod:`.logical_unit`) and answers with Data-In, R2T, SCSI Response or Task Management
+  Response. A SCSI Command the codec refuses (a field RFC 7143 forbids) gets Reject "protocol
+  error" and the session goes on; in a Discovery session so do all three.
+* Opcodes an initiator may send but this target does not implement (SNACK, vendor-specific
   0x1c-0x1e) get a Reject "command not supported" (0x05) carrying their header, and the
-  connection goes on (a SCSI Command still takes its CmdSN); a Login Request or a target's
-  PDU (NOP-In, Text Response...) gets Reject "protocol error"; any other opcode, or bytes that
-  are no PDU, close the connection.
+  connection goes on; a Login Request or a target's PDU (NOP-In, Text Response...) gets Reject
+  "protocol error"; any other opcode, or bytes that are no PDU, close the connection.
+* Operational keys: each gets the RFC 7143 result of the initiator's value and the target's
+  (:class:`TargetConfig` chooses InitialR2T, ImmediateData, FirstBurstLength and
+  MaxBurstLength; the rest are the RFC defaults, with MaxConnections=1, ErrorRecoveryLevel=0).
 * Status codes: 0x0203 unknown target, 0x0201 authentication failure, 0x0202 initiator not in
   the target's ACL, 0x0101/0x0102 redirect, 0x0301 service unavailable, 0x0207 missing
   parameter, 0x0209 session type, 0x0205 version, 0x020a TSIH, 0x020b bad PDU during login.
@@ -80,6 +88,9 @@ from pyiscsi_failover.protocol.pdu import (
     Opcode,
     Reject,
     RejectReason,
+    ScsiCommand,
+    ScsiDataIn,
+    ScsiResponse,
     Stage,
     StatusClass,
     TextRequest,
@@ -128,6 +139,19 @@ from pyiscsi_failover.testing.faults import (
     WrongOpcode,
     find_fault,
 )
+from pyiscsi_failover.testing.logical_unit import LogicalUnits, Nexus
+from pyiscsi_failover.testing.scsi_session import (
+    ScsiAnswered,
+    ScsiSession,
+    SessionParams,
+    TaskManagementAnswered,
+)
+from pyiscsi_failover.testing.task_pdus import (
+    DATA_OUT,
+    TASK_MANAGEMENT_REQUEST,
+    DataOut,
+    TaskManagementRequest,
+)
 
 __all__ = [
     "DEFAULT_TPGT",
@@ -144,11 +168,13 @@ __all__ = [
     "PortalConfig",
     "ProtocolViolation",
     "Rejected",
+    "ScsiAnswered",
     "SendTargetsAnswered",
     "SessionType",
     "TargetConfig",
     "TargetConnection",
     "TargetSpec",
+    "TaskManagementAnswered",
 ]
 
 #: RFC 7143: until MaxRecvDataSegmentLength is negotiated, no data segment exceeds this.
@@ -290,6 +316,8 @@ Event: TypeAlias = (
     | ProtocolViolation
     | Rejected
     | PeerClosed
+    | ScsiAnswered
+    | TaskManagementAnswered
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -375,50 +403,67 @@ class _Identity:
 #: by name. In full feature phase they are answered with Reject "command not supported" and the
 #: connection goes on; the codec does not know them, so :class:`_Inbox` frames them itself.
 _UNSUPPORTED_OPCODES: dict[int, str] = {
-    0x01: "SCSI Command",
-    0x02: "SCSI Task Management Function Request",
-    0x05: "SCSI Data-Out",
     0x10: "SNACK Request",
     0x1C: "vendor-specific request 0x1c",
     0x1D: "vendor-specific request 0x1d",
     0x1E: "vendor-specific request 0x1e",
 }
-#: Those of them that carry CmdSN (bytes 24-27) and ExpStatSN (28-31) and may be immediate.
-_COMMAND_OPCODES = frozenset({0x01, 0x02})
+#: The SCSI task opcodes, also framed by :class:`_Inbox`: the codec knows no Data-Out or Task
+#: Management Request yet (see :mod:`.task_pdus`), and a SCSI Command whose fields the codec
+#: refuses must still be answered (with a Reject), never end the connection.
+_TASK_OPCODES: dict[int, str] = {
+    0x01: "SCSI Command",
+    TASK_MANAGEMENT_REQUEST: "SCSI Task Management Function Request",
+    DATA_OUT: "SCSI Data-Out",
+}
+_FRAMED_OPCODES: dict[int, str] = {**_TASK_OPCODES, **_UNSUPPORTED_OPCODES}
+#: Those that carry CmdSN (bytes 24-27) and may be immediate; all carry ExpStatSN (28-31).
+_COMMAND_OPCODES = frozenset({0x01, TASK_MANAGEMENT_REQUEST})
 _KNOWN_OPCODES = frozenset(int(opcode) for opcode in Opcode)
 _OPCODE_MASK = 0x3F
 _IMMEDIATE_BIT = 0x40
 
 
 @dataclass(frozen=True, slots=True)
-class _Unsupported:
-    """A whole PDU whose opcode is valid from an initiator but not implemented here."""
+class _Framed:
+    """A whole PDU framed by the target itself (digests checked), of :data:`_FRAMED_OPCODES`."""
 
-    header: bytes  # the 48-byte BHS, as received
+    raw: bytes  # the whole PDU, digests included
+    data_at: int
+    data_length: int
+
+    @property
+    def header(self) -> bytes:
+        """The 48-byte BHS, as received."""
+        return self.raw[:BHS_LENGTH]
+
+    @property
+    def data(self) -> bytes:
+        return self.raw[self.data_at : self.data_at + self.data_length]
 
     @property
     def opcode(self) -> int:
-        return self.header[0] & _OPCODE_MASK
+        return self.raw[0] & _OPCODE_MASK
 
     @property
     def name(self) -> str:
-        return _UNSUPPORTED_OPCODES[self.opcode]
+        return _FRAMED_OPCODES[self.opcode]
 
     @property
     def immediate(self) -> bool:
-        return bool(self.header[0] & _IMMEDIATE_BIT)
+        return bool(self.raw[0] & _IMMEDIATE_BIT)
 
     def field(self, offset: int) -> int:
-        return int.from_bytes(self.header[offset : offset + 4], "big")
+        return int.from_bytes(self.raw[offset : offset + 4], "big")
 
 
 class _Inbox:
     """The target's receive buffer: bytes in, whole PDUs out, like :class:`PDUBuffer`.
 
-    It differs in one way: a PDU with an opcode of :data:`_UNSUPPORTED_OPCODES` comes out as an
-    :class:`_Unsupported` (framed from its BHS lengths, digests checked) instead of failing the
-    stream, so the target can reject it and carry on. Any other decode error is final, as
-    there: PDU boundaries are lost.
+    It differs in one way: a PDU with an opcode of :data:`_FRAMED_OPCODES` comes out as a
+    :class:`_Framed` (framed from its BHS lengths, digests checked) for the target to read or
+    reject, so that a field the codec would refuse never fails the stream. Any other decode
+    error is final, as there: PDU boundaries are lost.
     """
 
     __slots__ = ("_buffer", "_start", "data_digest", "header_digest", "max_data_segment_length")
@@ -437,14 +482,14 @@ class _Inbox:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
-    def next_pdu(self) -> PDU | _Unsupported | None:
+    def next_pdu(self) -> PDU | _Framed | None:
         """The next whole PDU, or None until more bytes arrive; PDUDecodeError for garbage."""
         start = self._start
         if len(self._buffer) - start < BHS_LENGTH:
             return None
         bhs = bytes(self._buffer[start : start + BHS_LENGTH])
-        unsupported = bhs[0] & _OPCODE_MASK in _UNSUPPORTED_OPCODES
-        if unsupported:
+        framed = bhs[0] & _OPCODE_MASK in _FRAMED_OPCODES
+        if framed:
             total, data_at, data_length = self._layout(bhs)
         else:
             total = pdu_length(
@@ -460,9 +505,9 @@ class _Inbox:
         if self._start * 2 >= len(self._buffer):
             del self._buffer[: self._start]
             self._start = 0
-        if unsupported:
+        if framed:
             self._check_digests(raw, data_at, data_length)
-            return _Unsupported(header=bhs)
+            return _Framed(raw=raw, data_at=data_at, data_length=data_length)
         return decode_pdu(
             raw,
             header_digest=self.header_digest,
@@ -515,6 +560,9 @@ class TargetConnection:
     tpgt). ``tsih`` is the session handle to assign if the login succeeds. ``seen_challenges``
     is a live sequence of mutual-CHAP challenges initiators sent on earlier connections, which
     :class:`~.faults.ReflectChallenge` replays. ``token_bytes`` is the random source for CHAP.
+    ``logical_units`` holds the LUs every connection of the target shares (the server passes
+    one for all); without it, the connection makes in-memory LUs of its own when a Normal
+    session logs in, and refuses at once a configuration with backing files.
     """
 
     def __init__(
@@ -526,9 +574,17 @@ class TargetConnection:
         initial_statsn: int = 0x1000,
         seen_challenges: Sequence[bytes] = (),
         token_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        logical_units: LogicalUnits | None = None,
     ) -> None:
         if not 1 <= tsih <= 0xFFFF:
             raise LocalProtocolError(f"tsih must be 1..65535, not {tsih}")
+        if logical_units is None and any(
+            spec.backing is not None for target in config.targets for spec in target.logical_units
+        ):
+            raise LocalProtocolError(
+                "LUNs with backing files need the LogicalUnits the server opens"
+            )
+        self._logical_units = logical_units
         self._config = config
         self._portal_config = config.portal_at(portal)
         self._portal = self._portal_config.portal
@@ -563,6 +619,9 @@ class TargetConnection:
         self._header_digest = False
         self._data_digest = False
         self._peer_mrdsl = LOGIN_SEGMENT_LIMIT
+        self._negotiated: dict[str, int | bool] = {}
+        # SCSI, once a Normal session is logged in.
+        self._scsi: ScsiSession | None = None
         # Text exchanges in full feature phase.
         self._text_in = TextReassembler()
         self._text_in_tag: tuple[int, int] | None = None  # (itt, ttt) of a C=1 request
@@ -622,6 +681,11 @@ class TargetConnection:
         return self._peer_mrdsl
 
     @property
+    def scsi(self) -> ScsiSession | None:
+        """The SCSI side of a logged-in Normal session (None before login and in Discovery)."""
+        return self._scsi
+
+    @property
     def buffered(self) -> int:
         """Bytes received that are not yet a whole PDU (e.g. one still waiting for its digest)."""
         return self._buffer.buffered
@@ -648,8 +712,8 @@ class TargetConnection:
                 return
             if pdu is None:
                 return
-            if isinstance(pdu, _Unsupported):
-                self._on_unsupported(pdu)
+            if isinstance(pdu, _Framed):
+                self._on_framed(pdu)
             else:
                 self._dispatch(pdu)
 
@@ -1097,20 +1161,26 @@ class TargetConnection:
             function, ours, low, high, irrelevant = _NUMERIC_KEYS[key]
             if discovery and irrelevant:
                 return IRRELEVANT
+            ours = self._preferences.get(key, ours)
             try:
                 theirs = parse_number(key, value, low=low, high=high)
             except TextError:
                 return REJECT
-            return str(min(theirs, ours) if function == _MIN else max(theirs, ours))
+            result = min(theirs, ours) if function == _MIN else max(theirs, ours)
+            self._negotiated[key] = result
+            return str(result)
         if key in _BOOLEAN_KEYS:
             function, flag, irrelevant = _BOOLEAN_KEYS[key]
             if discovery and irrelevant:
                 return IRRELEVANT
+            flag = bool(self._preferences.get(key, flag))
             try:
                 theirs_flag = parse_boolean(key, value)
             except TextError:
                 return REJECT
-            return format_boolean(theirs_flag or flag if function == _OR else theirs_flag and flag)
+            agreed = theirs_flag or flag if function == _OR else theirs_flag and flag
+            self._negotiated[key] = agreed
+            return format_boolean(agreed)
         if key == "TaskReporting":
             return (
                 IRRELEVANT
@@ -1118,6 +1188,28 @@ class TargetConnection:
                 else ("RFC3720" if "RFC3720" in value.split(",") else REJECT)
             )
         return NOT_UNDERSTOOD
+
+    @property
+    def _preferences(self) -> dict[str, int | bool]:
+        """The target's own values for the keys :class:`TargetConfig` lets one choose."""
+        config = self._config
+        return {
+            "InitialR2T": config.initial_r2t,
+            "ImmediateData": config.immediate_data,
+            "FirstBurstLength": config.first_burst_length,
+            "MaxBurstLength": config.max_burst_length,
+        }
+
+    def _session_params(self) -> SessionParams:
+        """The keys that shape SCSI traffic; RFC 7143 defaults for those never negotiated."""
+        agreed = self._negotiated
+        max_burst = int(agreed.get("MaxBurstLength", 262144))
+        return SessionParams(
+            immediate_data=bool(agreed.get("ImmediateData", True)),
+            initial_r2t=bool(agreed.get("InitialR2T", True)),
+            first_burst_length=min(int(agreed.get("FirstBurstLength", 65536)), max_burst),
+            max_burst_length=max_burst,
+        )
 
     def _required_digests(self) -> tuple[str, ...]:
         """The digest keys a DigestsRequired fault imposes (none without one)."""
@@ -1294,7 +1386,30 @@ class TargetConnection:
         self._buffer.max_data_segment_length = self._config.max_recv_data_segment_length
         self._buffer.header_digest = self._header_digest
         self._buffer.data_digest = self._data_digest
+        if self._target is not None:
+            self._start_scsi(self._target)
         self._events.append(self._finished(LoginStatus.SUCCESS, tsih=self._tsih))
+
+    def _start_scsi(self, target: TargetSpec) -> None:
+        ident = self._identity
+        assert ident.initiator_name is not None
+        assert ident.isid is not None
+        nexus = Nexus(
+            initiator_name=ident.initiator_name,
+            isid=ident.isid,
+            target_name=target.name,
+            portal_name=self._portal_config.name,
+            tpgt=self._portal_config.tpgt,
+        )
+        units = self._logical_units
+        if units is None:
+            units = self._logical_units = LogicalUnits((target,))
+        self._scsi = ScsiSession(
+            table=units.table_for(target, nexus),
+            nexus=nexus,
+            params=self._session_params(),
+            port=_Port(self),
+        )
 
     def _on_unexpected_during_login(self, name: str) -> None:
         if self._state is ConnectionState.FREE:
@@ -1507,7 +1622,41 @@ class TargetConnection:
         if code is LogoutResponseCode.CLOSED:
             self._state = ConnectionState.LOGGED_OUT
 
-    def _on_unsupported(self, pdu: _Unsupported) -> None:
+    def _on_framed(self, pdu: _Framed) -> None:
+        if pdu.opcode in _UNSUPPORTED_OPCODES:
+            self._on_unsupported(pdu)
+            return
+        if self._state in _LOGIN_STATES:
+            self._on_unexpected_during_login(pdu.name)
+            return
+        if pdu.opcode in _COMMAND_OPCODES:
+            # Taken even by a command refused below, so the initiator's next one fits.
+            self._check_cmdsn(pdu.field(24), immediate=pdu.immediate, what=pdu.name)
+        self._check_expstatsn(pdu.field(28), pdu.name)
+        scsi = self._scsi
+        if scsi is None:
+            self._violation(f"{pdu.name} in a Discovery session")
+            self._reject_header(pdu.header, RejectReason.PROTOCOL_ERROR, pdu.name)
+            return
+        if pdu.opcode == DATA_OUT:
+            scsi.data_out(DataOut.from_pdu(pdu.header, pdu.data))
+        elif pdu.opcode == TASK_MANAGEMENT_REQUEST:
+            scsi.task_management(TaskManagementRequest.from_pdu(pdu.header))
+        else:
+            try:
+                command = decode_pdu(
+                    pdu.raw, header_digest=self._header_digest, data_digest=self._data_digest
+                )
+            except PDUDecodeError as exc:
+                # A field RFC 7143 forbids (F=W=0, data expected without R or W...): refused
+                # alone, and the session goes on.
+                self._violation(f"SCSI Command refused: {exc}")
+                self._reject_header(pdu.header, RejectReason.PROTOCOL_ERROR, pdu.name)
+                return
+            assert isinstance(command, ScsiCommand)
+            scsi.command(command)
+
+    def _on_unsupported(self, pdu: _Framed) -> None:
         """A valid opcode we do not implement: Reject "command not supported", keep serving."""
         if self._state in _LOGIN_STATES:
             self._on_unexpected_during_login(pdu.name)
@@ -1536,3 +1685,44 @@ class TargetConnection:
                 data=header,
             )
         )
+
+
+class _Port:
+    """The connection as :class:`~.scsi_session.ScsiSession` sees it."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: TargetConnection) -> None:
+        self._conn = conn
+
+    @property
+    def statsn(self) -> int:
+        return self._conn._statsn
+
+    @property
+    def expcmdsn(self) -> int:
+        return self._conn._expcmdsn
+
+    @property
+    def maxcmdsn(self) -> int:
+        return self._conn._maxcmdsn
+
+    @property
+    def data_segment_limit(self) -> int:
+        return self._conn._peer_mrdsl
+
+    def take_statsn(self) -> int:
+        return self._conn._take_statsn()
+
+    def send(self, pdu: ScsiDataIn | ScsiResponse) -> None:
+        self._conn._queue(pdu)
+
+    def send_header(self, header: bytes) -> None:
+        conn = self._conn
+        conn._outgoing.append(header + crc32c(header) if conn._header_digest else header)
+
+    def violation(self, description: str) -> None:
+        self._conn._violation(description)
+
+    def answered(self, event: ScsiAnswered | TaskManagementAnswered) -> None:
+        self._conn._events.append(event)
