@@ -238,13 +238,17 @@ def test_standard_inquiry_identity_and_allocation_length(allocation: int) -> Non
         cdb_inquiry(allocation_length=max(allocation, 5)).cdb[:3] + allocation.to_bytes(2, "big"),
     )
     assert reply.status is ScsiStatus.GOOD
-    assert len(reply.data) == min(allocation, 36)
+    assert len(reply.data) == min(allocation, 74)
     if allocation >= 36:
         parsed = parse_standard_inquiry(reply.data)
         assert parsed.is_connected_disk
         assert (parsed.vendor, parsed.product, parsed.revision) == ("ACME", "VOLUME", "9.1")
-        assert parsed.version == 6 and not parsed.truncated
+        assert parsed.version == 6
+        assert parsed.truncated == (allocation < 74)
         assert reply.data[7] & 0x02  # CMDQUE
+    if allocation >= 74:
+        assert reply.data[4] == 69
+        assert reply.data[58:66] == bytes.fromhex("00a00960046004c0")  # SAM-5 iSCSI SPC-4 SBC-3
 
 
 def test_vpd_pages() -> None:

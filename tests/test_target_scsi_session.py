@@ -334,7 +334,7 @@ def test_allocation_length_beyond_the_data_is_an_underflow() -> None:
     _, raw = ini.command(cdb_inquiry(allocation_length=255).cdb, edtl=255, read=True)
     [data_in] = data_ins(ini.feed(raw))
     assert parse_standard_inquiry(data_in.data).vendor == "PYISCSI"
-    assert (data_in.underflow, data_in.residual) == (True, 255 - 36)
+    assert (data_in.underflow, data_in.residual) == (True, 255 - 74)
 
 
 def test_check_condition_comes_as_a_response_with_sense() -> None:

@@ -1,11 +1,12 @@
 """A scriptable userspace iSCSI test target, for multi-portal tests without a storage array.
 
 It speaks enough of RFC 7143 for login (no auth, one-way or mutual CHAP), discovery
-(SendTargets) and logout, and can misbehave on purpose, per portal or per target: refuse or
+(SendTargets) and logout, and serves disk LUNs over SCSI (REPORT LUNS, INQUIRY with the WWID,
+READ CAPACITY, MODE SENSE, READ and WRITE from a sparse in-memory image or a backing file, task
+management: see :mod:`.logical_unit` and :mod:`.scsi_session`), so that libiscsi and the
+kernel can use them. It can misbehave on purpose, per portal or per target: refuse or
 blackhole connections, stay silent, reset, stall, redirect, send garbage, weaken CHAP, demand
-or reject digests... (see :mod:`~pyiscsi_failover.testing.faults`). It speaks no SCSI: SCSI
-Commands and the other opcodes it does not implement get a Reject "command not supported",
-and the session goes on.
+or reject digests... (see :mod:`~pyiscsi_failover.testing.faults`).
 
 ::
 
@@ -14,15 +15,20 @@ and the session goes on.
             PortalConfig(host="127.0.0.1", port=0, faults=(Blackhole(),)),
             PortalConfig(host="127.0.0.2", port=0),
         ),
-        targets=(TargetSpec(name="iqn.2024-01.com.example:disk"),),
+        targets=(
+            TargetSpec(
+                name="iqn.2024-01.com.example:disk", luns=(LunSpec(lun=0, size=1 << 30),)
+            ),
+        ),
     )
     async with serve_target(config) as running:
         ...  # connect an initiator to running.portals
         await running.wait_idle()
         assert not running.lingering_sessions
 
-Layers: :mod:`.faults` and :mod:`.config` (pure data), :mod:`.target` (the sans-IO state
-machine), :mod:`.server` (trio) and ``python -m pyiscsi_failover.testing`` (a process).
+Layers: :mod:`.faults` and :mod:`.config` (pure data), :mod:`.logical_unit` (the LUs, pure),
+:mod:`.target` and :mod:`.scsi_session` (the sans-IO state machine), :mod:`.server` (trio)
+and ``python -m pyiscsi_failover.testing`` (a process).
 Importing this package imports no I/O module: the trio server is loaded the first time one of
 its names (``serve_target``, ``RunningTarget``, ``ConnectionRecord``, ``LoginRecord``) is used.
 """

@@ -6,7 +6,8 @@ exit status so tests can call it directly.
 
 The process prints exactly one line, ``ready``, on stdout once every portal is bound; before
 it, one line per portal on stderr: ``portal NAME HOST:PORT,TPGT [FAULT...]`` (that is where an
-ephemeral port shows up). It serves until SIGINT or SIGTERM and then exits 0.
+ephemeral port shows up), then one per LUN: ``lun IQN LUN BYTES naa.WWID``. It serves until
+SIGINT or SIGTERM and then exits 0.
 
 IO layer: imports trio and socket through the server; never imports subprocess. Never prints
 a CHAP secret, not even in an error message about one.
@@ -26,14 +27,15 @@ import trio
 
 from pyiscsi_failover.credentials import ChapCredentials, Secret
 from pyiscsi_failover.errors import ISCSIError
-from pyiscsi_failover.testing.faults import Fault, format_fault, parse_fault
-from pyiscsi_failover.testing.server import RunningTarget, serve_target
-from pyiscsi_failover.testing.target import (
+from pyiscsi_failover.testing.config import (
     ChapSettings,
+    LunSpec,
     PortalConfig,
     TargetConfig,
     TargetSpec,
 )
+from pyiscsi_failover.testing.faults import Fault, format_fault, parse_fault
+from pyiscsi_failover.testing.server import RunningTarget, serve_target
 
 __all__ = ["build_parser", "load_config", "main", "run"]
 
@@ -41,11 +43,20 @@ _EPILOG = """\
 output:
   stdout gets exactly one line, "ready", once every portal is bound. Before it, stderr gets
   one line per portal, in the order given:  portal NAME HOST:PORT,TPGT [FAULT...]
-  so with port 0 read the bound port from there. SIGINT or SIGTERM stops the target (exit 0).
+  so with port 0 read the bound port from there; then one line per LUN:
+  lun IQN LUN BYTES naa.WWID. SIGINT or SIGTERM stops the target (exit 0).
 
 portals and names:
   --portal [NAME=]HOST:PORT[,TPGT]; PORT 0 picks a free port. NAME defaults to HOST:PORT as
   written (e.g. 127.0.0.1:0); use it in --fault. IPv6 as [::1]:3260.
+
+LUNs:
+  every target has one LUN, 0, a 64 MiB disk kept in memory (sparse), unless --lun gives it
+  others: --lun [IQN=]LUN[,KEY=VALUE...], repeatable; without IQN= it applies to every
+  --target. KEYs: size (bytes, or with K/M/G/T: 1G), block-size (512, 1024, 2048, 4096),
+  wwid (NAA 6: naa.6 + 31 hex digits, or 36 + 31; default derived from IQN and LUN), serial,
+  vendor, product, revision, backing (a file to serve instead of memory; its size unless
+  size says less). A write goes to the file at once.
 
 faults (--fault NAME=FAULT, NAME a portal name or a target IQN):
   refuse, blackhole, silent, reset-mid-login, delay:SECONDS, slow-drip[:SECONDS],
@@ -75,7 +86,10 @@ class _UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pyiscsi_failover.testing",
-        description="Scriptable userspace iSCSI test target (login, discovery, logout; no SCSI).",
+        description=(
+            "Scriptable userspace iSCSI test target: login, discovery, logout, and disk LUNs "
+            "(SCSI) for real initiators."
+        ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -124,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=FAULT",
         help="inject FAULT on the portal or target NAME (repeatable; see below)",
+    )
+    parser.add_argument(
+        "--lun",
+        action="append",
+        default=[],
+        metavar="[IQN=]LUN[,KEY=VALUE...]",
+        help="a LUN of the targets (or of IQN); repeatable (default: LUN 0, 64 MiB; see below)",
     )
     parser.add_argument(
         "--max-recv-data-segment-length",
@@ -189,6 +210,7 @@ def load_config(args: argparse.Namespace) -> TargetConfig:
 
     allowed = frozenset(args.allow_initiator) if args.allow_initiator else None
     target_names = [TargetSpec(name=name).name for name in args.target]
+    luns = _luns(args.lun, target_names)
     portal_faults: dict[str, list[Fault]] = {portal.name: [] for portal in portals}
     target_faults: dict[str, list[Fault]] = {name: [] for name in target_names}
     for text in args.fault:
@@ -222,6 +244,7 @@ def load_config(args: argparse.Namespace) -> TargetConfig:
                 allowed_initiators=allowed,
                 chap=chap,
                 faults=tuple(target_faults[name]),
+                luns=luns.get(name, (0,)),
             )
             for name in target_names
         ),
@@ -230,11 +253,36 @@ def load_config(args: argparse.Namespace) -> TargetConfig:
     )
 
 
+def _luns(texts: Sequence[str], target_names: Sequence[str]) -> dict[str, tuple[LunSpec, ...]]:
+    """``--lun`` options, per target (targets not named keep the default LUN 0)."""
+    chosen: dict[str, list[LunSpec]] = {}
+    for text in texts:
+        first, _, rest = text.partition(",")
+        where, sep, number = first.rpartition("=")
+        if sep:
+            if where.lower() not in target_names:
+                raise _UsageError(f"--lun {text!r}: {where!r} is not a --target")
+            names = [where.lower()]
+        else:
+            names, number = list(target_names), first
+        if not names:
+            raise _UsageError(f"--lun {text!r}: there is no --target to give it to")
+        spec = LunSpec.parse(f"{number},{rest}" if rest else number)
+        for name in names:
+            chosen.setdefault(name, []).append(spec)
+    return {name: tuple(specs) for name, specs in chosen.items()}
+
+
 def _describe(running: RunningTarget) -> list[str]:
     lines = []
     for portal in running.config.portals:
         faults = "".join(f" {format_fault(fault)}" for fault in portal.faults)
         lines.append(f"portal {portal.name} {portal.portal.with_tpgt()}{faults}")
+    for target in running.config.targets:
+        for spec in target.logical_units:
+            unit = running.logical_unit(target.name, spec.lun)
+            size = unit.blocks * unit.block_size
+            lines.append(f"lun {target.name} {spec.lun} {size} {spec.linux_wwid}")
     return lines
 
 
@@ -265,6 +313,9 @@ def run(
         return 2
     try:
         trio.run(_serve, config, out, err)
+    except ISCSIError as exc:  # a LUN's backing file cannot be used
+        print(f"{parser.prog}: error: {exc}", file=err)
+        return 2
     except OSError as exc:
         print(f"{parser.prog}: cannot serve: {exc}", file=err)
         return 1

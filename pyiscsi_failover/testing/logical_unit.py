@@ -87,6 +87,9 @@ _ALL_PAGES: Final = 0x3F
 _ALL_SUBPAGES: Final = 0xFF
 _REPORT_LUNS_WLUN: Final = 0x01  # C1 01: the REPORT LUNS well-known logical unit
 _VPD_PAGES: Final = (0x00, 0x80, 0x83, 0xB0, 0xB1)
+#: Standard INQUIRY version descriptors (SPC-4 table of codes): SAM-5, iSCSI (no version
+#: claimed), SPC-4, SBC-3.
+_VERSION_DESCRIPTORS: Final = (0x00A0, 0x0960, 0x0460, 0x04C0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +288,11 @@ class LogicalUnit:
             )
         )
         data[7] |= _CMDQUE
+        # Bytes 36-57 reserved or vendor-specific, then the version descriptors: SAM-5,
+        # iSCSI, SPC-4, SBC-3 (what the LU claims to follow).
+        descriptors = b"".join(code.to_bytes(2, "big") for code in _VERSION_DESCRIPTORS)
+        data += bytes(22) + descriptors.ljust(16, b"\x00")  # through byte 73
+        data[4] = len(data) - 5
         return bytes(data)
 
     def designators(self) -> tuple[Designator, ...]:
