@@ -1,4 +1,4 @@
-"""Shared pytest setup: the hypothesis profile and the ``tgtd_factory`` fixture for peer tests.
+"""Shared pytest setup: the hypothesis profile, and the ``tgtd_factory`` and ``vm_guest`` fixtures.
 
 Kept small on purpose; test modules keep their own fixtures. Helpers for real peers live in
 ``tests/peers.py`` (importable as ``peers`` because pytest puts ``tests/`` on ``sys.path``).
@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
 from peers import Tgtd, TgtdStarter
+
+if TYPE_CHECKING:
+    from vm.harness import GuestRun
 
 # Hypothesis already loads its built-in "ci" profile on CI (deterministic, no deadline); we keep
 # it and only give local runs a "dev" profile derived from the default one. Loopback peers and
@@ -38,6 +42,15 @@ def tgtd_factory() -> Iterator[TgtdStarter]:
     finally:
         for daemon in reversed(started):
             daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def vm_guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
+    """One QEMU guest with a real kernel initiator, booted once per session; it runs every
+    scenario the collected tests name with ``@uses_scenarios`` (see tests/vm/)."""
+    from vm.harness import session_guest
+
+    return session_guest(request, tmp_path_factory)
 
 
 def _in_ci() -> bool:
