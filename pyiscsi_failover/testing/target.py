@@ -1632,7 +1632,10 @@ class TargetConnection:
         if pdu.opcode in _COMMAND_OPCODES:
             # Taken even by a command refused below, so the initiator's next one fits.
             self._check_cmdsn(pdu.field(24), immediate=pdu.immediate, what=pdu.name)
-        self._check_expstatsn(pdu.field(28), pdu.name)
+            # Not checked on Data-Out: libiscsi counts an R2T's StatSN (the next one, not
+            # taken, RFC 7143 11.8) as received, and with ErrorRecoveryLevel 0 nothing here
+            # depends on a Data-Out's ExpStatSN.
+            self._check_expstatsn(pdu.field(28), pdu.name)
         scsi = self._scsi
         if scsi is None:
             self._violation(f"{pdu.name} in a Discovery session")
