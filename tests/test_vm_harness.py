@@ -26,6 +26,7 @@ kernel/drivers/virtio/virtio-pci.ko: kernel/drivers/virtio/virtio.ko
 kernel/net/9p/9pnet_virtio.ko: kernel/drivers/virtio/virtio.ko kernel/net/9p/9pnet.ko
 kernel/drivers/virtio/virtio.ko:
 kernel/drivers/loop.ko:
+kernel/fs/overlayfs/overlay.ko:
 """
 
 
@@ -64,7 +65,9 @@ def test_initramfs_is_a_newc_archive_that_cpio_reads(tmp_path: Path) -> None:
     busybox.write_bytes(b"\x7fELF not really")
     image = tmp_path / "initramfs.cpio"
     loaded = build_initramfs(image, kernel, busybox=busybox)
-    assert loaded == ["virtio", "virtio_pci", "9pnet", "9pnet_virtio", "netfs", "fscache", "9p"]
+    assert loaded == [
+        "virtio", "virtio_pci", "9pnet", "9pnet_virtio", "netfs", "fscache", "9p", "overlay"
+    ]  # fmt: skip
 
     def extract(*names: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(

@@ -42,8 +42,6 @@ __all__ = [
     "uptime",
 ]
 
-#: The guest's InitiatorName, written by tests/vm/init.
-INITIATOR_NAME = "iqn.2026-12.org.pyiscsi-failover:vm-guest"
 _POLL = 0.05
 #: How long a daemon may take to answer after it was started.
 DAEMON_READY_S = 30.0
@@ -230,7 +228,8 @@ async def start_iscsid(logs: Path) -> Daemon:
 
 
 class GuestTgtd:
-    """tgtd on 127.0.0.1:3260 in the guest, the one control port being ours alone."""
+    """tgtd on 127.0.0.1:3260 in the guest. Its control socket is in the guest's own /run, so
+    any control port would do; 7 is simply not tgt's default 0."""
 
     CONTROL = "7"
     TGTADM = ("tgtadm", "-C", CONTROL, "--lld", "iscsi")

@@ -336,8 +336,10 @@ def _precompile(work: Path, python: str) -> None:
 
 def _visible_in_guest(path: Path) -> bool:
     # The guest's /tmp is its own tmpfs: a host path there is not the same file in the guest.
-    resolved = path.resolve()
-    return not (resolved == Path("/tmp") or Path("/tmp") in resolved.parents)
+    return all(
+        not (p == Path("/tmp") or Path("/tmp") in p.parents)
+        for p in (Path(os.path.abspath(path)), path.resolve())
+    )
 
 
 def boot(
@@ -352,9 +354,9 @@ def boot(
     """Boot one guest that runs ``scenarios`` in order; return once it has powered off or
     been killed at ``timeout`` seconds."""
     work = work.resolve()
-    if re.search(r"\s", str(work)):
-        pytest.fail(f"the VM work directory {work} has white space in it", pytrace=False)
-    for needed in (Path(python), _CHECKOUT):
+    if re.search(r"[\s,]", str(work)):  # the kernel command line and -virtfs split there
+        pytest.fail(f"the VM work directory {work!r} has a space or comma in it", pytrace=False)
+    for needed in (Path(python), Path(sys.prefix), _CHECKOUT):
         if not _visible_in_guest(needed):
             pytest.fail(
                 f"{needed} is under /tmp, which the guest does not share: put the checkout "
@@ -422,11 +424,13 @@ def session_guest(
 ) -> GuestRun:
     """The ``vm_guest`` fixture's body: one boot for every scenario this session asks for."""
     scenarios = requested_scenarios(request.session.items)
+    work = tmp_path_factory.mktemp("vm")
+    if not scenarios:  # nothing to run: each result() says how to ask for a scenario
+        return GuestRun(work=work, accel="none", requested=())
     tools = require_vm()
     accel = choose_accel()
     default_timeout = BOOT_ALLOWANCE_S + _scenario_timeouts(scenarios)
     timeout = float(os.environ.get("VM_TIMEOUT", default_timeout))
-    work = tmp_path_factory.mktemp("vm")
     run = boot(tools, work, scenarios, accel=accel, timeout=timeout)
     timings = run.timings()
     (work / "timings.json").write_text(json.dumps(timings, indent=1))

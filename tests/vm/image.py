@@ -21,8 +21,9 @@ from typing import Literal
 
 __all__ = ["BOOT_MODULES", "ImageError", "KernelImage", "build_initramfs", "load_order"]
 
-#: What the guest loads before it can mount 9p over virtio-pci (dependencies are added).
-BOOT_MODULES: tuple[str, ...] = ("virtio_pci", "9pnet_virtio", "9p")
+#: What the guest loads before it mounts its root: 9p over virtio-pci, and overlayfs for a
+#: writable /etc (dependencies are added).
+BOOT_MODULES: tuple[str, ...] = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 
 _INIT_SCRIPT = Path(__file__).with_name("init")
 
