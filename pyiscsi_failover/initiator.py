@@ -99,6 +99,10 @@ _NOT_ISCSI: Final = "not an iSCSI target (its reply is not an iSCSI PDU)"
 
 
 class State(enum.Enum):
+    # Members are singletons compared by identity; Enum's own __hash__ runs Python code, and
+    # the state is looked up in a set for every PDU.
+    __hash__ = object.__hash__
+
     IDLE = "idle"
     SECURITY_NEGOTIATION = "security negotiation"
     OPERATIONAL_NEGOTIATION = "operational negotiation"
@@ -253,7 +257,9 @@ class InitiatorConnection:
         # The codec (construct) loads with the first connection, not with this module: a
         # command line builds its LoginConfig before its first SYN and needs no codec for that.
         from pyiscsi_failover.protocol.framing import PDUBuffer
+        from pyiscsi_failover.protocol.wire import encode_pdu
 
+        self._encode = encode_pdu  # not an import statement per PDU sent: that was measurable
         self._buffer = PDUBuffer(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
         self._out = bytearray()
         self._events: list[Event] = []
@@ -299,6 +305,11 @@ class InitiatorConnection:
 
     # -- output side ---------------------------------------------------------------------------
 
+    @property
+    def has_output(self) -> bool:
+        """Whether bytes wait for :meth:`data_to_send`."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
         self._out.clear()
@@ -306,9 +317,7 @@ class InitiatorConnection:
 
     def _send(self, pdu: PDU) -> None:
         digests = self._parameters if self.state not in _LOGIN_STATES else None
-        from pyiscsi_failover.protocol.wire import encode_pdu
-
-        self._out += encode_pdu(
+        self._out += self._encode(
             pdu,
             header_digest=digests is not None and digests.header_digest is Digest.CRC32C,
             data_digest=digests is not None and digests.data_digest is Digest.CRC32C,
@@ -403,7 +412,7 @@ class InitiatorConnection:
         return len(self._tasks)
 
     def _send_window(self) -> None:
-        if self.state is not State.FULL_FEATURE:
+        if not self._queued or self.state is not State.FULL_FEATURE:
             return  # nothing leaves after a Logout Request (or during a text exchange)
         while self._queued:
             itt = self._queued[0]

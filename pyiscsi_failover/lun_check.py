@@ -21,8 +21,11 @@ cluster's own reservation.
 
 :class:`LunCheck` is driven by the transport: :meth:`LunCheck.start` gives the first
 :class:`ScsiRequest`\\s, :meth:`LunCheck.completed` takes each answer and gives what to send
-next, and :attr:`LunCheck.report` is set once nothing is left. Pure: never imports trio, socket
-or subprocess.
+next, and :attr:`LunCheck.done` turns true once nothing is left. Only status and sense decide
+what to send next; the data of the answers (the LUN list, the INQUIRY pages, the capacity) are
+read by :meth:`LunCheck.digest` and :meth:`LunCheck.judge`, which the transport calls when it
+would otherwise wait for the target (and after sending its logout), and at the latest when
+:attr:`LunCheck.report` is asked for. Pure: never imports trio, socket or subprocess.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ _NOT_SUPPORTED: Final = frozenset({(0x20, 0x00), (0x24, 0x00)})
 
 class Step(enum.Enum):
     """What each command of the check is for."""
+
+    # Identity hash (members are singletons): Enum's runs Python code on every dict lookup.
+    __hash__ = object.__hash__
 
     REPORT_LUNS = "REPORT LUNS"
     INQUIRY = "INQUIRY"
@@ -167,6 +173,16 @@ def _sense_of(event: ScsiCompleted) -> Sense | None:
         return None
 
 
+def _unknown_to_the_lu(event: ScsiCompleted, sense: Sense | None) -> bool:
+    """An ILLEGAL REQUEST saying the LU does not know the command (or this form of it)."""
+    return (
+        event.status is ScsiStatus.CHECK_CONDITION
+        and sense is not None
+        and sense.key is SenseKey.ILLEGAL_REQUEST
+        and (sense.asc, sense.ascq) in _NOT_SUPPORTED
+    )
+
+
 def _describe(event: ScsiCompleted, sense: Sense | None) -> str:
     if event.status is None:
         return f"the target could not complete it (iSCSI response 0x{event.response:02x})"
@@ -187,7 +203,10 @@ class LunCheck:
         self._in_flight: dict[Step, int] = {}  # step -> copies sent and not yet answered
         self._retries: dict[Step, int] = {}  # step -> retries sent
         self._answers = _Answers()
-        self.report: LunReport | None = None
+        self._final: list[tuple[Step, ScsiCompleted, Sense | None]] = []  # answers to judge
+        self._taken = 0  # how many of them digest() has read
+        self._done = False
+        self._report: LunReport | None = None
 
     def start(self) -> list[ScsiRequest]:
         steps = (
@@ -209,12 +228,35 @@ class LunCheck:
 
     @property
     def done(self) -> bool:
-        return self.report is not None
+        """Whether every command has its final answer (or the check was abandoned)."""
+        return self._done
+
+    @property
+    def report(self) -> LunReport | None:
+        """The check's answer once :attr:`done` (see :meth:`judge`)."""
+        return self.judge()
+
+    def digest(self) -> None:
+        """Read the data of the answers in so far (the transport calls it while it waits)."""
+        for step, event, sense in self._final[self._taken :]:
+            self._take(step, event, sense)
+        self._taken = len(self._final)
+
+    def judge(self) -> LunReport | None:
+        """Read the answers' data and give the verdict, once; None until :attr:`done`. The
+        transport calls it while the target works on the logout."""
+        if not self._done:
+            return None
+        if self._report is None:
+            self.digest()
+            self._report = self._verdict()
+        return self._report
 
     def abandon(self, reason: str) -> None:
         """End the check early (the target asked us to log out, say): a ``lun_error``."""
         self._in_flight.clear()
-        self.report = LunReport(
+        self._done = True
+        self._report = LunReport(
             verdict=LunVerdict.ERROR,
             detail=f"LUN {self.number}: check not finished: {reason}",
             notes=tuple(self._answers.notes),
@@ -232,10 +274,11 @@ class LunCheck:
                 return []  # its retry is already on the wire
             if self._retries[step] < MAX_RETRIES:
                 return [self._request(step, retry=True)]
-        follow = self._take(step, event, sense)
-        if not follow and not any(self._in_flight.values()):
-            self.report = self._verdict()
-        return follow
+        if step is Step.READ_CAPACITY_16 and _unknown_to_the_lu(event, sense):
+            return [self._request(Step.READ_CAPACITY_10)]
+        self._final.append((step, event, sense))
+        self._done = not any(self._in_flight.values())
+        return []
 
     @staticmethod
     def _retryable(event: ScsiCompleted, sense: Sense | None) -> bool:
@@ -247,15 +290,16 @@ class LunCheck:
             and sense.key is SenseKey.UNIT_ATTENTION
         )
 
-    def _take(self, step: Step, event: ScsiCompleted, sense: Sense | None) -> list[ScsiRequest]:
+    def _take(self, step: Step, event: ScsiCompleted, sense: Sense | None) -> None:
         answers = self._answers
         if event.status is ScsiStatus.RESERVATION_CONFLICT:
             answers.notes.append(f"{step.value}: reservation conflict (another initiator's)")
             if step is Step.TEST_UNIT_READY:
                 answers.ready = True  # reserved by someone else is still there and ready
-            return []
+            return
         if event.status is not ScsiStatus.GOOD:
-            return self._failed(step, event, sense)
+            self._failed(step, event, sense)
+            return
         try:
             match step:
                 case Step.REPORT_LUNS:
@@ -286,20 +330,14 @@ class LunCheck:
                     answers.capacity = capacity
         except SCSIReplyError as exc:
             answers.failures[step] = (LunVerdict.ERROR, f"{step.value}: {exc}")
-        return []
 
-    def _failed(self, step: Step, event: ScsiCompleted, sense: Sense | None) -> list[ScsiRequest]:
+    def _failed(self, step: Step, event: ScsiCompleted, sense: Sense | None) -> None:
         answers = self._answers
         what = f"{step.value}: {_describe(event, sense)}"
-        unknown_to_the_lu = sense is not None and (
-            sense.key is SenseKey.ILLEGAL_REQUEST and (sense.asc, sense.ascq) in _NOT_SUPPORTED
-        )
-        if step is Step.READ_CAPACITY_16 and unknown_to_the_lu:
-            return [self._request(Step.READ_CAPACITY_10)]
         if step is Step.DEVICE_ID:
             # No page 0x83 is allowed (SPC makes it mandatory, old LUs lack it): no WWID then.
             answers.notes.append(f"no WWID: {what}")
-            return []
+            return
         verdict = LunVerdict.ERROR
         if sense is not None:
             if (sense.key, sense.asc) == (SenseKey.ILLEGAL_REQUEST, 0x25):
@@ -317,7 +355,6 @@ class LunCheck:
         if step is Step.TEST_UNIT_READY:
             answers.ready = False
         answers.failures[step] = (verdict, what)
-        return []
 
     def _verdict(self) -> LunReport:
         answers = self._answers

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -286,11 +287,16 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
-async def _receive_some(sock: socket.socket) -> bytes:
+async def _receive_some(sock: socket.socket, idle: Callable[[], object] | None = None) -> bytes:
+    """The next bytes from ``sock``; ``idle`` runs once, if at all, when none are there yet."""
     while True:
         try:
             return sock.recv(_RECEIVE_SIZE)
         except BlockingIOError:
+            if idle is not None:
+                idle()
+                idle = None
+                continue  # the peer may have answered meanwhile
             await trio.lowlevel.wait_readable(sock)
 
 
@@ -299,8 +305,10 @@ async def _next_event(
     conn: InitiatorConnection,
     portal: Portal,
     sending: _Sending | None = None,
+    idle: Callable[[], object] | None = None,
 ) -> Event:
-    """Pump bytes both ways until the connection yields its next event.
+    """Pump bytes both ways until the connection yields its next event; ``idle`` runs once
+    if we would otherwise wait for the target (see :func:`_receive_some`).
 
     The socket is used directly, not through trio.SocketStream, whose every send and receive
     costs two passes through the scheduler even when the kernel is ready: that was a third of
@@ -324,7 +332,8 @@ async def _next_event(
                 sending.done = True
             if event is not NEED_DATA:
                 return event
-            conn.receive_data(await _receive_some(sock))
+            conn.receive_data(await _receive_some(sock, idle))
+            idle = None
     except ConnectionLost as exc:
         # Before OSError, which it subclasses: the state machine already said what was lost.
         raise ConnectionLost(f"{portal}: {exc}") from exc
@@ -513,7 +522,11 @@ async def login(
             notes: list[str] = []
             if isinstance(event, LoginSucceeded):
                 # Shielded (and bounded by logout_timeout): a cancelled caller still logs out.
-                logout, note = await _logout(sock, conn, current, logout_timeout, shield=True)
+                # A LUN check's answers are read while the target logs us out.
+                judge = None if lun_check is None else lun_check.judge
+                logout, note = await _logout(
+                    sock, conn, current, logout_timeout, shield=True, idle=judge
+                )
                 if note:
                     notes.append(note)
             return LoginReport(
@@ -574,13 +587,14 @@ async def _logout(
     deadline_s: float,
     *,
     shield: bool = False,
+    idle: Callable[[], object] | None = None,
 ) -> tuple[LoggedOut | None, str | None]:
     conn.logout()
     event: Event | None = None
     try:
         # One scope for both the deadline and (after a success) the shield from our caller.
         with trio.CancelScope(deadline=trio.current_time() + deadline_s, shield=shield):
-            event = await _next_event(sock, conn, portal)
+            event = await _next_event(sock, conn, portal, idle=idle)
     except (NetworkError, ProtocolError) as exc:
         return None, f"logout failed: {exc}"
     if event is None:
@@ -612,7 +626,7 @@ async def _check_lun(
     sending: _Sending,
 ) -> None:
     """Run ``check``'s SCSI commands over the session, pipelined, until it has its answer."""
-    from pyiscsi_failover.initiator import ScsiCompleted, TargetRequest
+    from pyiscsi_failover.initiator import NEED_DATA, ScsiCompleted, TargetRequest
 
     steps = {}
     for request in check.start():
@@ -621,7 +635,12 @@ async def _check_lun(
         )
         steps[itt] = request.step
     while not check.done:
-        event = await _next_event(sock, conn, portal, sending)
+        # Answers that arrived together are taken without a trip through the pump (and the
+        # scheduler); it runs when the next one is not here yet, sending what is queued first.
+        event = NEED_DATA if conn.has_output else conn.next_event()
+        if event is NEED_DATA:
+            # Waiting for the target: read the answers already in meanwhile.
+            event = await _next_event(sock, conn, portal, sending, idle=check.digest)
         if isinstance(event, TargetRequest):
             # A logout request (or a drop, or renegotiation) ends the check cleanly: the
             # login's own logout follows at once.

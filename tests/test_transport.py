@@ -198,3 +198,25 @@ async def test_a_peer_that_is_not_iscsi_is_named_as_such(banner: bytes, then_wai
             )
         nursery.cancel_scope.cancel()
     assert str(caught.value) == f"{portal}: not an iSCSI target (its reply is not an iSCSI PDU)"
+
+
+async def test_idle_work_runs_once_and_only_when_the_peer_has_not_answered() -> None:
+    """The LUN check reads its answers while it would wait: never before data already there."""
+    from pyiscsi_failover.transport import _receive_some
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        theirs.sendall(b"ready")
+        calls: list[str] = []
+        with trio.fail_after(5):
+            assert await _receive_some(ours, lambda: calls.append("idle")) == b"ready"
+        assert calls == []  # the answer was in: nothing ran before it
+
+        def idle() -> None:
+            calls.append("idle")
+            theirs.sendall(b"late")  # the peer answers while we work
+
+        with trio.fail_after(5):
+            assert await _receive_some(ours, idle) == b"late"
+        assert calls == ["idle"]

@@ -24,12 +24,7 @@ from typing import Final
 
 from pyiscsi_failover.errors import LocalProtocolError, PDUDecodeError
 from pyiscsi_failover.protocol.pdu import PDU
-from pyiscsi_failover.protocol.wire import (
-    BHS_LENGTH,
-    MAX_DATA_SEGMENT_LENGTH,
-    decode_pdu,
-    pdu_length,
-)
+from pyiscsi_failover.protocol.wire import MAX_DATA_SEGMENT_LENGTH, next_pdu
 
 __all__ = ["PDUBuffer"]
 
@@ -84,23 +79,10 @@ class PDUBuffer:
         """The next whole PDU, or None until more bytes arrive; PDUDecodeError for garbage."""
         if self._failed is not None:
             raise _again(self._failed)
-        start = self._start
-        if len(self._buffer) - start < BHS_LENGTH:
-            return None
         try:
-            total = pdu_length(
-                self._buffer[start : start + BHS_LENGTH],
-                header_digest=self.header_digest,
-                data_digest=self.data_digest,
-                max_data_segment_length=self._max,
-            )
-            if len(self._buffer) - start < total:
-                return None
-            with memoryview(self._buffer) as view, view[start : start + total] as part:
-                raw = bytes(part)
-            self._consume(total)
-            return decode_pdu(
-                raw,
+            found = next_pdu(
+                self._buffer,
+                self._start,
                 header_digest=self.header_digest,
                 data_digest=self.data_digest,
                 max_data_segment_length=self._max,
@@ -108,6 +90,11 @@ class PDUBuffer:
         except PDUDecodeError as exc:
             self._fail(exc)
             raise
+        if found is None:
+            return None
+        pdu, total = found
+        self._consume(total)
+        return pdu
 
     def _consume(self, count: int) -> None:
         self._start += count

@@ -143,6 +143,7 @@ __all__ = [
     "MAX_DATA_SEGMENT_LENGTH",
     "decode_pdu",
     "encode_pdu",
+    "next_pdu",
     "pdu_length",
 ]
 
@@ -484,7 +485,8 @@ _E = TypeVar("_E", bound=enum.IntEnum)
 def _to_enum(cls: type[_E], value: Any, names: tuple[str, ...]) -> _E:
     """``cls(value)``, or a _FieldProblem naming the field (unknown values are errors)."""
     try:
-        return cls(value)
+        member = cls._value2member_map_.get(value)  # calling the class costs several times more
+        return cls(value) if member is None else member  # type: ignore[return-value]
     except (ValueError, TypeError):
         raise _FieldProblem(names, value, f"{value!r} is not a valid {cls.__name__}") from None
 
@@ -1496,7 +1498,7 @@ _TWO_U32_AT: Final = struct.Struct(">II")
 if _offset_of("ExpStatSN") != _CMDSN_AT + 4:
     raise RuntimeError("ExpStatSN must follow CmdSN in the SCSI Command definition")
 #: A SCSI Command but for its tags: lun, cdb, edtl, read, write, final, attribute, immediate.
-_CommandKey: TypeAlias = tuple[bytes, bytes, int, bool, bool, bool, TaskAttribute, bool]
+_CommandKey: TypeAlias = tuple[bytes, bytes, int, bool, bool, bool, int, bool]
 
 
 @functools.lru_cache(maxsize=64)
@@ -1512,7 +1514,7 @@ def _scsi_command_template(key: _CommandKey) -> bytes:
         read=read,
         write=write,
         final=final,
-        attribute=attribute,
+        attribute=_to_enum(TaskAttribute, attribute, ("Byte1", "ATTR")),
         immediate=immediate,
     )
     codec = _BY_MODEL[ScsiCommand]
@@ -1534,7 +1536,7 @@ def _scsi_command_bhs(pdu: ScsiCommand) -> bytes | None:
                 pdu.read,
                 pdu.write,
                 pdu.final,
-                pdu.attribute,
+                int(pdu.attribute),  # an IntEnum's hash runs Python code, an int's does not
                 pdu.immediate,
             )
         )
@@ -1571,17 +1573,50 @@ def decode_pdu(
         return _decode(raw, header_digest, data_digest, max_data_segment_length)
     except PDUDecodeError:
         raise
-    except (
-        _FieldProblem,
-        ConstructError,
-        struct.error,
-        KeyError,
-        IndexError,
-        ValueError,
-        TypeError,
-        OverflowError,
-        AttributeError,
-    ) as exc:
+    except _DECODE_FAILURES as exc:
+        raise _decode_error(exc, raw) from exc
+
+
+#: What a BHS field or a model's check may raise while decoding: made a PDUDecodeError.
+_DECODE_FAILURES: Final = (
+    _FieldProblem,
+    ConstructError,
+    struct.error,
+    KeyError,
+    IndexError,
+    ValueError,
+    TypeError,
+    OverflowError,
+    AttributeError,
+)
+
+
+def next_pdu(
+    buffer: bytearray,
+    start: int,
+    *,
+    header_digest: bool,
+    data_digest: bool,
+    max_data_segment_length: int | None = None,
+) -> tuple[PDU, int] | None:
+    """The PDU that starts at ``start`` in ``buffer`` and its length, or None while it is not
+    all there; PDUDecodeError as :func:`decode_pdu` raises it, a hostile DataSegmentLength as
+    soon as the BHS is in. For stream readers: the header is read once, the PDU copied once."""
+    if len(buffer) - start < BHS_LENGTH:
+        return None
+    with memoryview(buffer) as view:
+        with view[start : start + BHS_LENGTH] as part:
+            layout = _layout(part.tobytes(), header_digest=header_digest, data_digest=data_digest)
+        _check_data_cap(layout, max_data_segment_length)
+        if len(buffer) - start < layout.total:
+            return None
+        with view[start : start + layout.total] as part:
+            raw = part.tobytes()
+    try:
+        return _decode_laid_out(raw, layout, header_digest, data_digest), layout.total
+    except PDUDecodeError:
+        raise
+    except _DECODE_FAILURES as exc:
         raise _decode_error(exc, raw) from exc
 
 
@@ -1593,6 +1628,10 @@ def _decode(
     _check_data_cap(layout, max_data_segment_length)
     if len(raw) != layout.total:
         raise _length_error(raw, layout)
+    return _decode_laid_out(raw, layout, header_digest, data_digest)
+
+
+def _decode_laid_out(raw: bytes, layout: _Layout, header_digest: bool, data_digest: bool) -> PDU:
     if header_digest:
         # Before any field is believed: a header that fails its digest is noise, whatever its
         # fields say.
