@@ -1,8 +1,9 @@
 """Benchmark 6: what ``--check lun`` costs on top of ``--check login``, against tgtd.
 
 ``Check.LUN`` runs REPORT LUNS, INQUIRY, INQUIRY VPD 0x83, TEST UNIT READY and READ CAPACITY
-after the login (pipelined; tgtd's UNIT ATTENTION after login costs the TEST UNIT READY one
-retry), then logs out. Only tgtd answers SCSI among our peers, so every figure is against one
+after the login, pipelined (with a second TEST UNIT READY, which takes the UNIT ATTENTION tgtd
+queues at every login; tgtd's CmdSN window of 2 after login makes them two round trips), then
+logs out. Only tgtd answers SCSI among our peers, so every figure is against one
 tgtd on loopback whose targets each have LUN 1 as a disk.
 
 * **Per probe**: ``probe()`` of one candidate (tgtd portal 0, target 1, LUN 1), ``login`` and
@@ -300,7 +301,9 @@ def _top(stats: pstats.Stats, count: int, limit: int) -> list[dict[str, object]]
 _WATCHED: Final = (
     ("transport._check_lun (the whole SCSI phase)", "pyiscsi_failover/transport.py", "_check_lun"),
     ("LunCheck.start (plan the CDBs)", "pyiscsi_failover/lun_check.py", "start"),
-    ("LunCheck.completed (judge each answer)", "pyiscsi_failover/lun_check.py", "completed"),
+    ("LunCheck.completed (status and sense)", "pyiscsi_failover/lun_check.py", "completed"),
+    ("LunCheck.digest (read the answers' data)", "pyiscsi_failover/lun_check.py", "digest"),
+    ("LunCheck.judge (the verdict)", "pyiscsi_failover/lun_check.py", "judge"),
     (
         "  parse_vpd_device_identification",
         "pyiscsi_failover/protocol/scsi.py",
@@ -309,10 +312,9 @@ _WATCHED: Final = (
     ("  DeviceIdentification.wwid", "pyiscsi_failover/protocol/scsi.py", "wwid"),
     ("InitiatorConnection.submit", "pyiscsi_failover/initiator.py", "submit"),
     ("InitiatorConnection._send_window", "pyiscsi_failover/initiator.py", "_send_window"),
-    ("  dataclasses.replace (all callers)", "dataclasses.py", "replace"),
     ("InitiatorConnection._on_data_in", "pyiscsi_failover/initiator.py", "_on_data_in"),
     ("encode_pdu", "pyiscsi_failover/protocol/wire.py", "encode_pdu"),
-    ("decode_pdu", "pyiscsi_failover/protocol/wire.py", "decode_pdu"),
+    ("wire.next_pdu (cut and decode)", "pyiscsi_failover/protocol/wire.py", "next_pdu"),
     ("socket.send", "~", "<method 'send' of '_socket.socket' objects>"),
     ("socket.recv", "~", "<method 'recv' of '_socket.socket' objects>"),
 )
