@@ -130,6 +130,7 @@ async def _run_one(name: str, tgtd: GuestTgtd, work: Path) -> ScenarioResult:
     except Exception as exc:  # a bug in a scenario is reported, not fatal
         status, error = Status.FAILED, "".join(traceback.format_exception(exc)).strip()
     elapsed = time.monotonic() - started
+    leftovers: list[str] = []
     with trio.move_on_after(_CLEANUP_SECONDS) as cleanup:
         cleanup.shield = True
         await ctx.undo_all()
@@ -182,8 +183,15 @@ def _uncached_modules() -> list[str]:
 async def main(work: Path) -> int:
     python_started = _process_started_uptime()
     reporter = Reporter(work / RESULTS)
-    reporter.event("started", python_started_uptime=python_started)
-    request = Request.loads((work / REQUEST).read_text())
+    try:
+        reporter.event("started", python_started_uptime=python_started)
+        return await _run_request(Request.loads((work / REQUEST).read_text()), work, reporter)
+    finally:
+        reporter.event("finished", uncached_modules=_uncached_modules())
+        reporter.close()
+
+
+async def _run_request(request: Request, work: Path, reporter: Reporter) -> int:
     try:
         daemons, tgtd = await _start_services(work, reporter)
     except Exception as exc:  # reported for every scenario
@@ -191,7 +199,6 @@ async def main(work: Path) -> int:
         reporter.event("setup_failed", error=error)
         for name in request.scenarios:
             reporter.scenario(ScenarioResult(name=name, status=Status.FAILED, error=error))
-        reporter.event("finished", uncached_modules=_uncached_modules())
         return 1
     try:
         for name in request.scenarios:
@@ -200,8 +207,6 @@ async def main(work: Path) -> int:
         with trio.CancelScope(shield=True):
             for daemon in reversed(daemons):
                 await daemon.stop()
-    reporter.event("finished", uncached_modules=_uncached_modules())
-    reporter.close()
     return 0
 
 
