@@ -686,3 +686,53 @@ def test_any_scsi_command_is_answered_or_awaits_its_data(
     _, raw = ini.command(cdb_test_unit_ready().cdb, edtl=0)
     [response] = ini.feed(raw)
     assert isinstance(response, ScsiResponse) and response.status is ScsiStatus.GOOD
+
+
+def test_every_write_mistake_is_named() -> None:
+    """Each slip an initiator can make around write data is reported once and the session
+    answers on: the data is used where it fits."""
+    ini = session(
+        config(initial_r2t=True, first_burst_length=1024),
+        keys=[("InitialR2T", "Yes"), ("FirstBurstLength", "1024"), ("MaxBurstLength", "1024")],
+    )
+    data = pattern(4 * BLOCK)
+    # Immediate data beyond FirstBurstLength, and F=0 although InitialR2T=Yes.
+    itt, raw = ini.command(write10(0, 4), edtl=len(data), write=True, data=data[:1536], final=False)
+    assert ini.feed(raw) == []
+    # Unsolicited data beyond FirstBurstLength ends the burst; then the same again.
+    [r2t] = ini.feed(ini.data_out(itt, offset=1536, data=data[1536:1600]))
+    assert isinstance(r2t, R2T) and (r2t.offset, r2t.length) == (1600, 448)
+    ini.feed(ini.data_out(itt, offset=1600, data=data[1600:1700]))
+    # Out of order, a wrong DataSN, more than the R2T asked for and past EDTL, in one PDU.
+    [response] = ini.feed(
+        ini.data_out(itt, ttt=r2t.ttt, offset=1600, data=data[1600:] + bytes(8), datasn=3)
+    )
+    assert isinstance(response, ScsiResponse) and response.status is ScsiStatus.GOOD
+    assert read_back(ini, 0, 4) == data
+    # A command without W that carries data; a write reusing the ITT of a pending one.
+    _, raw = ini.command(cdb_test_unit_ready().cdb, edtl=0)
+    bad = bytearray(raw)
+    bad[5:8] = (4).to_bytes(3, "big")
+    [response] = ini.feed(bytes(bad) + b"abcd")
+    assert isinstance(response, ScsiResponse)
+    itt, raw = ini.command(write10(0, 1), edtl=BLOCK, write=True)
+    [r2t] = ini.feed(raw)
+    assert isinstance(r2t, R2T)
+    again = bytearray(raw)
+    again[24:28] = ini.cmdsn.to_bytes(4, "big")
+    ini.cmdsn += 1
+    [r2t_again] = ini.feed(bytes(again))
+    assert isinstance(r2t_again, R2T) and r2t_again.ttt != r2t.ttt  # the new one replaced it
+    found = " | ".join(violations(ini))
+    for text in (
+        "exceed FirstBurstLength",
+        "F=0 (unsolicited Data-Out to follow) with InitialR2T=Yes",
+        "unsolicited data beyond FirstBurstLength",
+        "unsolicited Data-Out after the unsolicited burst ended",
+        "Data-Out beyond what the R2T asked for",
+        "DataSN 3, expected 0",
+        "at offset 1600, expected 1700",
+        "without W carries data",
+        "reuses ITT",
+    ):
+        assert text in found, text

@@ -40,6 +40,7 @@ from pyiscsi_failover.protocol.pdu import (
     ScsiDataIn,
     ScsiResponse,
     ScsiStatus,
+    sense_data_segment,
 )
 from pyiscsi_failover.protocol.scsi import decode_sam_lun, parse_sense
 from pyiscsi_failover.testing.logical_unit import LunTable, Nexus, ScsiReply
@@ -320,7 +321,7 @@ class ScsiSession:
                     overflow=overflow,
                     underflow=underflow,
                     residual=residual,
-                    data=len(reply.sense).to_bytes(2, "big") + reply.sense if reply.sense else b"",
+                    data=sense_data_segment(reply.sense) if reply.sense else b"",
                 )
             )
         sense = None
