@@ -1164,8 +1164,9 @@ def test_a_data_less_scsi_command_from_its_template_is_the_full_build(
 def test_a_scsi_command_tag_out_of_range_is_refused_by_name(field: str) -> None:
     good = inquiry()
     encode_pdu(good)  # its template is cached now
+    changes: dict[str, Any] = {field: 1 << 32}
     with pytest.raises(PDUEncodeError) as caught:
-        encode_pdu(dataclasses.replace(good, **{field: 1 << 32}))
+        encode_pdu(dataclasses.replace(good, **changes))
     names = {"itt": "InitiatorTaskTag", "cmdsn": "CmdSN", "expstatsn": "ExpStatSN"}
     assert caught.value.field == names[field]
 
