@@ -46,12 +46,13 @@ if TYPE_CHECKING:
 
     from pyiscsi_failover.connection_info import ConnectionInfo
     from pyiscsi_failover.credentials import ChapCredentials, Secret
-    from pyiscsi_failover.iscsiadm import DeleteMode, NodeTarget
+    from pyiscsi_failover.iscsiadm import DeleteMode
     from pyiscsi_failover.login_config import LoginConfig
     from pyiscsi_failover.names import Portal
     from pyiscsi_failover.prober import Attempt, ProbeOptions, ProbeResult, ProgressEvent
     from pyiscsi_failover.protocol.chap import ChapAlgorithm, ChapPolicy
     from pyiscsi_failover.transport import LoginReport, RedirectPolicy
+    from pyiscsi_failover.volume import Handoff
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -1240,43 +1241,18 @@ async def _cmd_probe(args: argparse.Namespace, output: _Output, stdin: IO[str]) 
     return EXIT_OK
 
 
-def _chosen_node(info: ConnectionInfo, attempt: Attempt, options: ProbeOptions) -> NodeTarget:
-    """The hand-off: where the probe logged in, with what it negotiated and offered."""
-    from pyiscsi_failover.iscsiadm import NodeTarget
-
-    c = attempt.candidate
-    negotiated = attempt.negotiated  # None after a TCP-only check: the record keeps its own
-    return NodeTarget(
-        portal=attempt.handoff_portal or c.portal,
-        iqn=c.iqn,
-        lun=c.lun,
-        addressing_mode=info.addressing_mode,
-        chap=info.chap,
-        target_chap=info.target_chap,
-        header_digest=None if negotiated is None else negotiated.header_digest,
-        data_digest=None if negotiated is None else negotiated.data_digest,
-        chap_algorithms=None if info.chap is None else options.chap_policy.algorithms,
-    )
-
-
 async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
-    from pyiscsi_failover.iscsiadm import Iscsiadm, RecordLedger, attach, dry_run_plan
+    from pyiscsi_failover.iscsiadm import Iscsiadm, RecordLedger, dry_run_plan
+    from pyiscsi_failover.volume import attach_volume, node_target
 
     args.portal, args.iqn, args.lun = [], [], []
     info = _candidates_from_args(args, stdin)
     options = _probe_options(args)
-    result = await _run_probe(info, options, output, args.json)
-    if result.chosen is None:
-        if args.json:
-            output.json({"probe": _probe_json(result), "attach": None})
-        else:
-            for line in _probe_table(result):
-                output.out(line)
-        output.error(f"{_none_works(result, info)}; nothing attached")
-        return EXIT_FAILURE
-    node = _chosen_node(info, result.chosen, options)
     if args.dry_run:
-        commands = dry_run_plan(node)
+        result = await _run_probe(info, options, output, args.json)
+        if result.chosen is None:
+            return _nothing_attached(output, args.json, info, [result], [])
+        commands = dry_run_plan(node_target(info, result.chosen, options))
         if args.json:
             output.json({"probe": _probe_json(result), "dry_run": commands})
         else:
@@ -1286,27 +1262,91 @@ async def _cmd_attach(args: argparse.Namespace, output: _Output, stdin: IO[str])
             for command in commands:
                 output.out(f"    {command}")
         return EXIT_OK
+    live = output.live and not args.json
+
+    def shown(handoff: Handoff) -> None:
+        if live:
+            output.out(_handoff_line(handoff))
+
     # The ledger is touched only here, past --dry-run, which leaves it alone.
-    attached = await attach(
-        node,
+    attachment = await attach_volume(
+        info,
+        options,
         iscsiadm=Iscsiadm(binary=args.iscsiadm),
         device_timeout=args.device_timeout,
         dev_root=args.dev_root,
         ledger=RecordLedger(args.state_file),
+        on_progress=_progress_printer(output, live=live),
+        on_handoff=shown,
     )
+    attached = attachment.attached
+    if attached is None or attached.result is None:
+        return _nothing_attached(output, args.json, info, attachment.probes, attachment.handoffs)
     if args.json:
-        output.json({"probe": _probe_json(result), "attach": _jsonable(attached)})
+        output.json(
+            {
+                "probe": _probe_json(attachment.probes[0]),
+                "probes": [_probe_json(p) for p in attachment.probes],
+                "handoffs": [h.to_json() for h in attachment.handoffs],
+                "attach": _jsonable(attached.result),
+            }
+        )
+        return EXIT_OK
+    _print_rounds(output, attachment.probes, attachment.handoffs)
+    output.out(f"attached: {attached.result.device}")
+    if attached.result.created_record:
+        output.out(f"node record: created (noted in {args.state_file}; detach deletes it)")
     else:
+        output.out(
+            "node record: already there (detach deletes it only if pyiscsi-failover made it)"
+        )
+    return EXIT_OK
+
+
+def _handoff_line(handoff: Handoff) -> str:
+    return (
+        f"hand-off #{handoff.index} {handoff.portal} {handoff.iqn} lun {handoff.lun}: "
+        f"{handoff.outcome.value} ({handoff.elapsed_s * 1000:.0f} ms): {handoff.detail}"
+    )
+
+
+def _print_rounds(
+    output: _Output, probes: Sequence[ProbeResult], handoffs: Sequence[Handoff]
+) -> None:
+    """Each probe round's table, then the hand-off that followed it."""
+    for number, result in enumerate(probes):
+        if number:
+            output.out(f"probe again ({len(result.attempts)} candidates left):")
         for line in _probe_table(result):
             output.out(line)
-        output.out(f"attached: {attached.device}")
-        if attached.created_record:
-            output.out(f"node record: created (noted in {args.state_file}; detach deletes it)")
-        else:
-            output.out(
-                "node record: already there (detach deletes it only if pyiscsi-failover made it)"
-            )
-    return EXIT_OK
+        if number < len(handoffs):
+            output.out(_handoff_line(handoffs[number]))
+
+
+def _nothing_attached(
+    output: _Output,
+    as_json: bool,
+    info: ConnectionInfo,
+    probes: Sequence[ProbeResult],
+    handoffs: Sequence[Handoff],
+) -> int:
+    if as_json:
+        output.json(
+            {
+                "probe": _probe_json(probes[0]),
+                "probes": [_probe_json(p) for p in probes],
+                "handoffs": [h.to_json() for h in handoffs],
+                "attach": None,
+            }
+        )
+    else:
+        _print_rounds(output, probes, handoffs)
+    if handoffs:
+        failed = "; ".join(f"#{h.index} {h.portal} {h.outcome.value}: {h.detail}" for h in handoffs)
+        output.error(f"no candidate could be attached: {failed}")
+    else:
+        output.error(f"{_none_works(probes[0], info)}; nothing attached")
+    return EXIT_FAILURE
 
 
 async def _cmd_detach(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:

@@ -31,8 +31,10 @@ impossible; *remote* ones mean the peer sent something wrong or refused us. Buil
     ├── InvalidName (ValueError)            not a well-formed iqn./eui./naa. iSCSI name
     ├── InvalidPortal (ValueError)          not a well-formed host[:port][,tpgt] portal
     ├── IscsiadmError                      open-iscsi's iscsiadm reported a failure
+    │   └── IscsiadmUnavailable             iscsiadm cannot be run at all
     ├── LedgerError                        our list of node records we created is unusable
-    └── DeviceTimeout (TimeoutError)        logged in, but the disk never appeared
+    ├── DeviceTimeout (TimeoutError)        logged in, but the disk never appeared
+    └── WrongVolume                         the kernel's disk shows another WWID than the volume
 
 No message of any of these ever contains a CHAP secret: they are built from names, fields and
 values that never include :class:`~pyiscsi_failover.credentials.Secret` contents.
@@ -54,6 +56,7 @@ __all__ = [
     "InvalidName",
     "InvalidPortal",
     "IscsiadmError",
+    "IscsiadmUnavailable",
     "LedgerError",
     "LocalProtocolError",
     "LoginFailed",
@@ -69,6 +72,7 @@ __all__ = [
     "TargetAuthenticationError",
     "TextError",
     "Unreachable",
+    "WrongVolume",
 ]
 
 
@@ -250,6 +254,11 @@ class IscsiadmError(ISCSIError):
         self.command = command
 
 
+class IscsiadmUnavailable(IscsiadmError):
+    """iscsiadm cannot be run at all (not installed, not executable): no candidate can be
+    handed off, so attach stops rather than trying the next one."""
+
+
 class LedgerError(ISCSIError):
     """The ledger of node records pyiscsi-failover created cannot be read, parsed or written.
 
@@ -270,4 +279,17 @@ class DeviceTimeout(ISCSIError, TimeoutError):
 
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)
+        self.path = path
+
+
+class WrongVolume(ISCSIError):
+    """The kernel's disk shows another WWID than the volume's: the wrong LUN was attached.
+
+    ``expected`` is the WWID the probe pinned, ``found`` what sysfs shows for ``path``.
+    """
+
+    def __init__(self, message: str, *, expected: str, found: str, path: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.found = found
         self.path = path

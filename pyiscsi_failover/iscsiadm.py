@@ -54,6 +54,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -77,18 +78,32 @@ from pyiscsi_failover.errors import (
     InvalidName,
     InvalidPortal,
     IscsiadmError,
+    IscsiadmUnavailable,
     LedgerError,
     LocalProtocolError,
     PDUEncodeError,
+    WrongVolume,
 )
 from pyiscsi_failover.names import Portal, validate_iscsi_name
 from pyiscsi_failover.protocol.chap import ChapAlgorithm
 from pyiscsi_failover.protocol.negotiation import Digest
 from pyiscsi_failover.protocol.scsi import by_path_lun, lun_for_addressing
+from pyiscsi_failover.sysfs import (
+    SYS_ROOT,
+    KernelSession,
+    block_device_of,
+    delete_disk,
+    disk_wwid,
+    find_session,
+    scan_lun,
+    session_disks,
+    set_recovery_timeout,
+)
 
 __all__ = [
     "DEFAULT_LEDGER_PATH",
     "DELETE_MODES",
+    "DETACH_RECOVERY_TIMEOUT",
     "DEVICE_POLL_INTERVAL",
     "LEDGER_LOCK_TIMEOUT",
     "AttachResult",
@@ -487,6 +502,7 @@ def _setup_plan(t: NodeTarget, *, create: bool) -> list[Command]:
     return [
         *first,
         node_update(t, "node.startup", "manual"),
+        node_update(t, "node.session.scan", "manual"),
         *_digest_updates(t),
         *_auth_updates(t),
     ]
@@ -497,7 +513,10 @@ def handoff_plan(t: NodeTarget, *, create: bool = True) -> list[Command]:
 
     ``create=False`` leaves out ``-o new``, for a record that already exists (``-o new`` would
     reset it). ``node.startup`` is set to ``manual``: failover, not boot, decides what to log in.
-    The digests and CHAP algorithms are written when ``t`` carries them (see :class:`NodeTarget`).
+    ``node.session.scan`` is ``manual`` too: the kernel then makes a disk of no LUN by itself,
+    and :func:`attach` scans the volume's LUN alone (as os-brick does), so that a target shared
+    by many volumes gives this host only the disks it attached. The digests and CHAP algorithms
+    are written when ``t`` carries them (see :class:`NodeTarget`).
     """
     return [*_setup_plan(t, create=create), node_login(t)]
 
@@ -603,7 +622,7 @@ class Iscsiadm:
             ) from None
         except OSError as exc:
             # No chaining: the OSError is harmless, but nothing here needs to travel with argv.
-            raise IscsiadmError(
+            raise IscsiadmUnavailable(
                 f"cannot run {self.binary!r}: {exc.strerror or type(exc).__name__}: {masked}",
                 exit_code=None,
                 command=masked,
@@ -1007,6 +1026,7 @@ class RecordFate(enum.Enum):
     KEPT_NOT_OURS = "kept_not_ours"
     KEPT_SHARED = "kept_shared"
     KEPT_ON_REQUEST = "kept_on_request"
+    KEPT_IN_USE = "kept_in_use"
 
     @property
     def description(self) -> str:
@@ -1021,28 +1041,120 @@ _FATES: Final[dict[RecordFate, str]] = {
     RecordFate.KEPT_SHARED: "record kept: another record has the same IQN and address, and "
     "iscsiadm would delete both",
     RecordFate.KEPT_ON_REQUEST: "record kept, as asked",
+    RecordFate.KEPT_IN_USE: "session and record kept: other LUNs of the target are in use; "
+    "only this LUN's disk was removed",
 }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DetachResult:
-    """A finished detach: what became of the node record, and the masked commands run."""
+    """A finished detach: what became of the node record, the disk removed on its own (when the
+    session stays for other LUNs), and the masked commands run."""
 
     record: RecordFate
     commands: tuple[str, ...] = field(default=())
+    removed_disk: str | None = None
 
 
-async def _wait_for_device(path: Path, *, seconds: float) -> None:
-    """Return once ``path`` exists; :class:`DeviceTimeout` after ``seconds``."""
+async def _wait_for_device(
+    t: NodeTarget, path: Path, *, seconds: float, sys_root: Path
+) -> KernelSession | None:
+    """Return once ``path`` exists, scanning ``t``'s LUN in its session once the session is in
+    sysfs; :class:`DeviceTimeout` after ``seconds``. Returns the session scanned, if any."""
+    scanned: KernelSession | None = None
     with trio.move_on_after(seconds) as waiting:
         # Polling is deliberate: the kernel and udev give us nothing to await. A stat on
         # devtmpfs does not block in practice, so it runs in the event loop, not in a thread.
-        while not path.exists():  # noqa: ASYNC110, ASYNC240
+        while not path.exists():  # noqa: ASYNC240
+            if scanned is None:
+                scanned = _scan(t, sys_root)
             await trio.sleep(DEVICE_POLL_INTERVAL)
     if waiting.cancelled_caught:
         raise DeviceTimeout(
             f"logged in, but {path} did not appear within {seconds:g} s", path=str(path)
         )
+    return scanned
+
+
+def _scan(t: NodeTarget, sys_root: Path) -> KernelSession | None:
+    """Ask the kernel for ``t``'s LUN (``node.session.scan`` is manual); None until its session
+    shows in sysfs."""
+    session = find_session(t.portal, t.iqn, sys_root=sys_root)
+    if session is None:
+        return None
+    try:
+        scan_lun(session, t.linux_lun, sys_root=sys_root)
+    except OSError as exc:
+        logger.warning("cannot scan LUN %d of %s: %s", t.linux_lun, session.name, _reason(exc))
+    return session
+
+
+def _check_volume(device: Path, expect_wwid: str | None, sys_root: Path) -> None:
+    """The kernel's disk must be the volume the probe saw (:class:`WrongVolume`)."""
+    if expect_wwid is None:
+        return
+    found = disk_wwid(block_device_of(device), sys_root=sys_root)
+    if found is None:
+        logger.warning("%s shows no WWID; cannot check it is %s", device, expect_wwid)
+        return
+    if found.lower() != expect_wwid.lower():
+        raise WrongVolume(
+            f"{device} is {found}, not the volume {expect_wwid}: wrong LUN at this portal?",
+            expected=expect_wwid,
+            found=found,
+            path=str(device),
+        )
+
+
+#: The record's login bounds a hand-off sets for its own login, then puts back.
+_LOGIN_TIMEOUT: Final = "node.conn[0].timeo.login_timeout"
+_LOGIN_RETRIES: Final = "node.session.initial_login_retry_max"
+_RECORD_LINE: Final = re.compile(r"^\s*(\S+)\s*=\s*(.*?)\s*$")
+
+
+def _record_values(text: str) -> dict[str, str]:
+    """``name = value`` lines of ``iscsiadm -m node -T ... -p ...`` (the first record's)."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# END RECORD"):
+            break
+        match = _RECORD_LINE.match(line)
+        if match is not None:
+            values.setdefault(match.group(1), match.group(2))
+    return values
+
+
+def _login_bounds(
+    t: NodeTarget, record: str, seconds: float
+) -> tuple[list[Command], list[Command]]:
+    """The updates that make the next login one try of at most ``seconds`` (rounded up, as the
+    record holds whole seconds), and those that put the record's values back afterwards, so
+    that later recovery logins keep open-iscsi's settings."""
+    values = _record_values(record)
+    bound = [
+        node_update(t, _LOGIN_TIMEOUT, str(max(1, math.ceil(seconds)))),
+        node_update(t, _LOGIN_RETRIES, "1"),
+    ]
+    restore = [
+        node_update(t, name, values[name])
+        for name in (_LOGIN_TIMEOUT, _LOGIN_RETRIES)
+        if values.get(name, "").isdigit()
+    ]
+    return bound, restore
+
+
+async def _run_quietly(iscsiadm: Iscsiadm, commands: Sequence[Command], ran: list[str]) -> None:
+    """Best effort, shielded: failures are logged, never raised."""
+    with trio.CancelScope(shield=True):
+        for cmd in commands:
+            try:
+                result = await iscsiadm.run(cmd)
+            except IscsiadmError as exc:
+                logger.warning("%s", exc)
+                continue
+            ran.append(result.command)
+            if result.exit_code != IscsiadmExit.SUCCESS:
+                logger.warning("%s", result.error())
 
 
 _GONE_OK: Final = (IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND)
@@ -1105,12 +1217,22 @@ async def attach(
     device_timeout: float = 20.0,
     dev_root: Path = Path("/dev/disk/by-path"),
     ledger: RecordLedger | None = None,
+    login_timeout: float | None = None,
+    expect_wwid: str | None = None,
+    sys_root: Path = SYS_ROOT,
 ) -> AttachResult:
-    """Create or update the node record, log in, and wait for the disk to appear.
+    """Create or update the node record, log in, scan the LUN and wait for its disk.
 
-    A login that finds the session already there (exit 15) counts as success. On any failure
-    (or cancellation) we undo only what we did: log out a session we logged in, delete a record
-    we created. A record that existed before is left in place (with our settings applied).
+    A login that finds the session already there (exit 15) counts as success: another volume of
+    the same target uses it, and only this LUN is scanned (the record's ``node.session.scan`` is
+    manual; see :func:`handoff_plan`). ``login_timeout`` bounds this login to one try of that
+    many seconds (``node.conn[0].timeo.login_timeout``, ``node.session.initial_login_retry_max``
+    = 1), and the record's own values are put back after it. ``expect_wwid`` is the WWID the
+    probe saw (``naa.6...``): a disk that shows another in sysfs is :class:`WrongVolume`.
+
+    On any failure (or cancellation) we undo only what we did: remove a disk we scanned into a
+    session that was already there, log out a session we logged in, delete a record we created.
+    A record that existed before is left in place (with our settings applied).
 
     A record we created is noted in the ``ledger`` (by default ``RecordLedger()``, at
     :data:`DEFAULT_LEDGER_PATH`) when the attach succeeds, after the disk appeared, so that
@@ -1118,8 +1240,8 @@ async def attach(
     between; once the note is written nothing can cancel the success. The ledger is read before
     any iscsiadm command runs, so a broken one changes nothing; one that cannot be written at the
     end (or whose lock stays busy) undoes the attach like any other failure.
-    Raises :class:`IscsiadmError`, :class:`DeviceTimeout` when the disk does not appear, or
-    :class:`LedgerError`.
+    Raises :class:`IscsiadmError`, :class:`DeviceTimeout` when the disk does not appear,
+    :class:`WrongVolume`, or :class:`LedgerError`.
     """
     ledger = RecordLedger() if ledger is None else ledger
     ledger.entries()  # a broken ledger stops us before anything changes
@@ -1135,22 +1257,38 @@ async def attach(
     # Set from the moment we send --login: a login that failed late or was killed by our
     # timeout may still leave a session behind, and logging out of none is harmless (exit 21).
     may_have_session = False
+    scanned_into: str | None = None  # a disk we added to a session that was already there
     try:
         for cmd in _setup_plan(t, create=created):
             ran.append((await iscsiadm.check(cmd)).command)
+        restore: list[Command] = []
+        if login_timeout is not None:
+            record = shown.stdout if not created else (await iscsiadm.check(node_show(t))).stdout
+            bound, restore = _login_bounds(t, record, login_timeout)
+            for cmd in bound:
+                ran.append((await iscsiadm.check(cmd)).command)
         may_have_session = True
-        login = await iscsiadm.check(
-            node_login(t), ok=(IscsiadmExit.SUCCESS, IscsiadmExit.SESS_EXISTS)
-        )
-        ran.append(login.command)
+        try:
+            login = await iscsiadm.check(
+                node_login(t), ok=(IscsiadmExit.SUCCESS, IscsiadmExit.SESS_EXISTS)
+            )
+            ran.append(login.command)
+        finally:
+            await _run_quietly(iscsiadm, restore, ran)
         session_existed = login.exit_code == IscsiadmExit.SESS_EXISTS
         # Never log out of a session someone else made.
         may_have_session = not session_existed
         device = Path(dev_root) / by_path_name(t)
-        await _wait_for_device(device, seconds=device_timeout)
+        existed = device.exists()
+        await _wait_for_device(t, device, seconds=device_timeout, sys_root=sys_root)
+        if session_existed and not existed:
+            scanned_into = block_device_of(device)
+        _check_volume(device, expect_wwid, sys_root)
         if created:
             await ledger.add_async(t)
     except BaseException:
+        if scanned_into is not None:
+            _delete_disk_quietly(scanned_into, sys_root)
         gone = await _undo(t, iscsiadm, logout=may_have_session, delete=created, ran=ran)
         if created:
             await _settle_ledger(ledger, t, gone=gone)
@@ -1161,12 +1299,39 @@ async def attach(
     )
 
 
+def _delete_disk_quietly(block: str, sys_root: Path) -> None:
+    try:
+        delete_disk(block, sys_root=sys_root)
+    except OSError as exc:
+        logger.warning("cannot remove disk %s: %s", block, _reason(exc))
+
+
 async def _delete(t: NodeTarget, iscsiadm: Iscsiadm, ran: list[str]) -> RecordFate:
     deleted = await iscsiadm.check(node_delete(t), ok=_GONE_OK)
     ran.append(deleted.command)
     if deleted.exit_code == IscsiadmExit.NO_OBJS_FOUND:
         return RecordFate.ALREADY_GONE
     return RecordFate.DELETED
+
+
+#: Seconds a session whose portal is gone may still wait for it once detach logs it out.
+DETACH_RECOVERY_TIMEOUT: Final = 5
+
+
+def _detach_one_disk(t: NodeTarget, block: str | None, sys_root: Path) -> DetachResult:
+    """Remove ``t``'s disk from a session other LUNs still use; keep session and record."""
+    if block is not None:
+        try:
+            delete_disk(block, sys_root=sys_root)
+        except OSError as exc:
+            raise IscsiadmError(
+                f"cannot remove disk {block} of {t.iqn} LUN {t.linux_lun}: {_reason(exc)}",
+                exit_code=None,
+                command=f"echo 1 > /sys/block/{block}/device/delete",
+            ) from None
+    fate = RecordFate.KEPT_IN_USE
+    logger.info("detached %s LUN %d at %s: %s", t.iqn, t.linux_lun, portal_argument(t), fate)
+    return DetachResult(record=fate, removed_disk=block)
 
 
 #: Type of :func:`detach`'s ``delete``: which node records it deletes.
@@ -1195,8 +1360,16 @@ async def detach(
     delete: DeleteMode = "if_ours",
     ledger: RecordLedger | None = None,
     delete_record: bool | None = None,
+    sys_root: Path = SYS_ROOT,
+    recovery_timeout: int = DETACH_RECOVERY_TIMEOUT,
 ) -> DetachResult:
     """Log out of ``t``, then delete its node record as ``delete`` says.
+
+    When the kernel's session to ``t`` also carries other LUNs (volumes that share the target),
+    only this LUN's disk is removed (``/sys/block/sdX/device/delete``); the session and the
+    record stay (:attr:`RecordFate.KEPT_IN_USE`). A session whose portal is gone (not
+    ``LOGGED_IN``) first gets its ``recovery_tmo`` cut to ``recovery_timeout`` seconds, so that
+    the logout does not wait out open-iscsi's replacement timeout (120 s by default).
 
     ``delete="if_ours"`` (the default) deletes the record only if the ``ledger`` (by default
     ``RecordLedger()``) says :func:`attach` created it; any other record is kept
@@ -1217,6 +1390,16 @@ async def detach(
     mode = _delete_mode(delete, delete_record)
     ledger = RecordLedger() if ledger is None else ledger
     listed = ledger.is_ours(t)  # a broken ledger stops us before anything changes
+    session = find_session(t.portal, t.iqn, sys_root=sys_root)
+    if session is not None:
+        disks = session_disks(session, sys_root=sys_root)
+        if any(lun != t.linux_lun for lun in disks):
+            return _detach_one_disk(t, disks.get(t.linux_lun), sys_root)
+        if session.state != "LOGGED_IN":
+            try:
+                set_recovery_timeout(session, recovery_timeout, sys_root=sys_root)
+            except OSError as exc:
+                logger.warning("cannot shorten %s's recovery timeout: %s", session.name, exc)
     logout = await iscsiadm.check(
         node_logout(t),
         ok=(IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND, IscsiadmExit.SESS_NOT_FOUND),

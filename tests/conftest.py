@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
+from fakes import fake  # noqa: F401 (shared fixture: the fake iscsiadm)
 from hypothesis import settings
 from peers import Tgtd, TgtdStarter
 

@@ -940,6 +940,7 @@ def test_attach_dry_run_prints_masked_commands_and_runs_none(
     assert plan == [
         f"    {node} -o new",
         f"    {node} -o update -n node.startup -v manual",
+        f"    {node} -o update -n node.session.scan -v manual",
         f"    {node} -o update -n 'node.conn[0].iscsi.HeaderDigest' -v None",
         f"    {node} -o update -n 'node.conn[0].iscsi.DataDigest' -v None",
         f"    {node} -o update -n node.session.auth.authmethod -v CHAP",
@@ -983,11 +984,25 @@ def test_attach_runs_iscsiadm_and_finds_the_disk(
     attached = body["attach"]
     assert attached["device"] == str(device)
     assert (attached["created_record"], attached["session_existed"]) == (True, False)
-    assert attached["commands"][-1] == f"iscsiadm -m node -T {CHAP_IQN} -p {chap} --login"
-    assert fake.ops() == ["show", "new", *["update"] * 7, "login"]
+    assert f"iscsiadm -m node -T {CHAP_IQN} -p {chap} --login" in attached["commands"]
+    # The record is set up, its login bounded to one try of the probe's budget, then its own
+    # login settings put back.
+    bounds = ["show", "update", "update"]
+    assert fake.ops() == ["show", "new", *["update"] * 8, *bounds, "login", "update", "update"]
+    bound = [argv[-4:] for argv in fake.argvs()[11:13]]
+    assert bound == [
+        ["-n", "node.conn[0].timeo.login_timeout", "-v", "7"],  # 2 s + 5 s (FAST)
+        ["-n", "node.session.initial_login_retry_max", "-v", "1"],
+    ]
+    restored = [argv[-4:] for argv in fake.argvs()[14:16]]
+    assert restored == [
+        ["-n", "node.conn[0].timeo.login_timeout", "-v", "15"],
+        ["-n", "node.session.initial_login_retry_max", "-v", "8"],
+    ]
+    assert [h["outcome"] for h in body["handoffs"]] == ["attached"]
     # iscsiadm got the real secret (the fake logs only its hash); we printed none.
     digest = "sha256:" + hashlib.sha256(SECRET.encode()).hexdigest()
-    assert fake.argvs()[8][-1] == digest
+    assert fake.argvs()[9][-1] == digest
     assert fake.saved()["sessions"] == [f"{CHAP_IQN} {chap}"]
     # The record we made is noted, with no secret and no CHAP name; the file is ours alone.
     ledger = json.loads(state_file.read_text())

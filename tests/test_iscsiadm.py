@@ -19,12 +19,12 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from fakes import Fake
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -77,7 +77,6 @@ from pyiscsi_failover.protocol.negotiation import Digest
 IQN = "iqn.2010-10.org.openstack:volume-0001"
 SECRET = "Zebra-Quartz-9137-secret"
 SECRET_IN = "Mutual-Walrus-5521-secret"
-FAKE = Path(__file__).parent / "fake_iscsiadm" / "iscsiadm"
 
 
 def target(**changes: object) -> NodeTarget:
@@ -171,6 +170,7 @@ def test_handoff_plan_without_chap_golden() -> None:
     assert plan == [
         (*NODE, "-o", "new"),
         (*NODE, "-o", "update", "-n", "node.startup", "-v", "manual"),
+        (*NODE, "-o", "update", "-n", "node.session.scan", "-v", "manual"),
         (*NODE, "-o", "update", "-n", "node.session.auth.authmethod", "-v", "None"),
         (*NODE, "--login"),
     ]
@@ -183,6 +183,7 @@ def test_handoff_plan_with_mutual_chap_golden() -> None:
     assert [c.argv for c in plan] == [
         (*NODE, "-o", "new"),
         (*update, "node.startup", "-v", "manual"),
+        (*update, "node.session.scan", "-v", "manual"),
         (*update, "node.session.auth.authmethod", "-v", "CHAP"),
         (*update, "node.session.auth.username", "-v", "alice"),
         (*update, "node.session.auth.password", "-v", SECRET),
@@ -190,13 +191,14 @@ def test_handoff_plan_with_mutual_chap_golden() -> None:
         (*update, "node.session.auth.password_in", "-v", SECRET_IN),
         (*NODE, "--login"),
     ]
-    assert [c.secrets for c in plan][4:7] == [(Secret(SECRET),), (), (Secret(SECRET_IN),)]
+    assert [c.secrets for c in plan][5:8] == [(Secret(SECRET),), (), (Secret(SECRET_IN),)]
 
 
 def test_handoff_plan_for_an_existing_record_skips_new() -> None:
     plan = handoff_plan(chap_target(), create=False)
     assert [c.argv[7:] for c in plan] == [
         ("-o", "update", "-n", "node.startup", "-v", "manual"),
+        ("-o", "update", "-n", "node.session.scan", "-v", "manual"),
         ("-o", "update", "-n", "node.session.auth.authmethod", "-v", "CHAP"),
         ("-o", "update", "-n", "node.session.auth.username", "-v", "alice"),
         ("-o", "update", "-n", "node.session.auth.password", "-v", SECRET),
@@ -214,6 +216,7 @@ def test_handoff_plan_writes_what_the_probe_proved_golden() -> None:
     assert [c.argv for c in handoff_plan(t)] == [
         (*NODE, "-o", "new"),
         (*update, "node.startup", "-v", "manual"),
+        (*update, "node.session.scan", "-v", "manual"),
         (*update, "node.conn[0].iscsi.HeaderDigest", "-v", "CRC32C"),
         (*update, "node.conn[0].iscsi.DataDigest", "-v", "None"),
         (*update, "node.session.auth.authmethod", "-v", "CHAP"),
@@ -246,6 +249,7 @@ def test_digests_alone_and_without_chap_golden() -> None:
     plan = handoff_plan(target(data_digest=Digest.CRC32C), create=False)
     assert [c.argv[7:] for c in plan] == [
         ("-o", "update", "-n", "node.startup", "-v", "manual"),
+        ("-o", "update", "-n", "node.session.scan", "-v", "manual"),
         ("-o", "update", "-n", "node.conn[0].iscsi.DataDigest", "-v", "CRC32C"),
         ("-o", "update", "-n", "node.session.auth.authmethod", "-v", "None"),
         ("--login",),
@@ -285,6 +289,7 @@ def test_dry_run_plan_golden() -> None:
     assert dry_run_plan(chap_target(mutual=True)) == [
         f"{head} -o new",
         f"{head} -o update -n node.startup -v manual",
+        f"{head} -o update -n node.session.scan -v manual",
         f"{head} -o update -n node.session.auth.authmethod -v CHAP",
         f"{head} -o update -n node.session.auth.username -v alice",
         f"{head} -o update -n node.session.auth.password -v ***",
@@ -542,76 +547,12 @@ def test_exit_meaning() -> None:
 
 
 # ---------------------------------------------------------------------------- the fake
-
-
-@dataclass
-class Fake:
-    """One fake iscsiadm installation in a tmp dir: binary, state, log, by-path dir."""
-
-    tmp: Path
-    binary: Path
-    state: Path
-    log: Path
-    dev_root: Path
-    env: dict[str, str]
-
-    def iscsiadm(self, *, timeout: float = 20.0) -> Iscsiadm:
-        return Iscsiadm(binary=self.binary, timeout=timeout, env=self.env)
-
-    def script(self, **codes: int) -> None:
-        self.env["FAKE_ISCSIADM_EXIT"] = json.dumps(codes)
-
-    def device_for(self, t: NodeTarget) -> Path:
-        path = self.dev_root / by_path_name(t)
-        self.env["FAKE_ISCSIADM_DEVICE"] = str(path)
-        return path
-
-    def calls(self) -> list[tuple[str, list[str]]]:
-        """(operation, argv as the fake logged it) for every call so far."""
-        if not self.log.exists():
-            return []
-        lines = [json.loads(line) for line in self.log.read_text().splitlines()]
-        return [(str(c["op"]), [str(a) for a in c["argv"]]) for c in lines]
-
-    def ops(self) -> list[str]:
-        return [op for op, _ in self.calls()]
-
-    def saved(self) -> dict[str, list[str]]:
-        if not (self.state / "state.json").exists():
-            return {"records": [], "sessions": []}
-        loaded: dict[str, list[str]] = json.loads((self.state / "state.json").read_text())
-        return loaded
-
-    def preload(self, *, records: list[str], sessions: Sequence[str] = ()) -> None:
-        (self.state / "state.json").write_text(
-            json.dumps({"records": records, "sessions": list(sessions)})
-        )
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Fake:
-    # A wrapper runs the fake with this interpreter, whatever python3 is on PATH.
-    binary = tmp_path / "bin" / "iscsiadm"
-    binary.parent.mkdir()
-    binary.write_text(
-        f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(FAKE))} "$@"\n'
-    )
-    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
-    state, dev_root = tmp_path / "state", tmp_path / "by-path"
-    state.mkdir()
-    dev_root.mkdir()
-    log = tmp_path / "calls.jsonl"
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "FAKE_ISCSIADM_LOG": str(log),
-        "FAKE_ISCSIADM_STATE": str(state),
-    }
-    return Fake(tmp=tmp_path, binary=binary, state=state, log=log, dev_root=dev_root, env=env)
+# (tests/fakes.py: Fake, and the ``fake`` fixture conftest.py shares)
 
 
 LOCAL = Portal(host="127.0.0.1")
 KEY = f"{IQN} 127.0.0.1:3260"  # how the fake keys a node record
-SETUP_OPS = ["new", "update", "update", "update", "update"]
+SETUP_OPS = ["new", "update", "update", "update", "update", "update"]
 
 
 def local_target(*, mutual: bool = False) -> NodeTarget:
@@ -635,8 +576,8 @@ async def test_attach_success_creates_record_logs_in_and_finds_the_disk(fake: Fa
     assert fake.saved() == {"records": [KEY], "sessions": [KEY]}
     # The fake saw the real secrets (it logs only their hashes) in the right commands.
     argvs = [argv for _, argv in fake.calls()]
-    assert argvs[5][-1] == "sha256:" + hashlib.sha256(SECRET.encode()).hexdigest()
-    assert argvs[7][-1] == "sha256:" + hashlib.sha256(SECRET_IN.encode()).hexdigest()
+    assert argvs[6][-1] == "sha256:" + hashlib.sha256(SECRET.encode()).hexdigest()
+    assert argvs[8][-1] == "sha256:" + hashlib.sha256(SECRET_IN.encode()).hexdigest()
     assert SECRET not in fake.log.read_text()
     assert SECRET not in repr(result)
 
@@ -648,7 +589,7 @@ async def test_attach_updates_an_existing_record_in_place(fake: Fake) -> None:
     with trio.fail_after(30):
         result = await attach(t, iscsiadm=fake.iscsiadm(), dev_root=fake.dev_root)
     assert not result.created_record
-    assert fake.ops() == ["show", "update", "update", "update", "update", "login"]
+    assert fake.ops() == ["show", "update", "update", "update", "update", "update", "login"]
 
 
 async def test_attach_counts_an_existing_session_as_success(fake: Fake) -> None:

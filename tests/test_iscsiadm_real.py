@@ -136,6 +136,7 @@ async def test_node_record_create_update_read_delete(iscsiadm: Iscsiadm, node: N
     assert record["node.conn[0].address"] == node.portal.host
     assert record["node.conn[0].port"] == "3"
     assert record["node.startup"] == "manual"
+    assert record["node.session.scan"] == "manual"
     assert record["node.session.auth.authmethod"] == "CHAP"
     assert record["node.session.auth.username"] == "alice"
     assert record["node.session.auth.username_in"] == "tgt-user"
