@@ -317,6 +317,8 @@ def parse_verdict(stdout: bytes, returncode: int, *, expected: int, stderr: byte
         )
     rows = tuple(sorted(rows, key=lambda row: row.index))
     chosen = _chosen(body.get("chosen"), rows)
+    if chosen is None and any(row.health is Health.OK for row in rows):
+        raise ProbeProcessError("the probe chose none but a candidate passed")
     if (returncode == 0) != (chosen is not None):
         raise ProbeProcessError(
             f"the probe exited {returncode} but chose "
