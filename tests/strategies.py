@@ -1,9 +1,10 @@
 """Hypothesis strategies for every PDU model in :mod:`pyiscsi_failover.protocol.pdu`.
 
-Each strategy yields PDUs the codec accepts (fields in range, ``T`` and ``C`` never both set),
-so ``decode_pdu(encode_pdu(x)) == x`` must hold for all of them. ``data`` lets a test swap in its
-own data segments (e.g. real key=value text); the default is short arbitrary bytes, which keeps
-the padding cases (length % 4) well covered. Import as ``from strategies import pdus``.
+Each strategy yields PDUs the codec accepts (fields in range, ``T`` and ``C`` never both set,
+an R2T's TTT never the reserved tag, a Referenced Task Tag exactly where the function names a
+task), so ``decode_pdu(encode_pdu(x)) == x`` must hold for all of them. ``data`` lets a test
+swap in its own data segments (e.g. real key=value text); the default is short arbitrary bytes,
+which keeps the padding cases (length % 4) well covered. Import as ``from strategies import pdus``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from hypothesis import strategies as st
 
 from pyiscsi_failover.protocol.pdu import (
     ISID,
+    LUN_LENGTH,
     PDU,
+    R2T,
+    RESERVED_TAG,
     LoginRequest,
     LoginResponse,
     LogoutReason,
@@ -25,14 +29,20 @@ from pyiscsi_failover.protocol.pdu import (
     NopOut,
     Reject,
     RejectReason,
+    ScsiDataOut,
     Stage,
     StatusClass,
+    TaskFunction,
+    TaskManagementRequest,
+    TaskManagementResponse,
+    TaskResponseCode,
     TextRequest,
     TextResponse,
 )
 
 __all__ = [
     "PDU_STRATEGIES",
+    "data_outs",
     "data_segments",
     "isids",
     "login_requests",
@@ -42,7 +52,12 @@ __all__ = [
     "nop_ins",
     "nop_outs",
     "pdus",
+    "r2ts",
+    "raw_luns",
     "rejects",
+    "tags",
+    "task_management_requests",
+    "task_management_responses",
     "text_requests",
     "text_responses",
     "u8",
@@ -57,6 +72,16 @@ u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
 
 Data = st.SearchStrategy[bytes]
+
+
+def tags() -> st.SearchStrategy[int]:
+    """Task tags that name a task: any 32-bit value but the all-ones reserved one."""
+    return st.integers(0, RESERVED_TAG - 1)
+
+
+def raw_luns() -> st.SearchStrategy[bytes]:
+    """LUN fields as the SCSI PDUs keep them: 8 raw bytes, any addressing method."""
+    return st.binary(min_size=LUN_LENGTH, max_size=LUN_LENGTH)
 
 
 def data_segments(max_size: int = 96) -> Data:
@@ -214,6 +239,63 @@ def nop_ins(*, data: Data | None = None) -> st.SearchStrategy[NopIn]:
     )
 
 
+def data_outs(*, data: Data | None = None) -> st.SearchStrategy[ScsiDataOut]:
+    """Data-Outs, unsolicited (reserved TTT) or answering an R2T."""
+    return st.builds(
+        ScsiDataOut,
+        itt=u32,
+        expstatsn=u32,
+        datasn=u32,
+        buffer_offset=u32,
+        final=st.booleans(),
+        ttt=st.just(RESERVED_TAG) | u32,
+        lun=raw_luns(),
+        data=data if data is not None else data_segments(),
+    )
+
+
+def r2ts() -> st.SearchStrategy[R2T]:
+    return st.builds(
+        R2T,
+        itt=u32,
+        ttt=tags(),
+        statsn=u32,
+        expcmdsn=u32,
+        maxcmdsn=u32,
+        r2tsn=u32,
+        desired_length=st.integers(1, 2**32 - 1),
+        buffer_offset=u32,
+        lun=raw_luns(),
+    )
+
+
+@st.composite
+def task_management_requests(draw: st.DrawFn) -> TaskManagementRequest:
+    function = draw(st.sampled_from(TaskFunction))
+    return TaskManagementRequest(
+        function=function,
+        itt=draw(u32),
+        cmdsn=draw(u32),
+        expstatsn=draw(u32),
+        referenced_task_tag=draw(tags()) if function.references_task else RESERVED_TAG,
+        lun=draw(raw_luns()),
+        refcmdsn=draw(u32),
+        expdatasn=draw(u32),
+        immediate=draw(st.booleans()),
+    )
+
+
+def task_management_responses() -> st.SearchStrategy[TaskManagementResponse]:
+    return st.builds(
+        TaskManagementResponse,
+        response=st.sampled_from(TaskResponseCode),
+        itt=u32,
+        statsn=u32,
+        expcmdsn=u32,
+        maxcmdsn=u32,
+    )
+
+
 #: One zero-argument strategy factory per PDU type, for tests parametrised over all of them.
 PDU_STRATEGIES: dict[type[PDU], Callable[[], st.SearchStrategy[PDU]]] = {
     LoginRequest: login_requests,
@@ -225,6 +307,10 @@ PDU_STRATEGIES: dict[type[PDU], Callable[[], st.SearchStrategy[PDU]]] = {
     Reject: rejects,
     NopOut: nop_outs,
     NopIn: nop_ins,
+    ScsiDataOut: data_outs,
+    R2T: r2ts,
+    TaskManagementRequest: task_management_requests,
+    TaskManagementResponse: task_management_responses,
 }
 
 
@@ -240,4 +326,8 @@ def pdus() -> st.SearchStrategy[PDU]:
         rejects(),
         nop_outs(),
         nop_ins(),
+        data_outs(),
+        r2ts(),
+        task_management_requests(),
+        task_management_responses(),
     )

@@ -1,5 +1,6 @@
-"""Typed models of the PDUs an initiator meets: login, discovery, logout, the SCSI task, and
-the events a target reports unasked (Asynchronous Message).
+"""Typed models of the PDUs an initiator meets: login, discovery, logout, the SCSI task (reads,
+writes through R2T and Data-Out, task management), and the events a target reports unasked
+(Asynchronous Message).
 
 These are what the rest of the package sees: frozen dataclasses and IntEnums. The wire format
 lives in :mod:`pyiscsi_failover.protocol.wire` alone (the only module that imports construct),
@@ -21,6 +22,7 @@ __all__ = [
     "ISID",
     "LUN_LENGTH",
     "PDU",
+    "R2T",
     "RESERVED_TAG",
     "AsyncEvent",
     "AsyncMessage",
@@ -38,12 +40,17 @@ __all__ = [
     "RejectReason",
     "ScsiCommand",
     "ScsiDataIn",
+    "ScsiDataOut",
     "ScsiResponse",
     "ScsiResponseCode",
     "ScsiStatus",
     "Stage",
     "StatusClass",
     "TaskAttribute",
+    "TaskFunction",
+    "TaskManagementRequest",
+    "TaskManagementResponse",
+    "TaskResponseCode",
     "TextRequest",
     "TextResponse",
     "sense_data_segment",
@@ -60,15 +67,19 @@ LUN_LENGTH = 8
 class Opcode(enum.IntEnum):
     NOP_OUT = 0x00
     SCSI_COMMAND = 0x01
+    TASK_MANAGEMENT_REQUEST = 0x02
     LOGIN_REQUEST = 0x03
     TEXT_REQUEST = 0x04
+    SCSI_DATA_OUT = 0x05
     LOGOUT_REQUEST = 0x06
     NOP_IN = 0x20
     SCSI_RESPONSE = 0x21
+    TASK_MANAGEMENT_RESPONSE = 0x22
     LOGIN_RESPONSE = 0x23
     TEXT_RESPONSE = 0x24
     SCSI_DATA_IN = 0x25
     LOGOUT_RESPONSE = 0x26
+    R2T = 0x31
     ASYNC_MESSAGE = 0x32
     REJECT = 0x3F
 
@@ -417,6 +428,119 @@ class ScsiDataIn:
     data: bytes = b""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScsiDataOut:
+    """A SCSI Data-Out (opcode 0x05): ``data`` at ``buffer_offset`` of a write's data.
+
+    ``ttt`` is the all-ones reserved tag for unsolicited data (sent without waiting for an
+    R2T), else a copy of the Target Transfer Tag of the R2T it answers; ``lun`` (raw) is then
+    a copy of the R2T's too, and has no meaning with unsolicited data. ``final`` (F) ends a
+    sequence: the unsolicited burst, or the data one R2T asked for; ``datasn`` numbers the
+    PDUs of that sequence from 0.
+    """
+
+    itt: int
+    expstatsn: int
+    datasn: int
+    buffer_offset: int = 0
+    final: bool = False
+    ttt: int = RESERVED_TAG
+    lun: bytes = bytes(LUN_LENGTH)
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class R2T:
+    """A Ready To Transfer (opcode 0x31): the target asks for ``desired_length`` bytes (never
+    0) of the write tagged ``itt``, from ``buffer_offset`` on.
+
+    The Data-Outs that answer carry ``ttt``, which is never the all-ones reserved tag, and
+    ``lun`` (raw). ``r2tsn`` numbers the task's R2Ts from 0. ``statsn`` is the next StatSN,
+    not taken: an R2T does not advance it.
+    """
+
+    itt: int
+    ttt: int
+    statsn: int
+    expcmdsn: int
+    maxcmdsn: int
+    r2tsn: int
+    desired_length: int
+    buffer_offset: int = 0
+    lun: bytes = bytes(LUN_LENGTH)
+
+
+class TaskFunction(enum.IntEnum):
+    """Function of a Task Management Function Request (RFC 7143 11.5.1); 0 and 9-127 are
+    reserved here (RFC 7144's QUERY TASK and friends are not modelled)."""
+
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LOGICAL_UNIT_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    TASK_REASSIGN = 8
+
+    @property
+    def references_task(self) -> bool:
+        """Whether the function acts on the one task its Referenced Task Tag names; every
+        other function carries the all-ones reserved tag there (RFC 7143 11.5.2)."""
+        return self is TaskFunction.ABORT_TASK or self is TaskFunction.TASK_REASSIGN
+
+
+class TaskResponseCode(enum.IntEnum):
+    """Response of a Task Management Function Response (RFC 7143 11.6.1); 7-254 are
+    reserved here."""
+
+    FUNCTION_COMPLETE = 0
+    TASK_DOES_NOT_EXIST = 1
+    LUN_DOES_NOT_EXIST = 2
+    TASK_STILL_ALLEGIANT = 3
+    REASSIGNMENT_NOT_SUPPORTED = 4
+    NOT_SUPPORTED = 5
+    AUTHORIZATION_FAILED = 6
+    REJECTED = 255
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskManagementRequest:
+    """A SCSI Task Management Function Request (opcode 0x02).
+
+    ``referenced_task_tag`` is the ITT of the task that ABORT TASK or TASK REASSIGN acts on,
+    and the all-ones reserved tag with every other function (see
+    :attr:`TaskFunction.references_task`; the codec refuses any other pairing). ``lun``,
+    ``refcmdsn`` and ``expdatasn`` are kept raw whatever the function: the LUN means something
+    for the functions on one logical unit (ABORT TASK, ABORT TASK SET, CLEAR ACA, CLEAR TASK
+    SET, LOGICAL UNIT RESET), RefCmdSN for ABORT TASK (the CmdSN of the task to abort),
+    ExpDataSN for TASK REASSIGN. Initiators send these as immediate commands, hence the
+    default ``immediate``.
+    """
+
+    function: TaskFunction
+    itt: int
+    cmdsn: int
+    expstatsn: int
+    referenced_task_tag: int = RESERVED_TAG
+    lun: bytes = bytes(LUN_LENGTH)
+    refcmdsn: int = 0
+    expdatasn: int = 0
+    immediate: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskManagementResponse:
+    """A SCSI Task Management Function Response (opcode 0x22): how the request tagged ``itt``
+    ended. It advances StatSN."""
+
+    response: TaskResponseCode
+    itt: int
+    statsn: int
+    expcmdsn: int
+    maxcmdsn: int
+
+
 class AsyncEvent(enum.IntEnum):
     """AsyncEvent of an Asynchronous Message (RFC 7143 11.9.1); 5-254 are reserved."""
 
@@ -513,5 +637,9 @@ PDU: TypeAlias = (
     | ScsiCommand
     | ScsiResponse
     | ScsiDataIn
+    | ScsiDataOut
+    | R2T
+    | TaskManagementRequest
+    | TaskManagementResponse
     | AsyncMessage
 )

@@ -17,12 +17,12 @@ reserved *code value* in a defined field is a protocol error):
   reference peer, zeroes them, but nothing is gained by dropping a login over one.
 * Fixed values are checked on receipt: the opcode, ``I`` = 1 in a Login Request (RFC 7143
   11.12: "always 1"), ``F`` = 1 in the single-PDU types (Logout, NOP, Reject, Asynchronous
-  Message) and the all-ones ITT of a Reject and of an Asynchronous Message. Every target we
-  know sets them; a peer that does not is confused.
+  Message, R2T, Task Management) and the all-ones ITT of a Reject and of an Asynchronous
+  Message. Every target we know sets them; a peer that does not is confused.
 * Reserved code values are errors: an unknown opcode, stage 2 in CSG or NSG (also when ``T`` = 0,
   since the model must hold a real stage), Status-Class above 3, an unknown logout reason,
-  logout response or reject reason, AsyncEvent 5-254. ``T`` and ``C`` both set in a Login PDU
-  is an error too.
+  logout response or reject reason, task management function or response, AsyncEvent 5-254.
+  ``T`` and ``C`` both set in a Login PDU is an error too.
 * Status-Detail may be any byte (the model keeps the raw value). ISID type 3 (reserved) is let
   through: the model carries it and the initiator compares the echoed ISID anyway.
 * Padding bytes are ignored on receipt (the data digest still covers them as received).
@@ -49,6 +49,24 @@ encode and decode, so a model that decodes also encodes to the same bytes:
   than GOOD, CONDITION MET or INTERMEDIATE(-CONDITION MET) with S: any other needs a Response,
   which alone can carry sense. Without S the Status byte is reserved and ignored. O with U is an
   error. StatSN, O/U and the residual are kept raw whatever S says (meaningful only with S).
+
+Writes and task management (RFC 7143 11.5, 11.6, 11.7, 11.8), checked both ways as well:
+
+* SCSI Data-Out carries no rule between its fields: the TTT is the all-ones tag for
+  unsolicited data or an R2T's, and the LUN (raw) means something only with the latter.
+* R2T: byte 1 bit 7 is fixed at 1. The TTT must not be the all-ones tag ("MUST NOT be sent by
+  a target in an R2T") and the Desired Data Transfer Length must not be 0; both are errors.
+* Task Management Function Request: ``F`` is fixed at 1. Function 0 and 9-127 are reserved,
+  so errors (RFC 7144 defines 9-12 and the Response 7 that goes with them; this codec does not
+  model them). The Referenced Task Tag names a task exactly for ABORT TASK and TASK REASSIGN;
+  with any other function it must be the all-ones tag ("MUST be set to the reserved value"),
+  and with those two it must not be: either mismatch is an error on ReferencedTaskTag. The
+  LUN, RefCmdSN and ExpDataSN are kept raw whatever the function, each being reserved for
+  some. TASK REASSIGN's other conditions (ErrorRecoveryLevel 2, a logged-out connection) are
+  session state, not the codec's.
+* Task Management Function Response: byte 1 bit 7 is fixed at 1; Response 7-254 is reserved,
+  so an error.
+* R2T and the two Task Management PDUs carry no data segment: one is an error, as for Logout.
 
 Asynchronous Message (RFC 7143 11.9), which a target may send at any time in the Full Feature
 Phase:
@@ -111,6 +129,7 @@ from pyiscsi_failover.protocol.pdu import (
     ISID,
     LUN_LENGTH,
     PDU,
+    R2T,
     RESERVED_TAG,
     AsyncEvent,
     AsyncMessage,
@@ -127,12 +146,17 @@ from pyiscsi_failover.protocol.pdu import (
     RejectReason,
     ScsiCommand,
     ScsiDataIn,
+    ScsiDataOut,
     ScsiResponse,
     ScsiResponseCode,
     ScsiStatus,
     Stage,
     StatusClass,
     TaskAttribute,
+    TaskFunction,
+    TaskManagementRequest,
+    TaskManagementResponse,
+    TaskResponseCode,
     TextRequest,
     TextResponse,
 )
@@ -186,6 +210,8 @@ _CSG_SHIFT: Final = 2
 _STAGE: Final = 0x03
 #: Byte 1 of a Logout Request: the reason code below ``F``.
 _REASON_CODE: Final = 0x7F
+#: Byte 1 of a Task Management Function Request: the function below ``F``.
+_FUNCTION: Final = 0x7F
 #: Byte 1 of a SCSI Command: ``R`` (read), ``W`` (write) and ``ATTR`` (task attribute).
 _READ: Final = 0x40
 _WRITE: Final = 0x20
@@ -400,6 +426,59 @@ _SCSI_DATA_IN: Final = _bhs(
         "ResidualCount" / Int32ub,
     ),
 )
+_SCSI_DATA_OUT: Final = _bhs(
+    (Padding(2),),
+    (
+        "LUN" / Bytes(LUN_LENGTH),
+        "InitiatorTaskTag" / Int32ub,
+        "TargetTransferTag" / Int32ub,
+        Padding(4),
+        "ExpStatSN" / Int32ub,
+        Padding(4),
+        "DataSN" / Int32ub,
+        "BufferOffset" / Int32ub,
+        Padding(4),
+    ),
+)
+_R2T: Final = _bhs(
+    (Padding(2),),
+    (
+        "LUN" / Bytes(LUN_LENGTH),
+        "InitiatorTaskTag" / Int32ub,
+        "TargetTransferTag" / Int32ub,
+        "StatSN" / Int32ub,
+        "ExpCmdSN" / Int32ub,
+        "MaxCmdSN" / Int32ub,
+        "R2TSN" / Int32ub,
+        "BufferOffset" / Int32ub,
+        "DesiredDataTransferLength" / Int32ub,
+    ),
+)
+_TASK_MANAGEMENT_REQUEST: Final = _bhs(
+    (Padding(2),),
+    (
+        "LUN" / Bytes(LUN_LENGTH),
+        "InitiatorTaskTag" / Int32ub,
+        "ReferencedTaskTag" / Int32ub,
+        "CmdSN" / Int32ub,
+        "ExpStatSN" / Int32ub,
+        "RefCmdSN" / Int32ub,
+        "ExpDataSN" / Int32ub,
+        Padding(8),
+    ),
+)
+_TASK_MANAGEMENT_RESPONSE: Final = _bhs(
+    ("Response" / Int8ub, Padding(1)),
+    (
+        Padding(8),
+        "InitiatorTaskTag" / Int32ub,
+        Padding(4),
+        "StatSN" / Int32ub,
+        "ExpCmdSN" / Int32ub,
+        "MaxCmdSN" / Int32ub,
+        Padding(12),
+    ),
+)
 
 _ASYNC_MESSAGE: Final = _bhs(
     (Padding(2),),
@@ -431,7 +510,7 @@ class _FixedBit:
 
 #: ``I`` of a Login Request.
 _ALWAYS_IMMEDIATE: Final = _FixedBit(("Byte0", "I"), 0, _IMMEDIATE)
-#: ``F`` of a Logout Request and of the single-PDU types.
+#: ``F`` of a Logout Request, an R2T, the Task Management PDUs and the single-PDU types.
 _ALWAYS_FINAL: Final = _FixedBit(("Byte1", "F"), 1, _FINAL)
 
 
@@ -1060,6 +1139,152 @@ def _scsi_data_in_out(h: _Fields, data: bytes) -> ScsiDataIn:
     )
 
 
+def _scsi_data_out_in(p: ScsiDataOut) -> tuple[dict[str, Any], bytes]:
+    return {
+        "Byte0": _byte0(Opcode.SCSI_DATA_OUT),
+        "Byte1": _FINAL if p.final else 0,
+        "LUN": _raw_lun(p.lun),
+        "InitiatorTaskTag": p.itt,
+        "TargetTransferTag": p.ttt,
+        "ExpStatSN": p.expstatsn,
+        "DataSN": p.datasn,
+        "BufferOffset": p.buffer_offset,
+    }, p.data
+
+
+def _scsi_data_out_out(h: _Fields, data: bytes) -> ScsiDataOut:
+    return ScsiDataOut(
+        itt=h["InitiatorTaskTag"],
+        expstatsn=h["ExpStatSN"],
+        datasn=h["DataSN"],
+        buffer_offset=h["BufferOffset"],
+        final=bool(h["Byte1"] & _FINAL),
+        ttt=h["TargetTransferTag"],
+        lun=h["LUN"],
+        data=data,
+    )
+
+
+def _r2t_checks(ttt: object, desired_length: object) -> None:
+    """RFC 7143 11.8: an R2T carries a TTT of its own and asks for at least one byte."""
+    if ttt == RESERVED_TAG:
+        raise _FieldProblem(
+            ("TargetTransferTag",), ttt, "an R2T never carries the reserved tag 0xffffffff"
+        )
+    if desired_length == 0:
+        raise _FieldProblem(
+            ("DesiredDataTransferLength",), desired_length, "an R2T asks for at least one byte"
+        )
+
+
+def _r2t_in(p: R2T) -> tuple[dict[str, Any], bytes]:
+    _r2t_checks(p.ttt, p.desired_length)
+    return {
+        "Byte0": _byte0(Opcode.R2T),
+        "Byte1": _FINAL,
+        "LUN": _raw_lun(p.lun),
+        "InitiatorTaskTag": p.itt,
+        "TargetTransferTag": p.ttt,
+        "StatSN": p.statsn,
+        "ExpCmdSN": p.expcmdsn,
+        "MaxCmdSN": p.maxcmdsn,
+        "R2TSN": p.r2tsn,
+        "BufferOffset": p.buffer_offset,
+        "DesiredDataTransferLength": p.desired_length,
+    }, b""
+
+
+def _r2t_out(h: _Fields, data: bytes) -> R2T:
+    _no_data(data, "R2T")
+    _r2t_checks(h["TargetTransferTag"], h["DesiredDataTransferLength"])
+    return R2T(
+        itt=h["InitiatorTaskTag"],
+        ttt=h["TargetTransferTag"],
+        statsn=h["StatSN"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+        r2tsn=h["R2TSN"],
+        desired_length=h["DesiredDataTransferLength"],
+        buffer_offset=h["BufferOffset"],
+        lun=h["LUN"],
+    )
+
+
+def _referenced_task_check(function: TaskFunction, tag: object) -> None:
+    """RFC 7143 11.5.2: ABORT TASK and TASK REASSIGN name a task (a real ITT), every other
+    function the all-ones reserved tag."""
+    if function.references_task:
+        if tag == RESERVED_TAG:
+            raise _FieldProblem(
+                ("ReferencedTaskTag",),
+                tag,
+                f"{function.name} needs the tag of a task, not the reserved 0xffffffff",
+            )
+    elif tag != RESERVED_TAG:
+        raise _FieldProblem(
+            ("ReferencedTaskTag",),
+            _shown(tag),
+            f"{function.name} names no task: ReferencedTaskTag must be 0xffffffff",
+        )
+
+
+def _task_management_request_in(p: TaskManagementRequest) -> tuple[dict[str, Any], bytes]:
+    function = _to_enum(TaskFunction, p.function, ("Byte1", "Function"))
+    _referenced_task_check(function, p.referenced_task_tag)
+    return {
+        "Byte0": _byte0(Opcode.TASK_MANAGEMENT_REQUEST, immediate=p.immediate),
+        "Byte1": _FINAL | function,
+        "LUN": _raw_lun(p.lun),
+        "InitiatorTaskTag": p.itt,
+        "ReferencedTaskTag": p.referenced_task_tag,
+        "CmdSN": p.cmdsn,
+        "ExpStatSN": p.expstatsn,
+        "RefCmdSN": p.refcmdsn,
+        "ExpDataSN": p.expdatasn,
+    }, b""
+
+
+def _task_management_request_out(h: _Fields, data: bytes) -> TaskManagementRequest:
+    function = _to_enum(TaskFunction, h["Byte1"] & _FUNCTION, ("Byte1", "Function"))
+    _no_data(data, "Task Management Function Request")
+    _referenced_task_check(function, h["ReferencedTaskTag"])
+    return TaskManagementRequest(
+        function=function,
+        itt=h["InitiatorTaskTag"],
+        cmdsn=h["CmdSN"],
+        expstatsn=h["ExpStatSN"],
+        referenced_task_tag=h["ReferencedTaskTag"],
+        lun=h["LUN"],
+        refcmdsn=h["RefCmdSN"],
+        expdatasn=h["ExpDataSN"],
+        immediate=bool(h["Byte0"] & _IMMEDIATE),
+    )
+
+
+def _task_management_response_in(p: TaskManagementResponse) -> tuple[dict[str, Any], bytes]:
+    return {
+        "Byte0": _byte0(Opcode.TASK_MANAGEMENT_RESPONSE),
+        "Byte1": _FINAL,
+        "Response": int(_to_enum(TaskResponseCode, p.response, ("Response",))),
+        "InitiatorTaskTag": p.itt,
+        "StatSN": p.statsn,
+        "ExpCmdSN": p.expcmdsn,
+        "MaxCmdSN": p.maxcmdsn,
+    }, b""
+
+
+def _task_management_response_out(h: _Fields, data: bytes) -> TaskManagementResponse:
+    response = _to_enum(TaskResponseCode, h["Response"], ("Response",))
+    _no_data(data, "Task Management Function Response")
+    return TaskManagementResponse(
+        response=response,
+        itt=h["InitiatorTaskTag"],
+        statsn=h["StatSN"],
+        expcmdsn=h["ExpCmdSN"],
+        maxcmdsn=h["MaxCmdSN"],
+    )
+
+
 def _async_needs_sense(event: AsyncEvent) -> str | None:
     return "a SCSI event (AsyncEvent 0)" if event is AsyncEvent.SCSI_EVENT else None
 
@@ -1154,6 +1379,24 @@ _BY_OPCODE: Final[dict[int, _Codec[Any]]] = {
         ScsiResponse, _SCSI_RESPONSE, (_ALWAYS_FINAL,), _scsi_response_in, _scsi_response_out
     ),
     Opcode.SCSI_DATA_IN: _Codec(ScsiDataIn, _SCSI_DATA_IN, (), _scsi_data_in_in, _scsi_data_in_out),
+    Opcode.SCSI_DATA_OUT: _Codec(
+        ScsiDataOut, _SCSI_DATA_OUT, (), _scsi_data_out_in, _scsi_data_out_out
+    ),
+    Opcode.R2T: _Codec(R2T, _R2T, (_ALWAYS_FINAL,), _r2t_in, _r2t_out),
+    Opcode.TASK_MANAGEMENT_REQUEST: _Codec(
+        TaskManagementRequest,
+        _TASK_MANAGEMENT_REQUEST,
+        (_ALWAYS_FINAL,),
+        _task_management_request_in,
+        _task_management_request_out,
+    ),
+    Opcode.TASK_MANAGEMENT_RESPONSE: _Codec(
+        TaskManagementResponse,
+        _TASK_MANAGEMENT_RESPONSE,
+        (_ALWAYS_FINAL,),
+        _task_management_response_in,
+        _task_management_response_out,
+    ),
     Opcode.ASYNC_MESSAGE: _Codec(
         AsyncMessage, _ASYNC_MESSAGE, (_ALWAYS_FINAL,), _async_message_in, _async_message_out
     ),
