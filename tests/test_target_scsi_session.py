@@ -52,6 +52,8 @@ IQN = "iqn.2024-01.com.example:scsi"
 INITIATOR = "iqn.2024-01.com.example:host"
 PORTAL = PortalConfig(host="127.0.0.1", port=3260)
 LUN0 = encode_sam_lun(0)
+#: A random-format ISID (T=10), as libiscsi and our probes send.
+RANDOM_ISID = ISID(t=2, a=0, b=1, c=2, d=3)
 BLOCK = 512
 
 
@@ -135,7 +137,13 @@ class Initiator:
             return TaskReply(itt=field(raw, 16), response=raw[2], statsn=field(raw, 24))
         return decode_pdu(raw, header_digest=self.digests, data_digest=self.digests)
 
-    def login(self, keys: list[tuple[str, str]] = (), *, digests: bool = False) -> dict[str, str]:  # type: ignore[assignment]
+    def login(
+        self,
+        keys: list[tuple[str, str]] = (),  # type: ignore[assignment]
+        *,
+        digests: bool = False,
+        isid: ISID = RANDOM_ISID,
+    ) -> dict[str, str]:
         pairs = [
             ("InitiatorName", INITIATOR),
             ("SessionType", "Normal"),
@@ -149,7 +157,7 @@ class Initiator:
             cont=False,
             csg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
             nsg=Stage.FULL_FEATURE_PHASE,
-            isid=ISID(t=2, a=0, b=1, c=2, d=3),
+            isid=isid,
             itt=1,
             cmdsn=self.cmdsn,
             expstatsn=0,

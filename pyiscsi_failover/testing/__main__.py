@@ -64,10 +64,24 @@ faults (--fault NAME=FAULT, NAME a portal name or a target IQN):
   redirect-permanent:ADDRESS (ADDRESS may also be a portal name), redirect-loop[:permanent],
   wrong-chap-response, reflect-challenge[:0xHEX|:initiator-secret], downgrade-to-none,
   garbage-key-values[:KEY,...], non-utf8-text, split-text[:CHUNK[:continue|tgt[:login]]],
-  service-unavailable, digests-required[:header|data|both], reject-digests. Socket and
-  timing faults (refuse, blackhole, silent, reset-mid-login, delay, slow-drip) can only be set
-  on a portal. A portal or target may carry several faults of different kinds (repeat --fault),
+  service-unavailable, digests-required[:header|data|both], reject-digests,
+  refuse-isid[:MATCH] (Normal logins whose ISID matches fail with 0x0202). Socket and timing
+  faults (refuse, blackhole, silent, reset-mid-login, delay, slow-drip) can only be set on a
+  portal. A portal or target may carry several faults of different kinds (repeat --fault),
   e.g. --fault A=delay:0.4 --fault A=redirect:B for a slow hop of a redirect chain.
+
+SCSI faults (--fault NAME=FAULT[@LUN[,LUN...]]: on a portal, its sessions; on a target, all
+its sessions; only the LUNs named, or every LUN):
+  lun-missing, hide-from-isid[:MATCH] (missing for sessions whose ISID matches),
+  not-ready[:ASC/ASCQ] (default 04/03), standby (ALUA: NOT READY 04/0B),
+  check-condition[:KEY/ASC/ASCQ] (default 4/44/00), unit-attention[:COUNT[:ASC/ASCQ]] (the
+  first COUNT commands of each session, default 1 and 29/00), reservation-conflict,
+  other-wwid[:WWID] (default: one derived from IQN and LUN), slow-scsi:SECONDS,
+  split-data-in[:BYTES] (Data-In segments, default 8), residual-overflow[:BYTES] (default
+  512). Codes are hex. MATCH: open-iscsi (the default: OUI-format ISIDs 00023d..., the
+  kernel initiator's), oui:0xHHHHHH, or random (random-format ISIDs: libiscsi's, this
+  package's probes'). E.g. --fault B=lun-missing@1 --fault B=unit-attention@0
+  --fault A=hide-from-isid@0.
 
 CHAP:
   --chap USER:SECRET (repeatable) makes every target, and discovery unless
@@ -137,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=FAULT",
-        help="inject FAULT on the portal or target NAME (repeatable; see below)",
+        help="inject FAULT on the portal or target NAME (repeatable; FAULT[@LUNS] for SCSI "
+        "faults; see below)",
     )
     parser.add_argument(
         "--lun",

@@ -24,7 +24,7 @@ from pyiscsi_failover.names import DEFAULT_PORT, Portal, validate_iscsi_name
 from pyiscsi_failover.protocol.chap import DEFAULT_ALGORITHMS, ChapAlgorithm
 from pyiscsi_failover.protocol.negotiation import Digest
 from pyiscsi_failover.protocol.scsi import MAX_FLAT_LUN
-from pyiscsi_failover.testing.faults import Fault, FaultKind, Redirect, find_fault
+from pyiscsi_failover.testing.faults import Fault, FaultKind, LunFault, Redirect, find_fault
 
 __all__ = [
     "BLOCK_SIZES",
@@ -231,10 +231,32 @@ def _check_faults(owner: str, faults: object, *, per_target: bool) -> tuple[Faul
                 f"{owner}: fault {kind.value} acts on sockets or timing and can only be set on "
                 "a portal"
             )
-    kinds = [fault.kind for fault in faults]
-    if len(set(kinds)) != len(kinds):
-        raise LocalProtocolError(f"{owner}: the same fault kind is given twice")
+    for index, fault in enumerate(faults):
+        for other in faults[:index]:
+            if other.kind is fault.kind and not _disjoint_luns(other, fault):
+                raise LocalProtocolError(
+                    f"{owner}: the same fault kind ({fault.kind.value}) is given twice"
+                    + (" for the same LUNs" if isinstance(fault, LunFault) else "")
+                )
     return faults
+
+
+def _disjoint_luns(one: Fault, other: Fault) -> bool:
+    """Two SCSI faults of one kind may share a place if they act on different LUNs."""
+    if not isinstance(one, LunFault) or not isinstance(other, LunFault):
+        return False
+    return one.luns is not None and other.luns is not None and not one.luns & other.luns
+
+
+def _check_fault_luns(owner: str, faults: tuple[Fault, ...], luns: set[int]) -> None:
+    for fault in faults:
+        if isinstance(fault, LunFault) and fault.luns is not None and not fault.luns <= luns:
+            missing = ", ".join(str(lun) for lun in sorted(fault.luns - luns))
+            served = ", ".join(str(lun) for lun in sorted(luns)) or "none"
+            raise LocalProtocolError(
+                f"{owner}: fault {fault.kind.value} names LUN {missing}, which no target "
+                f"served there has (LUNs: {served})"
+            )
 
 
 def _format_host(host: str) -> str:
@@ -432,10 +454,25 @@ class TargetConfig:
             for fault in target.faults:
                 if isinstance(fault, Redirect):
                     self._check_redirect(fault)
+            _check_fault_luns(
+                f"target {target.name}",
+                target.faults,
+                {spec.lun for spec in target.logical_units},
+            )
         for portal in self.portals:
             for fault in portal.faults:
                 if isinstance(fault, Redirect):
                     self._check_redirect(fault)
+            _check_fault_luns(
+                f"portal {portal.name}",
+                portal.faults,
+                {
+                    spec.lun
+                    for target in self.targets
+                    if target.portals is None or portal.name in target.portals
+                    for spec in target.logical_units
+                },
+            )
         if not 512 <= self.max_recv_data_segment_length <= _MAX_24BIT:
             raise LocalProtocolError("max_recv_data_segment_length must be 512..16777215")
         if not 1 <= self.cmd_window <= 0x7FFFFFFF:

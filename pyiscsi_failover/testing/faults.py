@@ -9,10 +9,15 @@ much*. Who carries it out depends on the layer the fault lives in (see :data:`Fa
 * ``PROTOCOL`` faults are applied by the sans-IO :class:`~pyiscsi_failover.testing.target.
   TargetConnection` to the PDUs it builds; the digest faults (``digests-required``,
   ``reject-digests``) also change what it answers to HeaderDigest/DataDigest and which digests
-  it sends and expects after login.
+  it sends and expects after login; ``refuse-isid`` refuses a login by the initiator's ISID;
+* ``SCSI`` faults (:class:`LunFault`) change what some LUNs answer in the Normal sessions
+  through a portal or with a target: a LUN left out, NOT READY, ALUA standby, a unit
+  attention, a reservation conflict, another WWID, a slow reply, Data-In in small pieces, a
+  residual overflow (see :mod:`.scsi_faults`). Each names the LUNs it acts on (``@1,2`` on
+  the command line), or acts on all of them.
 
-Every fault can be set on a portal; protocol faults can also be set on one target (they then
-apply to Normal sessions with that target only). One portal or target may carry several
+Every fault can be set on a portal; protocol and SCSI faults can also be set on one target
+(they then apply to Normal sessions with that target only). One portal or target may carry several
 faults of different kinds: ``delay`` with ``redirect`` makes a slow hop of a redirect chain,
 and two portals redirecting to each other make a loop. :func:`parse_fault` reads the command-line
 spelling (``delay:0.5``, ``redirect:127.0.0.2:3260``...) and ``str(fault)`` gives it back.
@@ -24,13 +29,19 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
-from typing import ClassVar, TypeAlias
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import ClassVar, Final, TypeAlias
 
 from pyiscsi_failover.errors import LocalProtocolError
+from pyiscsi_failover.protocol.isid import ISID
+from pyiscsi_failover.protocol.scsi import MAX_FLAT_LUN, SenseKey
 
 __all__ = [
+    "OPEN_ISCSI_OUI",
     "Blackhole",
+    "CheckCondition",
     "DelayPDUs",
     "DigestsRequired",
     "DowngradeToNone",
@@ -38,20 +49,34 @@ __all__ = [
     "FaultKind",
     "FaultLayer",
     "GarbageKeyValues",
+    "HideFromIsid",
+    "IsidMatch",
+    "LunFault",
+    "LunMissing",
     "MalformedPDU",
     "NonUTF8Text",
+    "NotReady",
+    "OtherWwid",
     "OversizedPDU",
     "Redirect",
     "RedirectLoop",
     "ReflectChallenge",
     "Refuse",
+    "RefuseIsid",
     "RejectDigests",
+    "ReservationConflict",
     "ResetMidLogin",
+    "ResidualOverflow",
+    "ScsiFault",
     "ServiceUnavailable",
     "Silent",
     "SlowDrip",
+    "SlowScsi",
+    "SplitDataIn",
     "SplitStyle",
     "SplitText",
+    "Standby",
+    "UnitAttention",
     "WrongChapResponse",
     "WrongITT",
     "WrongOpcode",
@@ -67,6 +92,7 @@ class FaultLayer(enum.IntEnum):
     SOCKET = 1
     TIMING = 2
     PROTOCOL = 3
+    SCSI = 4
 
 
 class FaultKind(enum.Enum):
@@ -93,6 +119,18 @@ class FaultKind(enum.Enum):
     SERVICE_UNAVAILABLE = "service-unavailable"
     DIGESTS_REQUIRED = "digests-required"
     REJECT_DIGESTS = "reject-digests"
+    REFUSE_ISID = "refuse-isid"
+    LUN_MISSING = "lun-missing"
+    HIDE_FROM_ISID = "hide-from-isid"
+    NOT_READY = "not-ready"
+    STANDBY = "standby"
+    CHECK_CONDITION = "check-condition"
+    UNIT_ATTENTION = "unit-attention"
+    RESERVATION_CONFLICT = "reservation-conflict"
+    OTHER_WWID = "other-wwid"
+    SLOW_SCSI = "slow-scsi"
+    SPLIT_DATA_IN = "split-data-in"
+    RESIDUAL_OVERFLOW = "residual-overflow"
 
     @property
     def layer(self) -> FaultLayer:
@@ -105,12 +143,31 @@ class FaultKind(enum.Enum):
             FaultKind.RESET_MID_LOGIN,
         ):
             return FaultLayer.TIMING
+        if self in _SCSI_KINDS:
+            return FaultLayer.SCSI
         return FaultLayer.PROTOCOL
 
     @property
     def per_target(self) -> bool:
-        """Whether the fault may be set on one target (only protocol faults can)."""
-        return self.layer is FaultLayer.PROTOCOL
+        """Whether the fault may be set on one target (protocol and SCSI faults can)."""
+        return self.layer in (FaultLayer.PROTOCOL, FaultLayer.SCSI)
+
+
+_SCSI_KINDS: Final = frozenset(
+    {
+        FaultKind.LUN_MISSING,
+        FaultKind.HIDE_FROM_ISID,
+        FaultKind.NOT_READY,
+        FaultKind.STANDBY,
+        FaultKind.CHECK_CONDITION,
+        FaultKind.UNIT_ATTENTION,
+        FaultKind.RESERVATION_CONFLICT,
+        FaultKind.OTHER_WWID,
+        FaultKind.SLOW_SCSI,
+        FaultKind.SPLIT_DATA_IN,
+        FaultKind.RESIDUAL_OVERFLOW,
+    }
+)
 
 
 class SplitStyle(enum.Enum):
@@ -357,6 +414,278 @@ class RejectDigests:
     kind: ClassVar[FaultKind] = FaultKind.REJECT_DIGESTS
 
 
+# ---------------------------------------------------------------------------------------------
+# Faults chosen by the initiator's ISID, and SCSI faults
+
+#: The IEEE OUI open-iscsi puts in the ISIDs of its sessions (bytes 0-2: ``00 02 3d``, then
+#: the session number in byte 3 and zeros), so its ISIDs are OUI-format (T = 00).
+OPEN_ISCSI_OUI: Final = 0x00023D
+_OUI_LIMIT: Final = 1 << 22  # T=00 leaves 22 bits (A and B) for the OUI
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IsidMatch:
+    """Which sessions an ISID fault picks, by their ISID (RFC 7143 10.12.5).
+
+    ``oui`` picks OUI-format ISIDs (T = 00) whose first three bytes are that OUI: by default
+    open-iscsi's, 0x00023d, which the kernel initiator's sessions carry (libiscsi and this
+    package's probes use random-format ISIDs, T = 10). ``oui=None`` picks random-format ISIDs
+    instead.
+    """
+
+    oui: int | None = OPEN_ISCSI_OUI
+
+    def __post_init__(self) -> None:
+        oui: object = self.oui
+        if oui is not None and (
+            isinstance(oui, bool) or not isinstance(oui, int) or not 0 <= oui < _OUI_LIMIT
+        ):
+            raise LocalProtocolError(
+                f"an OUI-format ISID holds an OUI below 0x400000 (T=00 takes the top two "
+                f"bits), not {oui!r}"
+            )
+
+    def matches(self, isid: ISID) -> bool:
+        if self.oui is None:
+            return isid.t == 0b10
+        return isid.t == 0b00 and (isid.a << 16 | isid.b) == self.oui
+
+    def __str__(self) -> str:
+        if self.oui is None:
+            return "random"
+        return "open-iscsi" if self.oui == OPEN_ISCSI_OUI else f"oui:0x{self.oui:06x}"
+
+    @classmethod
+    def parse(cls, text: str) -> IsidMatch:
+        """``open-iscsi``, ``oui:0xHHHHHH`` or ``random``."""
+        if text == "open-iscsi":
+            return cls()
+        if text == "random":
+            return cls(oui=None)
+        name, sep, value = text.partition(":")
+        if name == "oui" and sep:
+            try:
+                return cls(oui=int(value, 16))
+            except ValueError:
+                pass
+        raise LocalProtocolError(
+            f"ISID match {text!r}: expected open-iscsi, oui:0xHHHHHH or random"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefuseIsid:
+    """Logins to a target whose ISID matches ``isid`` fail with 0x0202 (initiator not
+    authorized): the kernel's login fails while a probe with a random ISID passes. Discovery
+    sessions are not refused."""
+
+    kind: ClassVar[FaultKind] = FaultKind.REFUSE_ISID
+    isid: IsidMatch = IsidMatch()
+
+
+def _check_lun_numbers(owner: str, luns: object) -> frozenset[int] | None:
+    if luns is None:
+        return None
+    if not isinstance(luns, Iterable) or isinstance(luns, (str, bytes)):
+        raise LocalProtocolError(f"{owner}: luns must be a set of LUN numbers, not {luns!r}")
+    chosen = frozenset(luns)
+    if not chosen:
+        raise LocalProtocolError(f"{owner}: luns is empty; use None for every LUN")
+    for lun in chosen:
+        if isinstance(lun, bool) or not isinstance(lun, int) or not 0 <= lun <= MAX_FLAT_LUN:
+            raise LocalProtocolError(f"{owner}: LUN must be 0..{MAX_FLAT_LUN}, not {lun!r}")
+    return chosen
+
+
+def _check_code(owner: str, name: str, value: object, high: int = 0xFF) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise LocalProtocolError(f"{owner}: {name} must be 0..0x{high:x}, not {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LunFault:
+    """What every SCSI fault has: the LUNs it acts on (``None``: every LUN of the sessions it
+    applies to, those through its portal or with its target)."""
+
+    kind: ClassVar[FaultKind]
+    luns: frozenset[int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "luns", _check_lun_numbers(self.kind.value, self.luns))
+
+    def acts_on(self, lun: int) -> bool:
+        return self.luns is None or lun in self.luns
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LunMissing(LunFault):
+    """The LUN is not there: REPORT LUNS leaves it out, INQUIRY shows peripheral qualifier 3,
+    everything else gets 05/25/00 (what a target with no LUN mapping for this path does)."""
+
+    kind: ClassVar[FaultKind] = FaultKind.LUN_MISSING
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HideFromIsid(LunFault):
+    """:class:`LunMissing` for sessions whose ISID matches ``isid`` only (by default the
+    kernel initiator's): the probe sees the LUN, the kernel's scan does not."""
+
+    kind: ClassVar[FaultKind] = FaultKind.HIDE_FROM_ISID
+    isid: IsidMatch = IsidMatch()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotReady(LunFault):
+    """CHECK CONDITION, NOT READY ``asc``/``ascq`` (default 04/03: manual intervention
+    required, which the kernel does not wait out) for every command but INQUIRY, REPORT
+    LUNS and REQUEST SENSE (which returns the sense as data)."""
+
+    kind: ClassVar[FaultKind] = FaultKind.NOT_READY
+    asc: int = 0x04
+    ascq: int = 0x03
+
+    def __post_init__(self) -> None:
+        LunFault.__post_init__(self)
+        _check_code(self.kind.value, "ASC", self.asc)
+        _check_code(self.kind.value, "ASCQ", self.ascq)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Standby(LunFault):
+    """The path is in ALUA standby (SPC-4 5.16): NOT READY 04/0B (logical unit not
+    accessible, target port in standby state) for everything but the commands a standby port
+    serves (INQUIRY, REPORT LUNS, MODE SENSE, REQUEST SENSE, REPORT TARGET PORT GROUPS)."""
+
+    kind: ClassVar[FaultKind] = FaultKind.STANDBY
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckCondition(LunFault):
+    """CHECK CONDITION with ``key``/``asc``/``ascq`` (default HARDWARE ERROR 44/00: internal
+    target failure) for every command but INQUIRY, REPORT LUNS and REQUEST SENSE: a LU that
+    is there and broken."""
+
+    kind: ClassVar[FaultKind] = FaultKind.CHECK_CONDITION
+    key: SenseKey = SenseKey.HARDWARE_ERROR
+    asc: int = 0x44
+    ascq: int = 0x00
+
+    def __post_init__(self) -> None:
+        LunFault.__post_init__(self)
+        _check_code(self.kind.value, "sense key", self.key, 0xF)
+        object.__setattr__(self, "key", SenseKey(self.key))
+        _check_code(self.kind.value, "ASC", self.asc)
+        _check_code(self.kind.value, "ASCQ", self.ascq)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnitAttention(LunFault):
+    """The first ``count`` commands of each session to the LUN, other than INQUIRY and
+    REPORT LUNS, get CHECK CONDITION, UNIT ATTENTION ``asc``/``ascq`` (default 29/00: power
+    on, reset or bus device reset occurred, what a new I_T nexus sees on many arrays); a
+    REQUEST SENSE takes one as its data."""
+
+    kind: ClassVar[FaultKind] = FaultKind.UNIT_ATTENTION
+    count: int = 1
+    asc: int = 0x29
+    ascq: int = 0x00
+
+    def __post_init__(self) -> None:
+        LunFault.__post_init__(self)
+        count: object = self.count
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise LocalProtocolError(f"unit-attention count must be at least 1, not {count!r}")
+        _check_code(self.kind.value, "ASC", self.asc)
+        _check_code(self.kind.value, "ASCQ", self.ascq)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReservationConflict(LunFault):
+    """Another initiator holds a reservation (an SPC-2 RESERVE): every command but INQUIRY,
+    REPORT LUNS and REQUEST SENSE gets status RESERVATION CONFLICT."""
+
+    kind: ClassVar[FaultKind] = FaultKind.RESERVATION_CONFLICT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OtherWwid(LunFault):
+    """The LUN shows another identity (VPD 0x83 WWID and VPD 0x80 serial) over the same
+    blocks: ``wwid`` (an NAA identifier, any spelling :func:`~.config.normalize_wwid`
+    takes), or, unset, one derived from the target and the LUN that differs from its own."""
+
+    kind: ClassVar[FaultKind] = FaultKind.OTHER_WWID
+    wwid: str | None = None
+
+    def __post_init__(self) -> None:
+        LunFault.__post_init__(self)
+        if self.wwid is not None:
+            # Imported here: config imports this module (a fault list is part of a config).
+            from pyiscsi_failover.testing.config import normalize_wwid
+
+            object.__setattr__(self, "wwid", normalize_wwid(self.wwid))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlowScsi(LunFault):
+    """Each reply of the LUN leaves ``seconds`` after its command arrived (the server holds
+    it, and what was queued after it); commands that arrive together are answered together."""
+
+    kind: ClassVar[FaultKind] = FaultKind.SLOW_SCSI
+    seconds: float
+
+    def __post_init__(self) -> None:
+        LunFault.__post_init__(self)
+        _check_seconds("slow-scsi", self.seconds)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SplitDataIn(LunFault):
+    """The LUN's read data goes out in Data-In PDUs of at most ``segment`` bytes (each
+    burst still ends with F, the status still rides on the last)."""
+
+    kind: ClassVar[FaultKind] = FaultKind.SPLIT_DATA_IN
+    segment: int = 8
+
+    def __post_init__(self) -> None:
+        LunFault.__post_init__(self)
+        if isinstance(self.segment, bool) or not 1 <= self.segment <= 0xFFFFFF:
+            raise LocalProtocolError(
+                f"split-data-in segment must be 1..16777215 bytes, got {self.segment!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResidualOverflow(LunFault):
+    """Every GOOD reply of the LUN claims ``excess`` bytes more than the Expected Data
+    Transfer Length: the initiator gets its EDTL bytes (the real data, then zeros), with O set
+    and a residual count of ``excess``."""
+
+    kind: ClassVar[FaultKind] = FaultKind.RESIDUAL_OVERFLOW
+    excess: int = 512
+
+    def __post_init__(self) -> None:
+        LunFault.__post_init__(self)
+        if isinstance(self.excess, bool) or not 1 <= self.excess <= 0xFFFFFFFF:
+            raise LocalProtocolError(
+                f"residual-overflow excess must be 1..4294967295 bytes, got {self.excess!r}"
+            )
+
+
+ScsiFault: TypeAlias = (
+    LunMissing
+    | HideFromIsid
+    | NotReady
+    | Standby
+    | CheckCondition
+    | UnitAttention
+    | ReservationConflict
+    | OtherWwid
+    | SlowScsi
+    | SplitDataIn
+    | ResidualOverflow
+)
+
+
 Fault: TypeAlias = (
     Refuse
     | Blackhole
@@ -379,6 +708,8 @@ Fault: TypeAlias = (
     | ServiceUnavailable
     | DigestsRequired
     | RejectDigests
+    | RefuseIsid
+    | ScsiFault
 )
 
 _SIMPLE: dict[FaultKind, Fault] = {
@@ -394,6 +725,9 @@ _SIMPLE: dict[FaultKind, Fault] = {
     FaultKind.NON_UTF8_TEXT: NonUTF8Text(),
     FaultKind.SERVICE_UNAVAILABLE: ServiceUnavailable(),
     FaultKind.REJECT_DIGESTS: RejectDigests(),
+    FaultKind.LUN_MISSING: LunMissing(),
+    FaultKind.STANDBY: Standby(),
+    FaultKind.RESERVATION_CONFLICT: ReservationConflict(),
 }
 
 _DIGEST_PARTS: dict[str, DigestsRequired] = {
@@ -432,8 +766,84 @@ def parse_fault(text: str) -> Fault:
     ``oversized-pdu[:LENGTH]``, ``redirect:ADDRESS`` / ``redirect-permanent:ADDRESS`` (ADDRESS
     is ``host:port[,tpgt]`` or a portal name), ``redirect-loop[:permanent]``,
     ``reflect-challenge[:0xHEX|:initiator-secret]``, ``garbage-key-values[:KEY,KEY...]``,
-    ``split-text[:CHUNK[:continue|tgt[:login]]]``, ``digests-required[:header|data|both]``.
+    ``split-text[:CHUNK[:continue|tgt[:login]]]``, ``digests-required[:header|data|both]``,
+    ``refuse-isid[:MATCH]``. SCSI faults end in an optional ``@LUN[,LUN...]`` (default: every
+    LUN): ``lun-missing``, ``hide-from-isid[:MATCH]``, ``not-ready[:ASC/ASCQ]``, ``standby``,
+    ``check-condition[:KEY/ASC/ASCQ]``, ``unit-attention[:COUNT[:ASC/ASCQ]]``,
+    ``reservation-conflict``, ``other-wwid[:WWID]``, ``slow-scsi:SECONDS``,
+    ``split-data-in[:BYTES]``, ``residual-overflow[:BYTES]``; codes in hex, MATCH is
+    ``open-iscsi`` (the default), ``oui:0xHHHHHH`` or ``random``.
     """
+    body, at, luns = text.strip().partition("@")
+    fault = _parse_body(body)
+    if not at:
+        return fault
+    if not isinstance(fault, LunFault):
+        raise LocalProtocolError(
+            f"fault {fault.kind.value} does not act on LUNs: it takes no @LUN[,LUN...]"
+        )
+    return replace(fault, luns=_parse_luns(fault.kind, luns))
+
+
+def _parse_luns(kind: FaultKind, text: str) -> frozenset[int]:
+    try:
+        return frozenset(int(item) for item in text.split(","))
+    except ValueError:
+        raise LocalProtocolError(
+            f"{kind.value}@{text}: expected @LUN[,LUN...] with decimal LUN numbers"
+        ) from None
+
+
+_CODE: Final = re.compile(r"[0-9a-f]{1,2}", re.IGNORECASE)
+
+
+def _codes(kind: FaultKind, text: str, count: int, spelling: str) -> list[int]:
+    """``count`` hex codes separated by ``/`` (sense key, ASC, ASCQ)."""
+    parts = text.split("/")
+    if len(parts) != count or not all(_CODE.fullmatch(part) for part in parts):
+        raise LocalProtocolError(f"{kind.value}:{text}: expected {spelling} in hex")
+    return [int(part, 16) for part in parts]
+
+
+def _parse_scsi(kind: FaultKind, sep: str, arg: str) -> Fault:
+    """The SCSI and ISID faults that take parameters (without their @LUNS)."""
+    match kind:
+        case FaultKind.REFUSE_ISID:
+            return RefuseIsid(isid=IsidMatch.parse(arg)) if sep else RefuseIsid()
+        case FaultKind.HIDE_FROM_ISID:
+            return HideFromIsid(isid=IsidMatch.parse(arg)) if sep else HideFromIsid()
+        case FaultKind.NOT_READY:
+            if not sep:
+                return NotReady()
+            asc, ascq = _codes(kind, arg, 2, "ASC/ASCQ")
+            return NotReady(asc=asc, ascq=ascq)
+        case FaultKind.CHECK_CONDITION:
+            if not sep:
+                return CheckCondition()
+            key, asc, ascq = _codes(kind, arg, 3, "KEY/ASC/ASCQ")
+            return CheckCondition(key=SenseKey(key & 0xF), asc=asc, ascq=ascq)
+        case FaultKind.UNIT_ATTENTION:
+            if not sep:
+                return UnitAttention()
+            count_text, sep2, codes = arg.partition(":")
+            if not sep2:
+                return UnitAttention(count=_integer(kind, count_text))
+            asc, ascq = _codes(kind, codes, 2, "ASC/ASCQ")
+            return UnitAttention(count=_integer(kind, count_text), asc=asc, ascq=ascq)
+        case FaultKind.OTHER_WWID:
+            return OtherWwid(wwid=arg) if sep else OtherWwid()
+        case FaultKind.SLOW_SCSI:
+            if not sep:
+                raise LocalProtocolError("slow-scsi needs seconds: slow-scsi:SECONDS")
+            return SlowScsi(seconds=_number(kind, arg))
+        case FaultKind.SPLIT_DATA_IN:
+            return SplitDataIn(segment=_integer(kind, arg)) if sep else SplitDataIn()
+        case FaultKind.RESIDUAL_OVERFLOW:
+            return ResidualOverflow(excess=_integer(kind, arg)) if sep else ResidualOverflow()
+    raise LocalProtocolError(f"fault {kind.value} cannot be parsed")  # pragma: no cover
+
+
+def _parse_body(text: str) -> Fault:
     name, sep, arg = text.strip().partition(":")
     permanent = False
     if name == "redirect-permanent":
@@ -497,11 +907,18 @@ def parse_fault(text: str) -> Fault:
             if arg not in _DIGEST_PARTS:
                 raise LocalProtocolError("digests-required takes 'header', 'data' or 'both'")
             return _DIGEST_PARTS[arg]
-    raise LocalProtocolError(f"fault {kind.value} cannot be parsed")  # pragma: no cover
+    return _parse_scsi(kind, sep, arg)
 
 
 def format_fault(fault: Fault) -> str:
     """The command-line spelling of ``fault`` (the inverse of :func:`parse_fault`)."""
+    text = _format_body(fault)
+    if isinstance(fault, LunFault) and fault.luns is not None:
+        text += "@" + ",".join(str(lun) for lun in sorted(fault.luns))
+    return text
+
+
+def _format_body(fault: Fault) -> str:
     match fault:
         case DelayPDUs(seconds=seconds):
             return f"delay:{seconds:g}"
@@ -524,4 +941,20 @@ def format_fault(fault: Fault) -> str:
         case DigestsRequired(header=header, data=data):
             part = "both" if header and data else ("header" if header else "data")
             return f"digests-required:{part}"
+        case RefuseIsid(isid=isid) | HideFromIsid(isid=isid):
+            return f"{fault.kind.value}:{isid}"
+        case NotReady(asc=asc, ascq=ascq):
+            return f"not-ready:{asc:02x}/{ascq:02x}"
+        case CheckCondition(key=key, asc=asc, ascq=ascq):
+            return f"check-condition:{key:x}/{asc:02x}/{ascq:02x}"
+        case UnitAttention(count=count, asc=asc, ascq=ascq):
+            return f"unit-attention:{count}:{asc:02x}/{ascq:02x}"
+        case OtherWwid(wwid=wwid):
+            return "other-wwid" + ("" if wwid is None else f":naa.{wwid}")
+        case SlowScsi(seconds=seconds):
+            return f"slow-scsi:{seconds:g}"
+        case SplitDataIn(segment=segment):
+            return f"split-data-in:{segment}"
+        case ResidualOverflow(excess=excess):
+            return f"residual-overflow:{excess}"
     return fault.kind.value

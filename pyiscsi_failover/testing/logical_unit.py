@@ -15,11 +15,11 @@ everything else to the LU addressed. :class:`LogicalUnits` holds every LU of a c
 shared by all connections (the same volume through several portals), and builds each session's
 table in :meth:`LogicalUnits.table_for`.
 
-Seams for SCSI faults (per portal, per LUN, per ISID): a fault layer wraps a
-:class:`ScsiResponder` (anything with ``execute(request) -> ScsiReply``) around a LU and decides
-from ``request.nexus`` (portal, ISID, initiator) what to answer instead: NOT READY, a unit
-attention, a reservation conflict, another WWID; and :meth:`LogicalUnits.table_for` may leave a
-LUN out of one nexus's table (hidden from that ISID or portal).
+SCSI faults (:mod:`.scsi_faults`) build on two seams here: a :class:`ScsiResponder` (anything
+with ``execute(request) -> ScsiReply``) wrapped around a LU answers something else (NOT READY,
+a unit attention, a reservation conflict, another WWID), or asks through the reply for a
+slower answer, smaller Data-In PDUs or a residual overflow; and a session's :class:`LunTable`
+may leave a LUN out (missing on one portal, hidden from one ISID).
 
 Commands (SPC-4, SBC-3): INQUIRY (standard; VPD 0x00, 0x80, 0x83, 0xB0, 0xB1), TEST UNIT READY,
 REQUEST SENSE, READ CAPACITY(10) and (16), MODE SENSE(6) and (10) (caching 0x08, control 0x0A,
@@ -59,6 +59,7 @@ from pyiscsi_failover.protocol.scsi import (
     encode_vpd_unit_serial,
 )
 from pyiscsi_failover.testing.config import DEFAULT_LUN_SIZE, LunSpec, TargetSpec
+from pyiscsi_failover.testing.faults import FaultKind
 
 __all__ = [
     "BlockStore",
@@ -110,12 +111,14 @@ class Nexus:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScsiRequest:
     """One command for one LU: its CDB (16 bytes, zero-padded), the write data the initiator
-    sent for it (all of it, in order) and the nexus it came on."""
+    sent for it (all of it, in order), the nexus it came on and its Expected Data Transfer
+    Length (which the LU itself ignores: it answers what the CDB asks)."""
 
     lun: int
     cdb: bytes
     nexus: Nexus
     data_out: bytes = b""
+    edtl: int = 0
 
     @property
     def opcode(self) -> int:
@@ -129,12 +132,20 @@ class ScsiReply:
     ``data`` is the read data the CDB asks for, already cut to the CDB's allocation length;
     its length is the SCSI transfer length of a read. ``write_length`` is the number of bytes
     of write data the CDB asks for. ``sense`` goes with CHECK CONDITION (fixed format).
+
+    The rest is for faults: ``latency`` holds the reply back that many seconds after its
+    command arrived, ``data_segment_limit`` cuts its Data-In smaller than the initiator's
+    MaxRecvDataSegmentLength, and ``faults`` names the faults that shaped it (reported as
+    the connection's FaultInjected events).
     """
 
     status: ScsiStatus = ScsiStatus.GOOD
     data: bytes = b""
     write_length: int = 0
     sense: bytes = b""
+    latency: float = 0.0
+    data_segment_limit: int | None = None
+    faults: tuple[FaultKind, ...] = ()
 
     @classmethod
     def check_condition(
@@ -524,7 +535,9 @@ class LunTable:
         lun = decode_sam_lun(lun_field).number
         return None if lun is None else self._units.get(lun)
 
-    def execute(self, lun_field: bytes, cdb: bytes, nexus: Nexus, data_out: bytes) -> ScsiReply:
+    def execute(
+        self, lun_field: bytes, cdb: bytes, nexus: Nexus, data_out: bytes, *, edtl: int = 0
+    ) -> ScsiReply:
         """The reply to ``cdb`` sent to the 8-byte LUN ``lun_field``."""
         if cdb[0] == 0xA0:
             return self._report_luns(cdb)
@@ -532,7 +545,9 @@ class LunTable:
         unit = None if address.number is None else self._units.get(address.number)
         if unit is None or address.number is None:
             return self._missing(cdb)
-        request = ScsiRequest(lun=address.number, cdb=cdb, nexus=nexus, data_out=data_out)
+        request = ScsiRequest(
+            lun=address.number, cdb=cdb, nexus=nexus, data_out=data_out, edtl=edtl
+        )
         return unit.execute(request)
 
     def _report_luns(self, cdb: bytes) -> ScsiReply:
@@ -596,8 +611,8 @@ class LogicalUnits:
         return self._units.get((target_name, lun))
 
     def table_for(self, target: TargetSpec, nexus: Nexus) -> LunTable:
-        """The LUNs ``nexus`` sees of ``target``: today all of them, unchanged. This is where a
-        fault layer hides a LUN from a portal or an ISID, or wraps one in a fault."""
+        """Every LUN of ``target``, unchanged, for ``nexus``: a session without SCSI faults
+        (:func:`.scsi_faults.session_luns` builds one with them)."""
         return LunTable(
             {
                 spec.lun: self._units[target.name, spec.lun]

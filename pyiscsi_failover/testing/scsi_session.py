@@ -16,6 +16,9 @@ complete, and sends the answer through the connection (:class:`SessionPort`):
 * Residuals (RFC 7143 11.4.5): the SCSI transfer length (the LU's read data before the EDTL
   cut, or the write length its CDB names) against EDTL: O and the excess, or U and the
   shortfall.
+* What a SCSI fault asks through the reply (:mod:`.scsi_faults`): a hold before the answer
+  (``latency``: the connection turns it into a marker the server waits on) and smaller Data-In
+  PDUs (``data_segment_limit``); the faults that shaped it are named in :class:`ScsiAnswered`.
 * Task management: ABORT TASK, LOGICAL UNIT RESET and TARGET WARM RESET end the tasks they
   name (only writes still waiting for data can be in progress: every other command is
   answered as soon as it arrives); any other function is "not supported".
@@ -43,6 +46,7 @@ from pyiscsi_failover.protocol.pdu import (
     sense_data_segment,
 )
 from pyiscsi_failover.protocol.scsi import decode_sam_lun, parse_sense
+from pyiscsi_failover.testing.faults import FaultKind
 from pyiscsi_failover.testing.logical_unit import LunTable, Nexus, ScsiReply
 from pyiscsi_failover.testing.task_pdus import (
     DataOut,
@@ -70,7 +74,8 @@ _ABORTED_MEMORY: Final = 64
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScsiAnswered:
     """A SCSI Command was answered: its LUN (``None`` for an address that names none), the
-    operation code, the status and, for CHECK CONDITION, (key, ASC, ASCQ)."""
+    operation code, the status and, for CHECK CONDITION, (key, ASC, ASCQ); ``faults`` are the
+    SCSI faults that shaped the answer."""
 
     itt: int
     lun: int | None
@@ -79,6 +84,7 @@ class ScsiAnswered:
     sense: tuple[int, int, int] | None = None
     data_in: int = 0
     data_out: int = 0
+    faults: tuple[FaultKind, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +129,11 @@ class SessionPort(Protocol):
 
     def send_header(self, header: bytes) -> None:
         """Send a 48-byte header with no data segment (digest added by the connection)."""
+        ...
+
+    def hold(self, seconds: float) -> None:
+        """What is sent after this leaves no earlier than ``seconds`` after the command (the
+        bytes that made it) arrived."""
         ...
 
     def violation(self, description: str) -> None: ...
@@ -288,7 +299,9 @@ class ScsiSession:
     # -- replies -------------------------------------------------------------------------------
 
     def _run(self, command: ScsiCommand, data_out: bytes, *, r2ts: int) -> None:
-        reply = self._table.execute(command.lun, command.cdb, self._nexus, data_out)
+        reply = self._table.execute(
+            command.lun, command.cdb, self._nexus, data_out, edtl=command.edtl
+        )
         self.reply(command, reply, data_out=len(data_out), r2ts=r2ts)
 
     def reply(self, command: ScsiCommand, reply: ScsiReply, *, data_out: int, r2ts: int) -> None:
@@ -301,9 +314,15 @@ class ScsiSession:
         data = reply.data[:edtl] if command.read else b""
         # A status rides on the last Data-In only when no sense must go with it (11.7.3).
         rides = reply.status in _DATA_IN_STATUSES and not reply.sense and bool(data)
+        if reply.latency:
+            port.hold(reply.latency)
+        segment = port.data_segment_limit
+        if reply.data_segment_limit is not None:
+            segment = min(segment, reply.data_segment_limit)
         sent = self._send_data_in(
             command,
             data,
+            segment=segment,
             status=reply.status if rides else None,
             residual=residual,
             overflow=overflow,
@@ -337,6 +356,7 @@ class ScsiSession:
                 sense=sense,
                 data_in=len(data),
                 data_out=data_out,
+                faults=reply.faults,
             )
         )
 
@@ -345,16 +365,17 @@ class ScsiSession:
         command: ScsiCommand,
         data: bytes,
         *,
+        segment: int,
         status: ScsiStatus | None,
         residual: int,
         overflow: bool,
         underflow: bool,
     ) -> int:
-        """Data-In PDUs for ``data``; the number sent (the DataSNs used)."""
+        """Data-In PDUs of at most ``segment`` bytes for ``data``; the number sent (the
+        DataSNs used)."""
         if not data:
             return 0
         port = self._port
-        segment = port.data_segment_limit
         burst = self._params.max_burst_length
         offset = datasn = 0
         total = len(data)

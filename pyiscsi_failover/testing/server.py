@@ -19,6 +19,8 @@ Faults carried out here rather than in the state machine:
   connect hangs until its deadline (checked on Linux, where TCP_INFO shows the queue);
 * ``silent``: connections are accepted and read but nothing is ever sent;
 * ``delay``: each PDU is sent after a pause; ``slow-drip``: responses go out byte by byte;
+* ``slow-scsi``: the state machine puts a :class:`~.target.Hold` before a slow LUN's reply,
+  and what follows waits until that long after the bytes that asked for it arrived;
 * ``reset-mid-login``: the state machine says when (after the first request), and the socket is
   closed with SO_LINGER 0 so the peer sees RST.
 
@@ -49,6 +51,7 @@ from pyiscsi_failover.testing.target import (
     ChallengeReceived,
     Event,
     FaultInjected,
+    Hold,
     LoginFinished,
     LogoutReceived,
     PortalConfig,
@@ -394,10 +397,21 @@ def _record_events(
     running._notify()
 
 
-async def _send(stream: trio.SocketStream, portal: PortalConfig, pdus: list[bytes]) -> None:
+async def _send(
+    stream: trio.SocketStream,
+    portal: PortalConfig,
+    items: list[bytes | Hold],
+    received_at: float,
+) -> int:
+    """Send ``items`` (PDUs, and holds counted from ``received_at``); the bytes sent."""
     delay = find_fault(portal.faults, FaultKind.DELAY)
     drip = find_fault(portal.faults, FaultKind.SLOW_DRIP)
-    for pdu in pdus:
+    sent = 0
+    for pdu in items:
+        if isinstance(pdu, Hold):
+            await trio.sleep_until(received_at + pdu.seconds)
+            continue
+        sent += len(pdu)
         if isinstance(delay, DelayPDUs):
             await trio.sleep(delay.seconds)
         if isinstance(drip, SlowDrip):
@@ -406,6 +420,7 @@ async def _send(stream: trio.SocketStream, portal: PortalConfig, pdus: list[byte
                 await trio.sleep(drip.interval)
         else:
             await stream.send_all(pdu)
+    return sent
 
 
 async def _serve_connection(
@@ -425,11 +440,12 @@ async def _serve_connection(
     try:
         while True:
             data = await stream.receive_some(_RECEIVE_SIZE)
+            received_at = trio.current_time()
             record.bytes_received += len(data)
             conn.receive_data(data)
             record.bytes_buffered = conn.buffered
             _record_events(running, record, conn)
-            pdus = conn.pdus_to_send()
+            pdus = conn.output()
             if conn.abort:
                 reset = True
                 break
@@ -438,8 +454,7 @@ async def _serve_connection(
                     break
                 continue  # read everything, answer nothing
             if pdus:
-                await _send(stream, portal, pdus)
-                record.bytes_sent += sum(len(pdu) for pdu in pdus)
+                record.bytes_sent += await _send(stream, portal, pdus, received_at)
             if conn.closed or not data:
                 break
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -6,7 +6,8 @@ whatever :meth:`TargetConnection.data_to_send` returns, reads what happened from
 :meth:`TargetConnection.next_event`, and closes the socket once :attr:`TargetConnection.closed`
 is true (with an RST when :attr:`TargetConnection.abort` is). It knows nothing of sockets or time:
 the timing faults (silent, delay, slow drip) and the socket faults (refuse, blackhole) belong to
-:mod:`pyiscsi_failover.testing.server`.
+:mod:`pyiscsi_failover.testing.server`, and so does the waiting a slow SCSI reply asks for:
+:meth:`TargetConnection.output` puts a :class:`Hold` before it, which the server honours.
 
 What it implements, deliberately a small and strict subset of RFC 7143:
 
@@ -25,8 +26,10 @@ What it implements, deliberately a small and strict subset of RFC 7143:
   their CmdSN and ExpStatSN are checked here, to the session's
   :class:`~.scsi_session.ScsiSession`, which runs them on the target's logical units
   (:mod:`.logical_unit`) and answers with Data-In, R2T, SCSI Response or Task Management
-  Response. A SCSI Command the codec refuses (a field RFC 7143 forbids) gets Reject "protocol
-  error" and the session goes on; in a Discovery session so do all three.
+  Response. The session's LUN table is built at login with the portal's and the target's
+  SCSI faults (:mod:`.scsi_faults`). A SCSI Command the codec refuses (a field RFC 7143
+  forbids) gets Reject "protocol error" and the session goes on; in a Discovery session so do
+  all three.
 * Opcodes an initiator may send but this target does not implement (SNACK, vendor-specific
   0x1c-0x1e) get a Reject "command not supported" (0x05) carrying their header, and the
   connection goes on; a Login Request or a target's PDU (NOP-In, Text Response...) gets Reject
@@ -35,8 +38,9 @@ What it implements, deliberately a small and strict subset of RFC 7143:
   (:class:`TargetConfig` chooses InitialR2T, ImmediateData, FirstBurstLength and
   MaxBurstLength; the rest are the RFC defaults, with MaxConnections=1, ErrorRecoveryLevel=0).
 * Status codes: 0x0203 unknown target, 0x0201 authentication failure, 0x0202 initiator not in
-  the target's ACL, 0x0101/0x0102 redirect, 0x0301 service unavailable, 0x0207 missing
-  parameter, 0x0209 session type, 0x0205 version, 0x020a TSIH, 0x020b bad PDU during login.
+  the target's ACL or refused by its ISID (``refuse-isid``), 0x0101/0x0102 redirect, 0x0301
+  service unavailable, 0x0207 missing parameter, 0x0209 session type, 0x0205 version, 0x020a
+  TSIH, 0x020b bad PDU during login.
 
 Mistakes of the initiator that a lenient target would let pass (a changed CmdSN, an ExpStatSN
 ahead of what was sent...) are reported as :class:`ProtocolViolation` events, so tests can assert
@@ -132,6 +136,7 @@ from pyiscsi_failover.testing.faults import (
     Redirect,
     RedirectLoop,
     ReflectChallenge,
+    RefuseIsid,
     SplitStyle,
     SplitText,
     WrongChapResponse,
@@ -140,6 +145,7 @@ from pyiscsi_failover.testing.faults import (
     find_fault,
 )
 from pyiscsi_failover.testing.logical_unit import LogicalUnits, Nexus
+from pyiscsi_failover.testing.scsi_faults import session_luns
 from pyiscsi_failover.testing.scsi_session import (
     ScsiAnswered,
     ScsiSession,
@@ -161,6 +167,7 @@ __all__ = [
     "ConnectionState",
     "Event",
     "FaultInjected",
+    "Hold",
     "LoginFinished",
     "LogoutReceived",
     "NopAnswered",
@@ -297,6 +304,14 @@ class Rejected:
 
     reason: RejectReason
     pdu_type: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hold:
+    """In :meth:`TargetConnection.output`: send what follows no earlier than ``seconds`` after
+    the bytes that produced it were received (a slow SCSI reply)."""
+
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -595,7 +610,7 @@ class TargetConnection:
             fault for fault in self._portal_config.faults if fault.kind.layer is FaultLayer.PROTOCOL
         )
         self._buffer = _Inbox(max_data_segment_length=LOGIN_SEGMENT_LIMIT)
-        self._outgoing: deque[bytes] = deque()
+        self._outgoing: deque[bytes | Hold] = deque()
         self._events: deque[Event] = deque()
         self._state = ConnectionState.FREE
         self._abort = False
@@ -726,10 +741,16 @@ class TargetConnection:
         return b"".join(self.pdus_to_send())
 
     def pdus_to_send(self) -> list[bytes]:
-        """The queued bytes one PDU per item, for a server that paces PDUs (DELAY)."""
-        pdus = list(self._outgoing)
+        """The queued bytes one PDU per item, for a server that paces PDUs (DELAY), without
+        the holds of :meth:`output` (sent at once)."""
+        return [item for item in self.output() if not isinstance(item, Hold)]
+
+    def output(self) -> list[bytes | Hold]:
+        """The queued PDUs, with a :class:`Hold` where a slow SCSI reply must wait (and
+        forget them): what the server sends."""
+        items = list(self._outgoing)
         self._outgoing.clear()
-        return pdus
+        return items
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -959,6 +980,12 @@ class TargetConnection:
             self._fail(req, status, data=encode_text([("TargetAddress", address)]))
             return False
         if self._target is not None and not self._target.admits(ident.initiator_name):
+            self._fail(req, LoginStatus.AUTHORIZATION_FAILURE)
+            return False
+        refuse = self._fault(FaultKind.REFUSE_ISID)
+        refused = isinstance(refuse, RefuseIsid) and refuse.isid.matches(req.isid)
+        if self._target is not None and refused:
+            self._inject(FaultKind.REFUSE_ISID)
             self._fail(req, LoginStatus.AUTHORIZATION_FAILURE)
             return False
         return True
@@ -1404,8 +1431,16 @@ class TargetConnection:
         units = self._logical_units
         if units is None:
             units = self._logical_units = LogicalUnits((target,))
+        scsi_faults = [
+            fault
+            for fault in (*self._portal_config.faults, *target.faults)
+            if fault.kind.layer is FaultLayer.SCSI
+        ]
+        luns = session_luns(units, target, nexus, scsi_faults)
+        for _, kind in luns.removed:
+            self._inject_once(kind)
         self._scsi = ScsiSession(
-            table=units.table_for(target, nexus),
+            table=luns.table,
             nexus=nexus,
             params=self._session_params(),
             port=_Port(self),
@@ -1724,8 +1759,15 @@ class _Port:
         conn = self._conn
         conn._outgoing.append(header + crc32c(header) if conn._header_digest else header)
 
+    def hold(self, seconds: float) -> None:
+        self._conn._outgoing.append(Hold(seconds=seconds))
+
     def violation(self, description: str) -> None:
         self._conn._violation(description)
 
     def answered(self, event: ScsiAnswered | TaskManagementAnswered) -> None:
-        self._conn._events.append(event)
+        conn = self._conn
+        if isinstance(event, ScsiAnswered):
+            for kind in event.faults:
+                conn._inject_once(kind)
+        conn._events.append(event)
