@@ -14,6 +14,11 @@ own decoding of it. Here every PDU must
   that RFC 7143 lets differ (reserved fields, padding) actually differs here.
 
 Scenario tests pin what the real target does at the points the failover logic depends on.
+
+The write and task management PDUs (SCSI Data-Out, R2T, Task Management Function Request and
+Response) are in ``task_pdus.json``: built by hand from the RFC 7143 layouts by
+``tests/vectors/task_pdus.py``, not captured, each with the model fields it must decode to and
+tshark's reading of it; the same checks apply, and every function and response code is there.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pyiscsi_failover.errors import TextError
 from pyiscsi_failover.protocol.pdu import (
     ISID,
     PDU,
+    R2T,
     RESERVED_TAG,
     LoginRequest,
     LoginResponse,
@@ -44,11 +50,16 @@ from pyiscsi_failover.protocol.pdu import (
     Reject,
     ScsiCommand,
     ScsiDataIn,
+    ScsiDataOut,
     ScsiResponse,
     ScsiResponseCode,
     ScsiStatus,
     Stage,
     TaskAttribute,
+    TaskFunction,
+    TaskManagementRequest,
+    TaskManagementResponse,
+    TaskResponseCode,
     TextRequest,
     TextResponse,
 )
@@ -570,3 +581,142 @@ def test_tshark_read_the_scsi_fields_we_check() -> None:
             seen |= set(vector.tshark)
     scsi_checks = {name for name in CHECKS if "scsi" in name or name.endswith(("datasn", "Offset"))}
     assert scsi_checks <= seen, sorted(scsi_checks - seen)
+
+
+# --------------------------------------------------------------------------------------------
+# writes and task management: hand-built vectors (task_pdus.json, from tests/vectors/task_pdus.py)
+
+HAND_BUILT = "task_pdus"
+BUILT_MODELS: dict[str, type[Any]] = {
+    model.__name__: model
+    for model in (
+        ScsiCommand,
+        ScsiResponse,
+        ScsiDataOut,
+        R2T,
+        TaskManagementRequest,
+        TaskManagementResponse,
+    )
+}
+_RAW_FIELDS = frozenset({"lun", "cdb", "data"})  # stored as hex
+
+
+def _built_as(record: dict[str, Any]) -> PDU:
+    """The model the builder says a record's bytes are, from the fields it wrote them from."""
+    fields = {
+        name: bytes.fromhex(value) if name in _RAW_FIELDS else value
+        for name, value in record["fields"].items()
+    }
+    built: PDU = BUILT_MODELS[record["model"]](**fields)
+    return built
+
+
+TASK_VECTORS = [
+    (vector, _built_as(record))
+    for vector, record in zip(_vectors(HAND_BUILT), _document(HAND_BUILT)["pdus"], strict=True)
+]
+
+
+def test_task_vectors_are_hand_built_with_provenance_and_cover_every_code() -> None:
+    document = _document(HAND_BUILT)
+    assert document["versions"]["tshark"]
+    assert "hand-built" in document["requests_from"]
+    assert all(vector.tshark is not None for vector, _ in TASK_VECTORS)
+    built = [decode_pdu(vector.raw) for vector, _ in TASK_VECTORS]
+    assert {ScsiDataOut, R2T, TaskManagementRequest, TaskManagementResponse} <= {
+        type(pdu) for pdu in built
+    }
+    functions = {pdu.function for pdu in built if isinstance(pdu, TaskManagementRequest)}
+    assert functions == set(TaskFunction)
+    responses = {pdu.response for pdu in built if isinstance(pdu, TaskManagementResponse)}
+    assert responses == set(TaskResponseCode)
+    # Both kinds of Data-Out: unsolicited (reserved TTT) and answering an R2T.
+    ttts = {pdu.ttt for pdu in built if isinstance(pdu, ScsiDataOut)}
+    assert RESERVED_TAG in ttts and len(ttts) > 1
+
+
+@pytest.mark.parametrize(
+    ("vector", "built"), TASK_VECTORS, ids=[vector.id for vector, _ in TASK_VECTORS]
+)
+def test_task_vector_decodes_to_what_it_was_built_from(vector: Vector, built: PDU) -> None:
+    decoded = decode_pdu(vector.raw)
+    assert type(decoded) is type(built)
+    assert decoded == built
+    assert encode_pdu(built) == vector.raw
+
+
+def test_task_vectors_are_one_consistent_write_and_one_task_session() -> None:
+    """What the builder meant, read back through our decoder: the write's data adds up to its
+    EDTL and the R2T asks for the rest; each TMF Response answers its request's ITT."""
+    decoded = [(vector, decode_pdu(vector.raw)) for vector, _ in TASK_VECTORS]
+    write = [pdu for vector, pdu in decoded if vector.session == 0]
+    command = write[0]
+    assert isinstance(command, ScsiCommand) and command.write and not command.final
+    data_outs = [pdu for pdu in write if isinstance(pdu, ScsiDataOut)]
+    assert sum(len(pdu.data) for pdu in data_outs) == command.edtl
+    assert [pdu.buffer_offset for pdu in data_outs] == [0, 128, 256]
+    (r2t,) = [pdu for pdu in write if isinstance(pdu, R2T)]
+    assert (r2t.buffer_offset, r2t.desired_length) == (256, command.edtl - 256)
+    assert [pdu.ttt for pdu in data_outs] == [RESERVED_TAG, RESERVED_TAG, r2t.ttt]
+    tasks = [pdu for vector, pdu in decoded if vector.session == 1]
+    requests = [pdu for pdu in tasks if isinstance(pdu, TaskManagementRequest)]
+    answers = [pdu for pdu in tasks if isinstance(pdu, TaskManagementResponse)]
+    assert [pdu.itt for pdu in requests] == [pdu.itt for pdu in answers]
+    assert all(
+        (pdu.referenced_task_tag != RESERVED_TAG) is pdu.function.references_task
+        for pdu in requests
+    )
+
+
+TASK_OPCODE_OF: dict[type[Any], Opcode] = {
+    **OPCODE_OF,
+    ScsiDataOut: Opcode.SCSI_DATA_OUT,
+    R2T: Opcode.R2T,
+    TaskManagementRequest: Opcode.TASK_MANAGEMENT_REQUEST,
+    TaskManagementResponse: Opcode.TASK_MANAGEMENT_RESPONSE,
+}
+# tshark field -> ours, for the write and task PDUs; the rest as in CHECKS.
+TASK_CHECKS: dict[str, tuple[Callable[[str], object], Callable[[PDU, bytes], object]]] = {
+    **CHECKS,
+    "iscsi.opcode": (_number, lambda pdu, raw: TASK_OPCODE_OF[type(pdu)]),
+    "iscsi.datasn": (_number, lambda pdu, raw: _only(pdu, ScsiDataOut).datasn),
+    "iscsi.bufferOffset": (_number, lambda pdu, raw: getattr(pdu, "buffer_offset", None)),
+    "iscsi.r2tsn": (_number, lambda pdu, raw: _only(pdu, R2T).r2tsn),
+    "iscsi.desireddatalength": (_number, lambda pdu, raw: _only(pdu, R2T).desired_length),
+    "iscsi.taskmanfun.function": (
+        _number,
+        lambda pdu, raw: _only(pdu, TaskManagementRequest).function,
+    ),
+    "iscsi.taskmanfun.referencedtasktag": (
+        _number,
+        lambda pdu, raw: _only(pdu, TaskManagementRequest).referenced_task_tag,
+    ),
+    "iscsi.refcmdsn": (_number, lambda pdu, raw: _only(pdu, TaskManagementRequest).refcmdsn),
+    "iscsi.taskmanfun.response": (
+        _number,
+        lambda pdu, raw: _only(pdu, TaskManagementResponse).response,
+    ),
+}
+TASK_IGNORED = IGNORED | {"iscsi.data_out_frame"}  # a frame number, like request_frame
+
+
+@pytest.mark.parametrize("vector", [v for v, _ in TASK_VECTORS], ids=lambda vector: vector.id)
+def test_task_vector_fields_match_tshark(vector: Vector) -> None:
+    assert vector.tshark is not None
+    pdu = decode_pdu(vector.raw)
+    unknown = set(vector.tshark) - set(TASK_CHECKS) - TASK_IGNORED
+    assert not unknown, f"tshark reported fields this test does not check: {sorted(unknown)}"
+    for name, value in vector.tshark.items():
+        if name in TASK_IGNORED:
+            continue
+        parse, ours = TASK_CHECKS[name]
+        assert ours(pdu, vector.raw) == parse(value), name
+
+
+def test_tshark_read_the_task_fields_we_check() -> None:
+    seen: set[str] = set()
+    for vector, _ in TASK_VECTORS:
+        assert vector.tshark is not None
+        seen |= set(vector.tshark)
+    added = {name for name in TASK_CHECKS if TASK_CHECKS[name] is not CHECKS.get(name)}
+    assert added - {"iscsi.opcode"} <= seen, sorted(added - seen)

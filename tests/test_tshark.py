@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -48,6 +49,16 @@ from pyiscsi_failover.protocol.negotiation import (
     OperationalProposal,
     SessionType,
 )
+from pyiscsi_failover.protocol.pdu import (
+    PDU,
+    R2T,
+    ScsiCommand,
+    ScsiDataOut,
+    ScsiResponse,
+    TaskManagementRequest,
+    TaskManagementResponse,
+)
+from pyiscsi_failover.protocol.wire import decode_pdu
 from pyiscsi_failover.transport import LoginReport, discover, login
 
 pytestmark = pytest.mark.peer
@@ -577,3 +588,106 @@ def test_tshark_reads_our_scsi_commands(tgtd_factory: TgtdStarter, tmp_path: Pat
         if p.number("iscsi.opcode") & 0x3F in (0x21, 0x25)
     }
     assert itts <= answered
+
+
+# --------------------------------------------------------------------------------------------
+# the hand-built write and task management vectors, read by the installed tshark
+
+TASK_VECTORS = Path(__file__).parent / "vectors" / "task_pdus"
+
+
+def _expected_fields(pdu: PDU) -> dict[str, int]:
+    """What tshark must show for ``pdu``, by field name, for the types the vectors test."""
+    match pdu:
+        case ScsiDataOut():
+            return {
+                "iscsi.initiatortasktag": pdu.itt,
+                "iscsi.targettransfertag": pdu.ttt,
+                "iscsi.expstatsn": pdu.expstatsn,
+                "iscsi.datasn": pdu.datasn,
+                "iscsi.bufferOffset": pdu.buffer_offset,
+                "iscsi.datasegmentlength": len(pdu.data),
+            }
+        case R2T():
+            return {
+                "iscsi.initiatortasktag": pdu.itt,
+                "iscsi.targettransfertag": pdu.ttt,
+                "iscsi.statsn": pdu.statsn,
+                "iscsi.expcmdsn": pdu.expcmdsn,
+                "iscsi.maxcmdsn": pdu.maxcmdsn,
+                "iscsi.r2tsn": pdu.r2tsn,
+                "iscsi.bufferOffset": pdu.buffer_offset,
+                "iscsi.desireddatalength": pdu.desired_length,
+            }
+        case TaskManagementRequest():
+            return {
+                "iscsi.initiatortasktag": pdu.itt,
+                "iscsi.I": int(pdu.immediate),
+                "iscsi.taskmanfun.function": pdu.function,
+                "iscsi.taskmanfun.referencedtasktag": pdu.referenced_task_tag,
+                "iscsi.cmdsn": pdu.cmdsn,
+                "iscsi.expstatsn": pdu.expstatsn,
+                "iscsi.refcmdsn": pdu.refcmdsn,
+            }
+        case TaskManagementResponse():
+            return {
+                "iscsi.initiatortasktag": pdu.itt,
+                "iscsi.taskmanfun.response": pdu.response,
+                "iscsi.statsn": pdu.statsn,
+                "iscsi.expcmdsn": pdu.expcmdsn,
+                "iscsi.maxcmdsn": pdu.maxcmdsn,
+            }
+        case ScsiCommand() | ScsiResponse():  # around them: the task they belong to
+            return {"iscsi.initiatortasktag": pdu.itt}
+    raise AssertionError(f"no {type(pdu).__name__} in the task vectors")
+
+
+def test_tshark_reads_the_task_pdu_vectors(tmp_path: Path) -> None:
+    """The pcap next to task_pdus.json holds exactly its PDUs, one per frame; the installed
+    tshark finds nothing malformed or worth a warning in it and reads every field we decode
+    (tests/test_golden.py compares the reading stored at build time)."""
+    require_tool("tshark", "tshark")
+    document = json.loads(TASK_VECTORS.with_suffix(".json").read_text())
+    records = document["pdus"]
+    pcap = TASK_VECTORS.with_suffix(".pcap")
+    profile = tmp_path / "wireshark-profile"
+
+    payloads = tshark(pcap, profile, "-T", "fields", "-e", "frame.number", "-e", "tcp.payload")
+    rows = [line.split("\t") for line in payloads.strip().splitlines()]
+    assert [(int(n), p.replace(":", "")) for n, p in rows] == [
+        (record["frame"], record["hex"]) for record in records
+    ]
+    flagged = tshark(pcap, profile, "-Y", "_ws.malformed || _ws.expert.severity >= warning")
+    assert flagged.strip() == ""
+
+    frames = {frame.number: frame for frame in read_frames(tshark(pcap, profile, "-T", "pdml"))}
+    finals = dict(
+        line.split("\t")
+        for line in tshark(
+            pcap,
+            profile,
+            "-Y",
+            "iscsi.opcode == 0x05",
+            "-T",
+            "fields",
+            "-e",
+            "frame.number",
+            "-e",
+            "iscsi.scsidata.F",
+        ).split("\n")
+        if line
+    )
+    checked: set[type[PDU]] = set()
+    for record in records:
+        raw = bytes.fromhex(record["hex"])
+        pdu = decode_pdu(raw)
+        (seen,) = frames[record["frame"]].pdus
+        assert seen.number("iscsi.opcode") == raw[0] & 0x3F
+        for name, value in _expected_fields(pdu).items():
+            assert seen.number(name) == value, (record["frame"], name)
+        if isinstance(pdu, TaskManagementRequest):
+            assert seen.byte("iscsi.taskmanfun.function") == 0x80 | pdu.function
+        if isinstance(pdu, ScsiDataOut):
+            assert finals[str(record["frame"])] == str(int(pdu.final))
+        checked.add(type(pdu))
+    assert {ScsiDataOut, R2T, TaskManagementRequest, TaskManagementResponse} <= checked
