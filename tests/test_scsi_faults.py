@@ -58,7 +58,6 @@ from pyiscsi_failover.testing import (
     FaultLayer,
     HideFromIsid,
     IsidMatch,
-    LunFault,
     LunMissing,
     LunSpec,
     NotReady,
@@ -67,6 +66,7 @@ from pyiscsi_failover.testing import (
     RefuseIsid,
     ReservationConflict,
     ResidualOverflow,
+    ScsiFault,
     SlowScsi,
     SplitDataIn,
     Standby,
@@ -357,7 +357,7 @@ def test_unfaulted_luns_are_served_by_the_lu_itself() -> None:
 # --------------------------------------------------------------------------------------------
 # What a faulty LU answers
 
-STATUS_FAULTS: list[tuple[LunFault, ScsiStatus, tuple[SenseKey, int, int] | None]] = [
+STATUS_FAULTS: list[tuple[ScsiFault, ScsiStatus, tuple[SenseKey, int, int] | None]] = [
     (NotReady(), ScsiStatus.CHECK_CONDITION, (SenseKey.NOT_READY, 0x04, 0x03)),
     (NotReady(asc=0x3A, ascq=0x00), ScsiStatus.CHECK_CONDITION, (SenseKey.NOT_READY, 0x3A, 0)),
     (Standby(), ScsiStatus.CHECK_CONDITION, (SenseKey.NOT_READY, 0x04, 0x0B)),
@@ -373,9 +373,9 @@ STATUS_FAULTS: list[tuple[LunFault, ScsiStatus, tuple[SenseKey, int, int] | None
 
 @pytest.mark.parametrize(("fault", "status", "expected"), STATUS_FAULTS)
 def test_status_faults_answer_every_command_but_inquiry(
-    fault: LunFault, status: ScsiStatus, expected: tuple[SenseKey, int, int] | None
+    fault: ScsiFault, status: ScsiStatus, expected: tuple[SenseKey, int, int] | None
 ) -> None:
-    luns = table(replace(fault, luns=frozenset({1})))  # type: ignore[arg-type]
+    luns = table(fault.at(1))
     for cdb, edtl in ((TUR, 0), (CAPACITY, 32), (read10(0, 1), BLOCK)):
         reply = ask(luns, 1, cdb, edtl=edtl)
         assert reply.status is status, cdb

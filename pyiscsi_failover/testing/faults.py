@@ -32,7 +32,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import ClassVar, Final, TypeAlias
+from typing import ClassVar, Final, TypeAlias, TypeVar
 
 from pyiscsi_failover.errors import LocalProtocolError
 from pyiscsi_failover.protocol.isid import ISID
@@ -516,6 +516,13 @@ class LunFault:
     def acts_on(self, lun: int) -> bool:
         return self.luns is None or lun in self.luns
 
+    def at(self: _L, *luns: int) -> _L:
+        """This fault acting on ``luns`` only: ``NotReady().at(1)`` is ``not-ready@1``."""
+        return replace(self, luns=frozenset(luns))
+
+
+_L = TypeVar("_L", bound=LunFault)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LunMissing(LunFault):
@@ -782,7 +789,7 @@ def parse_fault(text: str) -> Fault:
         raise LocalProtocolError(
             f"fault {fault.kind.value} does not act on LUNs: it takes no @LUN[,LUN...]"
         )
-    return replace(fault, luns=_parse_luns(fault.kind, luns))
+    return fault.at(*_parse_luns(fault.kind, luns))
 
 
 def _parse_luns(kind: FaultKind, text: str) -> frozenset[int]:
