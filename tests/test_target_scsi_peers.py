@@ -202,14 +202,26 @@ async def test_iscsi_test_cu_read_write_and_identity_suites_pass() -> None:
 _T = TypeVar("_T")
 
 
+class LibiscsiError(Exception):
+    """libiscsi could not log in (its own message)."""
+
+
 class _Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
 class Libiscsi:
-    """libiscsi 1.19's sync API on one logged-in session (iscsi/iscsi.h prototypes)."""
+    """libiscsi 1.19's sync API on one logged-in session (iscsi/iscsi.h prototypes).
 
-    def __init__(self, portal: Portal, lun: int) -> None:
+    ``isid_oui`` = (OUI, qualifier) logs in with an OUI-format ISID (libiscsi writes the OUI
+    in bytes 0-2, the qualifier in 3-5): (0x00023d, 0x010000) is what open-iscsi sends for its
+    session 1. Without it libiscsi picks a random-format one. A failed login raises
+    :class:`LibiscsiError` with libiscsi's message.
+    """
+
+    def __init__(
+        self, portal: Portal, lun: int, *, isid_oui: tuple[int, int] | None = None
+    ) -> None:
         lib = ctypes.CDLL("libiscsi.so.7")
         vp, cp, i, u32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32
         for name, restype, argtypes in (
@@ -225,6 +237,10 @@ class Libiscsi:
             ("iscsi_read10_iov_sync", vp, [vp, i, u32, u32, i, i, i, i, i, i, vp, i]),
             ("iscsi_write10_sync", vp, [vp, i, u32, vp, u32, i, i, i, i, i, i]),
             ("iscsi_task_mgmt_lun_reset_sync", i, [vp, u32]),
+            ("iscsi_set_isid_oui", i, [vp, u32, u32]),
+            ("iscsi_reportluns_sync", vp, [vp, i, i]),
+            ("iscsi_testunitready_sync", vp, [vp, i]),
+            ("scsi_datain_unmarshall", vp, [vp]),
             ("scsi_task_get_status", i, [vp, vp]),
             ("scsi_free_scsi_task", None, [vp]),
         ):
@@ -237,10 +253,15 @@ class Libiscsi:
         lib.iscsi_set_targetname(self._context, IQN.encode())
         lib.iscsi_set_session_type(self._context, 2)  # ISCSI_SESSION_NORMAL
         lib.iscsi_set_timeout(self._context, 10)
+        if isid_oui is not None:
+            assert lib.iscsi_set_isid_oui(self._context, *isid_oui) == 0
         status = lib.iscsi_full_connect_sync(
             self._context, f"{portal.host}:{portal.port}".encode(), lun
         )
-        assert status == 0, self.error()
+        if status != 0:
+            message = self.error()
+            lib.iscsi_destroy_context(self._context)
+            raise LibiscsiError(message)
 
     def error(self) -> str:
         message = self._lib.iscsi_get_error(self._context)
@@ -272,6 +293,25 @@ class Libiscsi:
 
     def lun_reset(self) -> int:
         return int(self._lib.iscsi_task_mgmt_lun_reset_sync(self._context, self._lun))
+
+    def test_unit_ready(self, lun: int) -> int:
+        """The SCSI status of a TEST UNIT READY to ``lun``."""
+        return self._status(self._lib.iscsi_testunitready_sync(self._context, lun))
+
+    def report_luns(self) -> list[int]:
+        """REPORT LUNS as libiscsi reads it (struct scsi_reportluns_list: a count, then each
+        entry's first two bytes)."""
+        task = self._lib.iscsi_reportluns_sync(self._context, 0, 4096)
+        assert task, self.error()
+        try:
+            assert self._lib.scsi_task_get_status(task, None) == 0, self.error()
+            found = self._lib.scsi_datain_unmarshall(task)
+            assert found, "libiscsi could not read the REPORT LUNS data"
+            count = ctypes.c_uint32.from_address(found).value
+            entries = (ctypes.c_uint16 * count).from_address(found + 4)
+            return list(entries)
+        finally:
+            self._lib.scsi_free_scsi_task(task)
 
     def close(self) -> None:
         self._lib.iscsi_logout_sync(self._context)
