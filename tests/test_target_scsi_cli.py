@@ -1,11 +1,13 @@
 """The test target's command line for LUNs: ``--lun [IQN=]LUN[,KEY=VALUE...]``, the ``lun``
-lines before ``ready``, and a backing file the process serves (and the error when it cannot).
+lines before ``ready``, and a backing file the process serves (and the error when it cannot);
+SCSI faults (``--fault NAME=FAULT[@LUN,...]``) and the process serving them to our probe.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,19 @@ import pytest
 import trio
 from peers import unique_loopback
 
-from pyiscsi_failover.testing import LunSpec
+from pyiscsi_failover.connection_info import build_connection_info, parse_connection_info
+from pyiscsi_failover.prober import Check, Outcome, ProbeOptions, probe
+from pyiscsi_failover.testing import (
+    Fault,
+    FaultKind,
+    HideFromIsid,
+    IsidMatch,
+    LunMissing,
+    LunSpec,
+    NotReady,
+    RefuseIsid,
+    Standby,
+)
 from pyiscsi_failover.testing.__main__ import build_parser, load_config, run
 from pyiscsi_failover.testing.config import default_wwid
 
@@ -136,3 +150,148 @@ async def test_process_prints_a_line_per_lun_and_serves_the_backing_file(tmp_pat
         f"lun {A} 0 {3 << 20} naa.{default_wwid(A, 0)}",
         f"lun {A} 2 {8 << 20} naa.{WWID}",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# SCSI faults on the command line
+
+
+def faults_of(*argv: str) -> tuple[tuple[Fault, ...], tuple[Fault, ...]]:
+    """(the portal's faults, the target's) for a command line with portal p and target A."""
+    args = build_parser().parse_args(["--portal", "p=127.0.0.1:0", "--target", A, *argv])
+    config = load_config(args)
+    return config.portals[0].faults, config.targets[0].faults
+
+
+def test_scsi_faults_go_on_portals_and_targets_with_their_luns() -> None:
+    portal, target = faults_of(
+        "--lun",
+        "0",
+        "--lun",
+        "1",
+        "--fault",
+        "p=lun-missing@1",
+        "--fault",
+        "p=not-ready:3a/00@0",
+        "--fault",
+        "p=refuse-isid",
+        "--fault",
+        f"{A}=standby",
+        "--fault",
+        f"{A}=hide-from-isid:random@0,1",
+    )
+    assert portal == (
+        LunMissing(luns=frozenset({1})),
+        NotReady(asc=0x3A, ascq=0, luns=frozenset({0})),
+        RefuseIsid(),
+    )
+    assert target == (Standby(), HideFromIsid(isid=IsidMatch(oui=None), luns=frozenset({0, 1})))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--fault", "p=not-ready@7"], "fault not-ready names LUN 7, which no target"),
+        (["--fault", f"{A}=standby@3"], "fault standby names LUN 3"),
+        (["--fault", "p=delay:1@0"], "takes no @LUN"),
+        (["--fault", "p=lun-missing@zero"], "decimal LUN numbers"),
+        (["--fault", "p=unit-attention:0"], "at least 1"),
+        (["--fault", "p=standby", "--fault", "p=standby"], "twice for the same LUNs"),
+    ],
+)
+def test_bad_scsi_faults_exit_2_naming_the_problem(argv: list[str], message: str) -> None:
+    err = io.StringIO()
+    code = run(["--portal", "p=127.0.0.1:0", "--target", A, *argv], stderr=err)
+    assert code == 2
+    assert message in err.getvalue()
+    assert "Traceback" not in err.getvalue()
+
+
+def test_help_spells_every_scsi_fault(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for spelling in (
+        "NAME=FAULT[@LUN[,LUN...]]",
+        "refuse-isid[:MATCH]",
+        "lun-missing",
+        "hide-from-isid[:MATCH]",
+        "not-ready[:ASC/ASCQ]",
+        "standby",
+        "check-condition[:KEY/ASC/ASCQ]",
+        "unit-attention[:COUNT[:ASC/ASCQ]]",
+        "reservation-conflict",
+        "other-wwid[:WWID]",
+        "slow-scsi:SECONDS",
+        "split-data-in[:BYTES]",
+        "residual-overflow[:BYTES]",
+        "open-iscsi",
+        "oui:0xHHHHHH",
+        "random",
+    ):
+        assert spelling in text, spelling
+    for kind in FaultKind:
+        assert kind.value in text, kind
+
+
+async def test_process_serves_its_scsi_faults_to_our_probe() -> None:
+    """End to end: the faults given on the command line reach the LUNs, and the portal line
+    names them as they were given."""
+    host = unique_loopback()
+    argv = [
+        sys.executable,
+        "-m",
+        "pyiscsi_failover.testing",
+        "--portal",
+        f"a={host}:0",
+        "--target",
+        A,
+        "--lun",
+        "1",
+        "--lun",
+        "2",
+        "--fault",
+        "a=hide-from-isid@1",
+        "--fault",
+        "a=not-ready@2",
+        "--fault",
+        "a=refuse-isid",
+    ]
+    with trio.fail_after(READY_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    argv,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    check=False,
+                )
+            )
+            assert process.stdout is not None and process.stderr is not None
+            received = b""
+            while not received.endswith(b"ready\n"):
+                chunk = await process.stdout.receive_some(64)
+                assert chunk, "the target exited before ready"
+                received += chunk
+            errors = b""
+            while errors.count(b"\n") < 3:  # the portal line and two lun lines
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, "the target closed stderr"
+                errors += chunk
+            portal_line = errors.decode().splitlines()[0]
+            address = portal_line.split()[2].rpartition(",")[0]
+            info = parse_connection_info(
+                json.dumps(build_connection_info([address, address], A, [2, 1]))
+            )
+            result = await probe(info, ProbeOptions(check=Check.LUN, initiator_name=A + "-host"))
+            process.terminate()
+    assert process.returncode == 0
+    assert portal_line.endswith(
+        " hide-from-isid:open-iscsi@1 not-ready:04/03@2 refuse-isid:open-iscsi"
+    )
+    not_ready, hidden = result.attempts
+    assert not_ready.outcome is Outcome.LUN_NOT_READY, not_ready.detail
+    assert "NOT READY 04/03" in not_ready.detail
+    assert hidden.outcome is Outcome.OK, hidden.detail  # our ISID is random-format
+    assert result.chosen is hidden
