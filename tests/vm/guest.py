@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import trio
 
@@ -36,6 +36,7 @@ __all__ = [
     "ScenarioError",
     "ScenarioSpec",
     "TargetHandle",
+    "TestTargetHandle",
     "run",
     "scenario",
     "until",
@@ -288,6 +289,39 @@ class GuestTgtd:
         for backing in handle.backing.values():
             backing.unlink(missing_ok=True)
 
+    async def new_portal(self, host: str, port: int = PORT) -> str:
+        """Serve every target on ``host:port`` as well; the portal as iscsiadm writes it."""
+        portal = f"{host}:{port}"
+        await self.tgtadm("--op", "new", "--mode", "portal", "--param", f"portal={portal}")
+        return portal
+
+    async def delete_portal(self, portal: str) -> None:
+        await self.tgtadm(
+            "--op", "delete", "--mode", "portal", "--param", f"portal={portal}", check=False
+        )
+
+    async def new_account(self, tid: int, user: str, password: str, *, outgoing: bool) -> None:
+        """A CHAP account bound to target ``tid``: one the initiator must prove (incoming), or
+        the one the target answers a mutual challenge with (``outgoing``). The password is
+        never written to a log: tgtadm runs through :func:`run`, not a scenario's ``sh``."""
+        new = ["--op", "new", "--mode", "account", "--user", user, "--password", password]
+        done = await self.tgtadm(*new, check=False)
+        if done.returncode != 0:  # not done.summary(): it would show the password
+            raise ScenarioError(
+                f"tgtadm could not create CHAP account {user} (password ***): "
+                f"{done.stdout.strip()} {done.stderr.strip()}"
+            )
+        bind = ["--op", "bind", "--mode", "account", "--tid", str(tid), "--user", user]
+        try:
+            await self.tgtadm(*bind, *(["--outgoing"] if outgoing else []))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.delete_account(user)
+            raise
+
+    async def delete_account(self, user: str) -> None:
+        await self.tgtadm("--op", "delete", "--mode", "account", "--user", user, check=False)
+
 
 @dataclass(slots=True, kw_only=True)
 class TargetHandle:
@@ -295,6 +329,29 @@ class TargetHandle:
     iqn: str
     portal: str
     backing: dict[int, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TestTargetHandle:
+    """What a running test target said before ``ready``: its portals by name (``host:port``)
+    and its LUNs, ``(iqn, lun) -> (bytes, naa.WWID)``."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class, whatever its name says
+
+    portals: Mapping[str, str]
+    luns: Mapping[tuple[str, int], tuple[int, str]]
+
+    @classmethod
+    def parse(cls, output: str) -> TestTargetHandle:
+        portals: dict[str, str] = {}
+        luns: dict[tuple[str, int], tuple[int, str]] = {}
+        for line in output.splitlines():
+            words = line.split()
+            if len(words) >= 3 and words[0] == "portal":
+                portals[words[1]] = words[2].partition(",")[0]
+            elif len(words) == 5 and words[0] == "lun":
+                luns[(words[1], int(words[2]))] = (int(words[3]), words[4])
+        return cls(portals=portals, luns=luns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +414,54 @@ class ScenarioContext:
         handle = await self.tgtd.new_target(tid, iqn, luns)
         self.defer(lambda: self.tgtd.delete_target(handle))
         self.note(f"tgtd target {tid} {iqn} at {handle.portal}, LUNs {dict(luns)}")
+        return handle
+
+    async def chap_account(
+        self, target: TargetHandle, user: str, password: str, *, outgoing: bool = False
+    ) -> None:
+        """A tgtd CHAP account on ``target`` for this scenario only (see
+        :meth:`GuestTgtd.new_account`); deleted after it."""
+        await self.tgtd.new_account(target.tid, user, password, outgoing=outgoing)
+        self.defer(lambda: self.tgtd.delete_account(user))
+        direction = "outgoing (mutual)" if outgoing else "incoming"
+        self.note(f"tgtd target {target.tid}: {direction} CHAP account {user} (password ***)")
+
+    async def tgtd_portal(self, host: str) -> str:
+        """tgtd serving on ``host`` too, for this scenario only; the portal ``host:3260``."""
+        portal = await self.tgtd.new_portal(host)
+        self.defer(lambda: self.tgtd.delete_portal(portal))
+        self.note(f"tgtd portal {portal}")
+        return portal
+
+    async def loopback_address(self, address: str) -> None:
+        """``address``/32 on ``lo`` for this scenario only: a portal address that can be taken
+        away (``ip addr del``) while a session uses it, and nothing else answers for it."""
+        await self.sh("ip", "addr", "add", f"{address}/32", "dev", "lo")
+
+        async def remove() -> None:
+            await self.sh("ip", "addr", "del", f"{address}/32", "dev", "lo", check=False)
+
+        self.defer(remove)
+
+    async def test_target(self, *args: str) -> TestTargetHandle:
+        """Our own test target, ``python -m pyiscsi_failover.testing ARGS``, as a process of
+        its own for this scenario (stopped after it), once it said ``ready``.
+
+        A process, not :func:`~pyiscsi_failover.testing.serve_target` in the runner: the
+        kernel's SCSI scan runs inside a write to sysfs, which blocks the writer's thread, and
+        a target served by that same thread would never answer the scan."""
+        log = self.work / "test-target.log"
+        argv = [self.python, "-m", "pyiscsi_failover.testing", *args]
+        self.note(f"$ {shlex.join(argv)} (output in {log})")
+        daemon = await Daemon.start("test target", argv, log)
+        self.defer(daemon.stop)
+
+        async def ready() -> bool:
+            return "ready" in daemon.log_tail(100_000).splitlines()
+
+        await wait_ready(daemon, ready)
+        handle = TestTargetHandle.parse(daemon.log_tail(100_000))
+        self.note(f"test target ready: {handle}")
         return handle
 
     async def undo_all(self) -> None:
