@@ -91,12 +91,13 @@ def run(
     kernel_live: tuple[str, ...] = ("live", "live2"),
     sendtargets: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    initiator: str | None = "",
 ) -> list[dict[str, Any]]:
     """Run the steps in a monkey-patched child; its report's steps (and the global checks)."""
     spec = {
         "steps": steps,
         "multipath": multipath,
-        "initiator": target.initiator,
+        "initiator": target.initiator if initiator == "" else initiator,
         "kernel_live": [target.portals[name] for name in kernel_live],
         "sendtargets": [[target.portals[name], target.iqn] for name in sendtargets],
         "iqns": [target.iqn],
@@ -392,9 +393,10 @@ class TestConnectorOnOsBrick:
     def test_a_probe_without_verdict_leaves_the_attach_to_os_brick(
         self, tmp_path: Path, brick_target: ServedTarget
     ) -> None:
-        """The probe's interpreter crashes, hangs past the deadline, or the properties are
-        something our parser refuses (a LUN above 16383 under SAM, which os-brick passes on):
-        a warning, then stock os-brick with the properties as given."""
+        """The probe's interpreter crashes, hangs past the deadline, the properties are
+        something our parser refuses (a LUN above 16383 under SAM, which os-brick passes on),
+        or os-brick cannot read the host's initiator name (a probe under another name would be
+        refused by every ACL): a warning, then stock os-brick with the properties as given."""
         t = brick_target
         crash = tmp_path / "crash"
         crash.write_text("#!/bin/sh\ncat >/dev/null\necho 'Fatal Python error' >&2\nexit 1\n")
@@ -403,22 +405,27 @@ class TestConnectorOnOsBrick:
         hang.write_text("#!/bin/sh\nexec sleep 60\n")
         hang.chmod(0o755)
         props = _props(t, "live", "dead")
-        cases = [
-            ({"PYISCSI_FAILOVER_PYTHON": str(crash)}, props, "Fatal Python error"),
+        cases: list[tuple[dict[str, str], dict[str, Any], str, str | None]] = [
+            ({"PYISCSI_FAILOVER_PYTHON": str(crash)}, props, "Fatal Python error", ""),
             (
                 {"PYISCSI_FAILOVER_PYTHON": str(hang), "PYISCSI_FAILOVER_PROBE_TIMEOUT": "1"},
                 props,
                 "did not finish within 1 s",
+                "",
             ),
-            ({}, {**_single(t, "live"), "target_lun": 16640}, "cannot read them"),
+            ({}, {**_single(t, "live"), "target_lun": 16640}, "cannot read them", ""),
+            ({}, props, "initiator name could not be read", None),
         ]
-        for env, case_props, reason in cases:
+        for env, case_props, reason, initiator in cases:
             connect, detach = run(
                 tmp_path,
                 t,
                 [{"op": "connect", "props": case_props}, {"op": "disconnect", "props": case_props}],
                 env=env,
+                initiator=initiator,
             )
+            if initiator is None:
+                assert connect["probes"] == []  # no probe under a guessed name
             warnings = [r["message"] for r in connect["logged"] if r["level"] == "WARNING"]
             assert any("no probe for this attach" in m and reason in m for m in warnings), warnings
             # stock os-brick: the main portal's record and login (it is reachable here)

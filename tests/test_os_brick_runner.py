@@ -71,7 +71,7 @@ class FakeKernel:
 
         self.putils = processutils
         self.iscsiadm: str = spec["iscsiadm"]
-        self.initiator: str = spec["initiator"]
+        self.initiator: str | None = spec["initiator"]  # None: the file cannot be read
         self.kernel_live: set[str] = set(spec["kernel_live"])
         self.sendtargets: list[list[str]] = spec.get("sendtargets", [])
         self.multipathd: bool = spec.get("multipath", False)
@@ -116,6 +116,8 @@ class FakeKernel:
         elif isinstance(check, int) and not isinstance(check, bool):
             check = [check]
         if cmd == ["cat", "/etc/iscsi/initiatorname.iscsi"]:
+            if self.initiator is None:
+                return self._fail(cmd, 1, "", "cat: Permission denied\n", check)
             return f"## fake\nInitiatorName={self.initiator}\n", ""
         if cmd[:3] == ["multipathd", "show", "status"]:
             if self.multipathd:
