@@ -389,3 +389,16 @@ def test_the_first_passing_wwid_keeps_another_lu_from_the_kernel(vm_guest: Guest
     assert [a["outcome"] for a in seen] == ["wrong_volume"]  # once, then never probed again
     assert seen[0]["lun_info"]["wwid"] != facts["served_wwid"]
     assert all(h["iqn"] != other for h in facts["handoffs"])
+
+
+@uses_scenarios("discovery_fails_over")
+def test_discovery_goes_on_past_a_blackholed_main_portal(vm_guest: GuestRun) -> None:
+    facts = vm_guest.facts("discovery_fails_over")
+    assert [(a["portal"], a["outcome"]) for a in facts["attempts"]] == [
+        (DEAD_PORTAL, "timeout"),
+        (GUEST_PORTAL, "ok"),
+    ]
+    assert facts["answered"] == GUEST_PORTAL
+    assert f"{GUEST_PORTAL},1 {_IQN}:discovery" in facts["ours"]
+    # What our SendTargets got is what open-iscsi's own discovery gets from the same portal.
+    assert facts["ours"] == facts["open_iscsi"]

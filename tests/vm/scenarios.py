@@ -42,6 +42,7 @@ __all__ = [
     "attach_detach_auth",
     "attach_past_refused_and_wrong_volume",
     "detach_portal_blackholed",
+    "discovery_fails_over",
     "kernel_benchmark",
     "kernel_login",
     "our_target_isid_faults",
@@ -610,6 +611,47 @@ async def our_target_isid_faults(ctx: ScenarioContext) -> None:
     ctx.fact("gone_after_detach", await wait_gone(ctx, _by_path(node), device))
     await snapshot(ctx, "detached")
     ctx.fact("backing_sha256", _sha256_prefix(backing, _MIB))
+
+
+@scenario(timeout=40)
+async def discovery_fails_over(ctx: ScenarioContext) -> None:
+    """SendTargets discovery for a volume whose main portal is blackholed: discover_first goes
+    on to the alternative (tgtd), and its answer is the one open-iscsi's own discovery gets
+    from that portal."""
+    from pyiscsi_failover.prober import discover_first
+
+    iqn = f"{_IQN}:discovery"
+    target = await ctx.target(iqn, tid=12, luns={1: 8 * _MIB})
+    config = TargetConfig(
+        portals=(PortalConfig(host=DEAD_HOST, port=3260, name="main", faults=(Blackhole(),)),),
+        targets=(TargetSpec(name=iqn),),
+    )
+    info = parse_connection_info(volume(DEAD_PORTAL, iqn, 1, (target.portal, iqn, 1)))
+    async with serve_target(config):
+        result = await discover_first(info, ProbeOptions(connect_timeout=1, login_timeout=5))
+    ctx.fact("attempts", result.to_json()["attempts"])
+    chosen = result.chosen
+    ctx.fact("answered", None if chosen is None else str(chosen.candidate.portal))
+    report = None if chosen is None else chosen.report
+    ctx.fact(
+        "ours",
+        sorted(
+            f"{p.host}:{p.port},{p.tpgt} {t.iqn}"
+            for t in (report.targets if report is not None else ())
+            for p in t.portals
+        ),
+    )
+
+    async def forget() -> None:
+        await ctx.sh("iscsiadm", "-m", "node", "-T", iqn, "-o", "delete", ok=(0, 21))
+        await ctx.sh(
+            "iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", target.portal,
+            "-o", "delete", ok=(0, 21),
+        )  # fmt: skip
+
+    ctx.defer(forget)
+    kernel = await ctx.sh("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", target.portal)
+    ctx.fact("open_iscsi", sorted(kernel.stdout.splitlines()))
 
 
 @scenario(timeout=4 * 3600)
