@@ -370,7 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("discover", help="SendTargets discovery: list targets and their portals")
     _add_verbose(p, argparse.SUPPRESS)
     p.add_argument("portal", nargs="?", help="HOST[:PORT], IPv6 as [ADDR]:PORT (port 3260)")
-    _add_connection_info(p, required=False, what="its main portal and discovery CHAP are used")
+    _add_connection_info(
+        p,
+        required=False,
+        what="its portals are tried, main first, under --policy, with its discovery CHAP",
+    )
+    _add_policy(p)
+    _add_pacing(p)
     _add_json(p)
     _add_credentials(p)
     _add_timeouts(p)
@@ -516,6 +522,12 @@ def _add_probe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--all", action="store_true", help="probe every candidate, as a health report"
     )
+    _add_pacing(parser)
+    _add_json(parser)
+    _add_timeouts(parser)
+
+
+def _add_pacing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stagger",
         type=_non_negative,
@@ -530,8 +542,6 @@ def _add_probe_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="ordered: candidates probed at once, at most (default %(default)s)",
     )
-    _add_json(parser)
-    _add_timeouts(parser)
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -1110,10 +1120,8 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
         raise _UsageError("give either a portal or -c FILE, not both")
     chap = target_chap = None
     if args.connection_info:
-        info = _load_connection_info(args.connection_info, stdin)
-        portal = info.candidates[0].portal
-        chap, target_chap = info.discovery_chap, info.discovery_target_chap
-    elif args.portal:
+        return await _discover_volume(args, output, stdin)
+    if args.portal:
         portal = _portal(args.portal)
     else:
         raise _UsageError("give a portal HOST[:PORT] or -c FILE")
@@ -1139,13 +1147,7 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
             output.json(_refusal_json(report, chap))
         output.error(_refusal_line(report, "discovery login", chap))
         return EXIT_FAILURE
-    targets = [
-        {
-            "iqn": t.iqn,
-            "portals": [p.with_tpgt() if p.tpgt is not None else str(p) for p in t.portals],
-        }
-        for t in report.targets
-    ]
+    targets = _targets_json(report)
     if args.json:
         body = _login_json(report)
         body["targets"] = targets
@@ -1154,11 +1156,84 @@ async def _cmd_discover(args: argparse.Namespace, output: _Output, stdin: IO[str
     output.out(
         f"{len(targets)} target(s) at {report.final_portal} ({report.total_s * 1000:.1f} ms)"
     )
+    _print_targets(output, targets)
+    return EXIT_OK
+
+
+async def _discover_volume(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:
+    """``discover -c FILE``: the main portal first, then the alternatives, under --policy."""
+    import dataclasses
+
+    from pyiscsi_failover.prober import discover_first
+
+    info = _load_connection_info(args.connection_info, stdin)
+    cli_chap, cli_target_chap = _credentials(args)
+    if cli_chap is not None:
+        info = dataclasses.replace(
+            info, discovery_chap=cli_chap, discovery_target_chap=cli_target_chap
+        )
+    live = output.live and not args.json
+    from pyiscsi_failover.prober import Policy, ProbeOptions
+    from pyiscsi_failover.transport import RedirectMode
+
+    options = ProbeOptions(
+        policy=Policy(args.policy),
+        connect_timeout=args.connect_timeout,
+        login_timeout=args.login_timeout,
+        concurrency=args.concurrency,
+        stagger=args.stagger,
+        initiator_name=_initiator_name(args),
+        chap_policy=_chap_policy(args),
+        redirects=RedirectMode(args.redirects),
+        redirect_allow=tuple(args.redirect_allow),
+        max_redirects=args.max_redirects,
+    )
+    result = await discover_first(info, options, on_progress=_progress_printer(output, live=live))
+    chosen = result.chosen
+    if chosen is None or chosen.report is None:
+        if args.json:
+            output.json({"answered": None, **_probe_json(result)})
+        else:
+            for line in _probe_table(result):
+                output.out(line)
+        output.error(f"{_none_works(result, info)}; no portal answered SendTargets")
+        return EXIT_FAILURE
+    report = chosen.report
+    answered = str(chosen.candidate.portal)
+    targets = _targets_json(report)
+    if args.json:
+        body = _login_json(report)
+        body["targets"] = targets
+        body["answered"] = answered
+        body["attempts"] = _probe_json(result)["attempts"]
+        output.json(body)
+        return EXIT_OK
+    output.out(
+        f"{len(targets)} target(s) at {report.final_portal}, which answered "
+        f"(#{chosen.candidate.index} of {len(result.attempts)} portals, "
+        f"{result.elapsed_s * 1000:.1f} ms)"
+    )
+    _print_targets(output, targets)
+    return EXIT_OK
+
+
+def _targets_json(report: LoginReport) -> list[dict[str, object]]:
+    return [
+        {
+            "iqn": t.iqn,
+            "portals": [p.with_tpgt() if p.tpgt is not None else str(p) for p in t.portals],
+        }
+        for t in report.targets
+    ]
+
+
+def _print_targets(output: _Output, targets: list[dict[str, object]]) -> None:
     for target in targets:
         output.out(str(target["iqn"]))
-        for p in target["portals"]:
+        portals = target["portals"]
+        assert isinstance(portals, list)
+        for p in portals:
             output.out(f"    {p}")
-    return EXIT_OK
 
 
 async def _cmd_login(args: argparse.Namespace, output: _Output, stdin: IO[str]) -> int:

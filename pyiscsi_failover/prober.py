@@ -83,6 +83,7 @@ __all__ = [
     "ProbeResult",
     "ProgressEvent",
     "check_candidate",
+    "discover_first",
     "outcome_of",
     "probe",
     "probe_sync",
@@ -315,9 +316,18 @@ def outcome_of(exc: ISCSIError) -> Outcome:
 
 
 async def check_candidate(
-    candidate: Candidate, info: ConnectionInfo, options: ProbeOptions, initiator_name: str
+    candidate: Candidate,
+    info: ConnectionInfo,
+    options: ProbeOptions,
+    initiator_name: str,
+    *,
+    discovery: bool = False,
 ) -> Attempt:
-    """Probe one candidate: TCP reachability, then (by default) a real login and logout."""
+    """Probe one candidate: TCP reachability, then (by default) a real login and logout.
+
+    ``discovery`` makes it a Discovery session at the candidate's portal instead (with the
+    discovery CHAP keys), asking SendTargets=All: the targets are in the attempt's report.
+    """
     started = trio.current_time()
 
     def done(outcome: Outcome, detail: str, **extra: object) -> Attempt:
@@ -342,13 +352,13 @@ async def check_candidate(
             return done(Outcome.OK, "TCP connect succeeded")
         config = LoginConfig(
             initiator_name=initiator_name,
-            target_name=candidate.iqn,
-            chap=info.chap,
-            target_chap=info.target_chap,
+            target_name=None if discovery else candidate.iqn,
+            chap=info.discovery_chap if discovery else info.chap,
+            target_chap=info.discovery_target_chap if discovery else info.target_chap,
             chap_policy=options.chap_policy,
         )
         lun_check = None
-        if options.check is Check.LUN:
+        if options.check is Check.LUN and not discovery:
             from pyiscsi_failover.lun_check import LunCheck
 
             lun_check = LunCheck(candidate.lun, info.addressing_mode)
@@ -358,6 +368,7 @@ async def check_candidate(
             connect_timeout=options.connect_timeout,
             login_timeout=options.login_timeout,
             redirect_policy=options.redirect_policy,
+            send_targets="All" if discovery else None,
             lun_check=lun_check,
         )
     except RedirectRefused as exc:
@@ -377,6 +388,8 @@ async def check_candidate(
             report=report,
         )
     detail = "login and logout succeeded"
+    if discovery:
+        detail = f"SendTargets answered: {len(report.targets)} target(s)"
     notes = report.notes
     outcome = Outcome.OK
     lun_info = None
@@ -589,6 +602,34 @@ async def probe(
         chosen=chosen,
         elapsed_s=trio.current_time() - run.start,
     )
+
+
+async def discover_first(
+    info: ConnectionInfo,
+    options: ProbeOptions | None = None,
+    *,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+) -> ProbeResult:
+    """SendTargets discovery at the first of ``info``'s portals that answers: the main portal,
+    then the alternatives in order, under ``options.policy``, each portal once.
+
+    The chosen attempt's ``report.targets`` holds the answer. Discovery logs in with
+    ``info.discovery_chap`` (and ``discovery_target_chap``); ``options.check`` is not used.
+    """
+    options = options or ProbeOptions()
+    initiator_name = options.initiator_name or default_initiator_name()
+    first: dict[tuple[str, int], Candidate] = {}
+    for c in info.candidates:
+        first.setdefault((c.portal.host.lower(), c.portal.port), c)
+    portals = replace(
+        info,
+        candidates=tuple(replace(c, index=i) for i, c in enumerate(first.values())),
+    )
+
+    async def discovery(candidate: Candidate) -> Attempt:
+        return await check_candidate(candidate, portals, options, initiator_name, discovery=True)
+
+    return await probe(portals, options, on_progress=on_progress, checker=discovery)
 
 
 def probe_sync(

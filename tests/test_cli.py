@@ -449,7 +449,37 @@ def test_discover_with_connection_info_without_discovery_chap_is_refused(
         tmp_path / "ci.json", chap_info(targets, portals=[targets.chap.portals["chap"]])
     )
     ran = cli_run("discover", "-c", str(path), *NAME, *FAST)
-    assert_fails(ran, 1, targets.chap.portals["chap"], "discovery login refused")
+    assert_fails(ran, 1, targets.chap.portals["chap"], "login refused", "answered SendTargets")
+
+
+@pytest.mark.parametrize("policy", ["sequential", "ordered", "staggered"])
+def test_discover_with_connection_info_fails_over_to_the_next_portal_in_order(
+    targets: Targets, tmp_path: Path, policy: str
+) -> None:
+    dead = [targets.open.portals["refused"], targets.open.portals["blackhole"]]
+    document = chap_info(
+        targets,
+        portals=[*dead, targets.chap.portals["chap"], targets.open.portals["ok"]],
+        discovery_auth_method="CHAP",
+        discovery_auth_username=USER,
+        discovery_auth_password=SECRET,
+    )
+    path = write_json(tmp_path / "ci.json", document)
+    argv = ["discover", "-c", str(path), "--policy", policy, "--stagger", "0.1"]
+    ran = cli_run(*argv, "--json", *NAME, "--connect-timeout", "1", "--login-timeout", "5")
+    assert ran.code == 0, ran
+    body = ran.json()
+    # The main portal and the first alternative are dead; the next one answers, not the last.
+    assert body["answered"] == targets.chap.portals["chap"]
+    assert [t["iqn"] for t in body["targets"]] == [CHAP_IQN]
+    outcomes = [a["outcome"] for a in body["attempts"]]
+    # Ordered waits out the blackholed portal before it may choose a later one; staggered
+    # takes the first to answer and cancels it.
+    silent = "cancelled" if policy == "staggered" else "timeout"
+    assert outcomes[:3] == ["refused", silent, "ok"], outcomes
+    text = cli_run(*argv, *NAME, "--connect-timeout", "1")
+    assert f"at {targets.chap.portals['chap']}, which answered (#2 of 4" in text.out, text
+    assert_no_secret(ran.out, ran.err, text.out, text.err)
 
 
 @pytest.mark.parametrize(
