@@ -1067,7 +1067,7 @@ async def _wait_for_device(
         # devtmpfs does not block in practice, so it runs in the event loop, not in a thread.
         while not path.exists():  # noqa: ASYNC240
             if scanned is None:
-                scanned = _scan(t, sys_root)
+                scanned = await _scan(t, sys_root)
             await trio.sleep(DEVICE_POLL_INTERVAL)
     if waiting.cancelled_caught:
         raise DeviceTimeout(
@@ -1076,14 +1076,18 @@ async def _wait_for_device(
     return scanned
 
 
-def _scan(t: NodeTarget, sys_root: Path) -> KernelSession | None:
+async def _scan(t: NodeTarget, sys_root: Path) -> KernelSession | None:
     """Ask the kernel for ``t``'s LUN (``node.session.scan`` is manual); None until its session
     shows in sysfs."""
     session = find_session(t.portal, t.iqn, sys_root=sys_root)
     if session is None:
         return None
     try:
-        scan_lun(session, t.linux_lun, sys_root=sys_root)
+        # In a thread: the write returns only once the kernel has scanned, which takes the
+        # target's answers (one served by this very event loop would never come).
+        await trio.to_thread.run_sync(
+            lambda: scan_lun(session, t.linux_lun, sys_root=sys_root), abandon_on_cancel=True
+        )
     except OSError as exc:
         logger.warning("cannot scan LUN %d of %s: %s", t.linux_lun, session.name, _reason(exc))
     return session
@@ -1288,7 +1292,8 @@ async def attach(
             await ledger.add_async(t)
     except BaseException:
         if scanned_into is not None:
-            _delete_disk_quietly(scanned_into, sys_root)
+            with trio.CancelScope(shield=True), trio.move_on_after(device_timeout):
+                await _delete_disk_quietly(scanned_into, sys_root)
         gone = await _undo(t, iscsiadm, logout=may_have_session, delete=created, ran=ran)
         if created:
             await _settle_ledger(ledger, t, gone=gone)
@@ -1299,9 +1304,9 @@ async def attach(
     )
 
 
-def _delete_disk_quietly(block: str, sys_root: Path) -> None:
+async def _delete_disk_quietly(block: str, sys_root: Path) -> None:
     try:
-        delete_disk(block, sys_root=sys_root)
+        await _delete_disk(block, sys_root)
     except OSError as exc:
         logger.warning("cannot remove disk %s: %s", block, _reason(exc))
 
@@ -1318,11 +1323,18 @@ async def _delete(t: NodeTarget, iscsiadm: Iscsiadm, ran: list[str]) -> RecordFa
 DETACH_RECOVERY_TIMEOUT: Final = 5
 
 
-def _detach_one_disk(t: NodeTarget, block: str | None, sys_root: Path) -> DetachResult:
+async def _delete_disk(block: str, sys_root: Path) -> None:
+    """In a thread: the kernel flushes the disk's cache first, which can wait on the target."""
+    await trio.to_thread.run_sync(
+        lambda: delete_disk(block, sys_root=sys_root), abandon_on_cancel=True
+    )
+
+
+async def _detach_one_disk(t: NodeTarget, block: str | None, sys_root: Path) -> DetachResult:
     """Remove ``t``'s disk from a session other LUNs still use; keep session and record."""
     if block is not None:
         try:
-            delete_disk(block, sys_root=sys_root)
+            await _delete_disk(block, sys_root)
         except OSError as exc:
             raise IscsiadmError(
                 f"cannot remove disk {block} of {t.iqn} LUN {t.linux_lun}: {_reason(exc)}",
@@ -1394,7 +1406,7 @@ async def detach(
     if session is not None:
         disks = session_disks(session, sys_root=sys_root)
         if any(lun != t.linux_lun for lun in disks):
-            return _detach_one_disk(t, disks.get(t.linux_lun), sys_root)
+            return await _detach_one_disk(t, disks.get(t.linux_lun), sys_root)
         if session.state != "LOGGED_IN":
             try:
                 set_recovery_timeout(session, recovery_timeout, sys_root=sys_root)

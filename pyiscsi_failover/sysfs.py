@@ -14,7 +14,9 @@ paths for that:
 * ``block/sdX/device/wwid`` (the WWID) and ``block/sdX/device/delete`` (write ``1``).
 
 Every function takes the sysfs root (``/sys``) so that tests can build a tree of their own.
-Plain file reads and writes: sysfs answers at once, so they run in the event loop.
+Plain, synchronous file reads and writes. Reads answer at once; a write to ``scan`` or
+``delete`` returns only when the kernel is done, which waits on the target, so async callers
+run those in a thread.
 """
 
 from __future__ import annotations

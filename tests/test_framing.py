@@ -326,7 +326,7 @@ def test_largest_ahs_is_skipped() -> None:
 
 def test_failure_is_sticky() -> None:
     buffer = PDUBuffer()
-    buffer.feed(bytes([0x02]) + bytes(47) + encode_pdu(nop_in()))
+    buffer.feed(bytes([0x10]) + bytes(47) + encode_pdu(nop_in()))  # SNACK: unmodelled
     with pytest.raises(PDUDecodeError) as first:
         buffer.next_pdu()
     assert first.value.field == "Opcode"

@@ -136,15 +136,26 @@ def _public_modules() -> list[str]:
     return modules
 
 
+#: Modules that need the optional os-brick extra (pyproject's ``os-brick``) to import fully.
+_NEEDS_OS_BRICK = {"pyiscsi_failover.os_brick", "pyiscsi_failover.os_brick.connector"}
+
+
 @pytest.mark.parametrize("module", _public_modules())
 def test_dunder_all_is_sorted_and_complete(module: str) -> None:
     import importlib
 
+    import importlib.util
+
+    without_extra = module in _NEEDS_OS_BRICK and importlib.util.find_spec("os_brick") is None
+    if without_extra and module.endswith(".connector"):
+        return  # it subclasses os-brick's connector: checked in the os_brick nox session
     mod = importlib.import_module(module)
     exported = getattr(mod, "__all__", None)
     if exported is None:
         pytest.fail(f"{module} has no __all__")
     assert list(exported) == sorted(exported, key=_isort_key), "sort it: ruff check --fix (RUF022)"
+    if without_extra:
+        return  # its names load lazily from the connector
     for name in exported:
         assert hasattr(mod, name), f"{module}.__all__ names missing {name}"
     # Every public class/function defined in the module is exported.

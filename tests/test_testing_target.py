@@ -1564,6 +1564,18 @@ FAULT_TEXTS = [
     "digests-required:header",
     "digests-required:data",
     "reject-digests",
+    "refuse-isid:open-iscsi",
+    "lun-missing@0",
+    "hide-from-isid:open-iscsi",
+    "not-ready:04/03",
+    "standby",
+    "check-condition:4/44/00",
+    "unit-attention:1:29/00",
+    "reservation-conflict",
+    "other-wwid",
+    "slow-scsi:0.25",
+    "split-data-in:8",
+    "residual-overflow:512",
 ]
 
 

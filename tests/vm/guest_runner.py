@@ -220,7 +220,10 @@ def precompile() -> None:
         importlib.import_module(name)
     package = Path(pyiscsi_failover.__file__).parent
     for info in pkgutil.walk_packages([str(package)], prefix="pyiscsi_failover."):
-        if not info.name.endswith("__main__"):
+        # The os-brick connector needs the optional os-brick extra; the guest never runs it.
+        if not info.name.endswith("__main__") and not info.name.startswith(
+            "pyiscsi_failover.os_brick"
+        ):
             importlib.import_module(info.name)
     for directory in (package, Path(__file__).parent):
         compileall.compile_dir(directory, quiet=1)
