@@ -28,6 +28,11 @@ PURE = ",".join(
         "lun_check.py",
         "testing/target.py",
         "testing/faults.py",
+        "testing/config.py",
+        "testing/logical_unit.py",
+        "testing/scsi_session.py",
+        "testing/scsi_faults.py",
+        "testing/task_pdus.py",
     )
 )
 
