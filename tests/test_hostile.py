@@ -182,8 +182,12 @@ SCENARIOS = ("alone", "first", "all")
 
 
 def test_every_fault_kind_is_covered() -> None:
-    """A fault added to the test target must get a case here too."""
+    """A fault added to the test target must get a case here too, or, for the SCSI faults (and
+    the ISID refusal) that a LUN check meets, in tests/test_scsi_faults_loopback.py."""
+    from test_scsi_faults_loopback import SCENARIOS
+
     covered = {case.fault.kind for case in CASES}
+    covered |= {fault.kind for scenario in SCENARIOS for fault in scenario.faults}
     assert covered == set(FaultKind)
 
 
