@@ -143,7 +143,6 @@ _NEEDS_OS_BRICK = {"pyiscsi_failover.os_brick", "pyiscsi_failover.os_brick.conne
 @pytest.mark.parametrize("module", _public_modules())
 def test_dunder_all_is_sorted_and_complete(module: str) -> None:
     import importlib
-
     import importlib.util
 
     without_extra = module in _NEEDS_OS_BRICK and importlib.util.find_spec("os_brick") is None

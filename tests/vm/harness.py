@@ -334,12 +334,22 @@ def _precompile(work: Path, python: str) -> None:
         )
 
 
-def _visible_in_guest(path: Path) -> bool:
-    # The guest's /tmp is its own tmpfs: a host path there is not the same file in the guest.
-    return all(
-        not (p == Path("/tmp") or Path("/tmp") in p.parents)
-        for p in (Path(os.path.abspath(path)), path.resolve())
-    )
+#: Lines "TAG PATH" in the work directory: host directories under /tmp the guest mounts.
+HOST_TMP = "host-tmp"
+
+
+def _under_tmp(paths: Sequence[Path], work: Path) -> list[Path]:
+    """The top directories under /tmp (``/tmp/ci``) that hold ``paths``: the guest's /tmp is
+    its own tmpfs, so a checkout or virtualenv there comes into it as a share of its own. The
+    work directory has its share already."""
+    tops: set[Path] = set()
+    for path in paths:
+        for p in (Path(os.path.abspath(path)), path.resolve()):
+            if Path("/tmp") in p.parents:
+                top = Path("/tmp") / p.relative_to("/tmp").parts[0]
+                if top != work and top not in work.parents:
+                    tops.add(top)
+    return sorted(tops)
 
 
 def boot(
@@ -356,13 +366,11 @@ def boot(
     work = work.resolve()
     if re.search(r"[\s,]", str(work)):  # the kernel command line and -virtfs split there
         pytest.fail(f"the VM work directory {work!r} has a space or comma in it", pytrace=False)
-    for needed in (Path(python), Path(sys.prefix), _CHECKOUT):
-        if not _visible_in_guest(needed):
-            pytest.fail(
-                f"{needed} is under /tmp, which the guest does not share: put the checkout "
-                "and the virtualenv elsewhere",
-                pytrace=False,
-            )
+    shared = _under_tmp((Path(python), Path(sys.prefix), _CHECKOUT), work)
+    for top in shared:
+        if re.search(r"[\s,]", str(top)):
+            pytest.fail(f"{top} (shared with the guest) has a space or comma in it", pytrace=False)
+    (work / HOST_TMP).write_text("".join(f"tmp{i} {top}\n" for i, top in enumerate(shared)))
     run = GuestRun(work=work, accel=accel, requested=tuple(scenarios), timeout_s=timeout)
     (work / PYCACHE).mkdir(exist_ok=True)
     (work / REQUEST).write_text(Request(scenarios=tuple(scenarios)).dumps())
@@ -394,6 +402,11 @@ def boot(
         f"local,path={work / PYCACHE},mount_tag=pycache,security_model=none,readonly=on,"
         "multidevs=remap",
     ]  # fmt: skip
+    for i, top in enumerate(shared):
+        argv += [
+            "-virtfs",
+            f"local,path={top},mount_tag=tmp{i},security_model=none,readonly=on,multidevs=remap",
+        ]
     with (work / CONSOLE).open("wb") as console:
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console)
         try:
