@@ -773,24 +773,30 @@ def _chap_policy(args: argparse.Namespace) -> ChapPolicy:
     return ChapPolicy(algorithms=args.chap_algorithms)
 
 
-def _probe_options(args: argparse.Namespace) -> ProbeOptions:
+def _probe_options(args: argparse.Namespace, *, discovery: bool = False) -> ProbeOptions:
+    """The options of ``probe``/``attach``; ``discovery``: of ``discover -c``, which has no
+    --check, --all or --expect-wwid."""
+    import dataclasses
+
     from pyiscsi_failover.prober import Check, Policy, ProbeOptions
     from pyiscsi_failover.transport import RedirectMode
 
-    return ProbeOptions(
+    options = ProbeOptions(
         policy=Policy(args.policy),
-        check=Check(args.check),
         connect_timeout=args.connect_timeout,
         login_timeout=args.login_timeout,
         concurrency=args.concurrency,
         stagger=args.stagger,
-        probe_all=args.all,
         initiator_name=_initiator_name(args),
         chap_policy=_chap_policy(args),
         redirects=RedirectMode(args.redirects),
         redirect_allow=tuple(args.redirect_allow),
         max_redirects=args.max_redirects,
-        expect_wwid=args.expect_wwid,
+    )
+    if discovery:
+        return options
+    return dataclasses.replace(
+        options, check=Check(args.check), probe_all=args.all, expect_wwid=args.expect_wwid
     )
 
 
@@ -1173,21 +1179,7 @@ async def _discover_volume(args: argparse.Namespace, output: _Output, stdin: IO[
             info, discovery_chap=cli_chap, discovery_target_chap=cli_target_chap
         )
     live = output.live and not args.json
-    from pyiscsi_failover.prober import Policy, ProbeOptions
-    from pyiscsi_failover.transport import RedirectMode
-
-    options = ProbeOptions(
-        policy=Policy(args.policy),
-        connect_timeout=args.connect_timeout,
-        login_timeout=args.login_timeout,
-        concurrency=args.concurrency,
-        stagger=args.stagger,
-        initiator_name=_initiator_name(args),
-        chap_policy=_chap_policy(args),
-        redirects=RedirectMode(args.redirects),
-        redirect_allow=tuple(args.redirect_allow),
-        max_redirects=args.max_redirects,
-    )
+    options = _probe_options(args, discovery=True)
     result = await discover_first(info, options, on_progress=_progress_printer(output, live=live))
     chosen = result.chosen
     if chosen is None or chosen.report is None:

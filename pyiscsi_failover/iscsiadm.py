@@ -1147,18 +1147,31 @@ def _login_bounds(
     return bound, restore
 
 
-async def _run_quietly(iscsiadm: Iscsiadm, commands: Sequence[Command], ran: list[str]) -> None:
-    """Best effort, shielded: failures are logged, never raised."""
+async def _run_quietly(
+    iscsiadm: Iscsiadm,
+    commands: Sequence[Command],
+    ran: list[str],
+    *,
+    ok: Iterable[int] = (IscsiadmExit.SUCCESS,),
+    failed: str,
+) -> list[Command]:
+    """Best effort, shielded: failures are logged (after ``failed``), never raised. Returns the
+    commands whose exit status was in ``ok``."""
+    accepted = set(ok)
+    done: list[Command] = []
     with trio.CancelScope(shield=True):
         for cmd in commands:
             try:
                 result = await iscsiadm.run(cmd)
             except IscsiadmError as exc:
-                logger.warning("%s", exc)
+                logger.warning("%s: %s", failed, exc)
                 continue
             ran.append(result.command)
-            if result.exit_code != IscsiadmExit.SUCCESS:
-                logger.warning("%s", result.error())
+            if result.exit_code in accepted:
+                done.append(cmd)
+            else:
+                logger.warning("%s: %s", failed, result.error())
+    return done
 
 
 _GONE_OK: Final = (IscsiadmExit.SUCCESS, IscsiadmExit.NO_OBJS_FOUND)
@@ -1173,20 +1186,8 @@ async def _undo(
     """
     delete_cmd = node_delete(t)
     steps = ([node_logout(t)] if logout else []) + ([delete_cmd] if delete else [])
-    gone = False
-    with trio.CancelScope(shield=True):
-        for cmd in steps:
-            try:
-                result = await iscsiadm.run(cmd)
-            except IscsiadmError as exc:
-                logger.warning("cleanup failed: %s", exc)
-                continue
-            ran.append(result.command)
-            if result.exit_code not in _GONE_OK:
-                logger.warning("cleanup failed: %s", result.error())
-            elif cmd is delete_cmd:
-                gone = True
-    return gone
+    done = await _run_quietly(iscsiadm, steps, ran, ok=_GONE_OK, failed="cleanup failed")
+    return any(cmd is delete_cmd for cmd in done)
 
 
 async def _settle_ledger(ledger: RecordLedger, t: NodeTarget, *, gone: bool) -> None:
@@ -1278,7 +1279,9 @@ async def attach(
             )
             ran.append(login.command)
         finally:
-            await _run_quietly(iscsiadm, restore, ran)
+            await _run_quietly(
+                iscsiadm, restore, ran, failed="cannot put the record's login bounds back"
+            )
         session_existed = login.exit_code == IscsiadmExit.SESS_EXISTS
         # Never log out of a session someone else made.
         may_have_session = not session_existed

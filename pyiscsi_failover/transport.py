@@ -55,7 +55,7 @@ if TYPE_CHECKING:
         LoginSucceeded,
     )
     from pyiscsi_failover.login_config import LoginConfig
-    from pyiscsi_failover.lun_check import LunCheck, LunReport
+    from pyiscsi_failover.lun_check import LunCheck, LunReport, ScsiRequest
     from pyiscsi_failover.protocol.sendtargets import DiscoveredTarget
 
 __all__ = [
@@ -629,11 +629,15 @@ async def _check_lun(
     from pyiscsi_failover.initiator import NEED_DATA, ScsiCompleted, TargetRequest
 
     steps = {}
-    for request in check.start():
-        itt = conn.submit(
-            request.cdb.cdb, lun=request.lun, transfer_length=request.cdb.transfer_length
-        )
-        steps[itt] = request.step
+
+    def submit(requests: list[ScsiRequest]) -> None:
+        for request in requests:
+            cdb = request.cdb
+            steps[conn.submit(cdb.cdb, lun=request.lun, transfer_length=cdb.transfer_length)] = (
+                request.step
+            )
+
+    submit(check.start())
     while not check.done:
         # Answers that arrived together are taken without a trip through the pump (and the
         # scheduler); it runs when the next one is not here yet, sending what is queued first.
@@ -649,11 +653,7 @@ async def _check_lun(
             return
         if not isinstance(event, ScsiCompleted):
             raise ProtocolError(f"{portal}: unexpected {type(event).__name__} during the LUN check")
-        for request in check.completed(steps.pop(event.itt), event):
-            itt = conn.submit(
-                request.cdb.cdb, lun=request.lun, transfer_length=request.cdb.transfer_length
-            )
-            steps[itt] = request.step
+        submit(check.completed(steps.pop(event.itt), event))
 
 
 async def _logout_refused_login(
